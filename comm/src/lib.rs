@@ -1,0 +1,78 @@
+//! moe-comm: the communication layer of the expert-parallel trainer.
+//!
+//! A [`Communicator`] moves tensors between the ranks of one group. Backends:
+//! `local` (size 1), `threads` (in-process ranks over crossbeam channels, for tests and
+//! debug mode), `mpi` (rsmpi over OpenMPI, CPU tensors) and `nccl` (cudarc, CUDA tensors).
+//! Communication is fallible: every collective returns a `Result`, never panics, because
+//! one rank's panic leaves its peers hung inside a collective.
+
+pub mod autograd;
+mod error;
+mod groups;
+mod local;
+pub mod mpi_backend;
+pub mod nccl;
+pub mod threads;
+
+pub use error::{CommError, Result};
+pub use groups::ProcessGroups;
+pub use local::LocalComm;
+
+use std::sync::{Arc, Mutex};
+use tch::Tensor;
+
+/// A group of ranks that run collectives together. Every rank of the group must call the
+/// same collectives in the same order (MPI semantics).
+///
+/// `Send` (a rank may hand its communicator to an autograd worker thread) but not `Sync`:
+/// share it as a [`SharedComm`].
+pub trait Communicator: Send {
+    /// This rank's index in the group, `0..size`.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the group.
+    fn size(&self) -> usize;
+    /// Backend name for logs: "local", "threads", "mpi", "nccl".
+    fn backend(&self) -> &'static str;
+
+    /// All-to-all with per-peer split sizes along dim 0.
+    ///
+    /// `input` rows are cut into consecutive blocks of `send_splits[p]` rows, block p going
+    /// to peer p; the result is the concatenation over p of the `recv_splits[p]` rows received
+    /// from peer p. Trailing dims and dtype are those of `input`; zero-row blocks are allowed.
+    ///
+    /// # Shapes
+    /// input `[sum(send_splits), ...]` -> output `[sum(recv_splits), ...]`
+    fn all_to_all(&mut self, input: &Tensor, send_splits: &[i64], recv_splits: &[i64])
+        -> Result<Tensor>;
+
+    /// Element-wise sum over all ranks; returns a new tensor, `input` is untouched.
+    fn all_reduce_sum(&mut self, input: &Tensor) -> Result<Tensor>;
+
+    /// Every rank's `input` (same shape on all ranks), stacked: `[size, ...input.shape]`.
+    fn all_gather(&mut self, input: &Tensor) -> Result<Tensor>;
+
+    /// `root`'s `input`, returned on every rank (other ranks pass a tensor of the same shape
+    /// and dtype, whose values are ignored).
+    fn broadcast(&mut self, input: &Tensor, root: usize) -> Result<Tensor>;
+
+    /// Blocks until every rank of the group has entered it.
+    fn barrier(&mut self) -> Result<()>;
+
+    /// Collective over this group: ranks passing the same `color` form a new group, ordered
+    /// by `key` (ties by rank). Like `MPI_Comm_split`.
+    fn split(&mut self, color: usize, key: usize) -> Result<Box<dyn Communicator>>;
+}
+
+/// A communicator shared between the model (dispatcher), autograd (the backward of the
+/// differentiable all-to-all) and the trainer (gradient sync).
+pub type SharedComm = Arc<Mutex<Box<dyn Communicator>>>;
+
+/// Wraps a communicator for sharing.
+pub fn shared(comm: Box<dyn Communicator>) -> SharedComm {
+    Arc::new(Mutex::new(comm))
+}
+
+/// Locks a shared communicator, turning a poisoned lock into an error.
+pub fn lock(comm: &SharedComm) -> Result<std::sync::MutexGuard<'_, Box<dyn Communicator>>> {
+    comm.lock().map_err(|_| CommError::Poisoned)
+}

@@ -1,0 +1,51 @@
+//! The size-1 communicator: every collective is the identity.
+
+use crate::{CommError, Communicator, Result};
+use tch::Tensor;
+
+/// A group of one rank.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalComm;
+
+impl Communicator for LocalComm {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn size(&self) -> usize {
+        1
+    }
+    fn backend(&self) -> &'static str {
+        "local"
+    }
+    fn all_to_all(&mut self, input: &Tensor, send: &[i64], recv: &[i64]) -> Result<Tensor> {
+        let rows = input.size().first().copied().unwrap_or(0);
+        if send != [rows] || recv != [rows] {
+            return Err(CommError::InvalidArgument {
+                op: "all_to_all",
+                msg: format!("size-1 group with {rows} rows got send {send:?}, recv {recv:?}"),
+            });
+        }
+        Ok(input.f_contiguous()?.f_detach_copy()?)
+    }
+    fn all_reduce_sum(&mut self, input: &Tensor) -> Result<Tensor> {
+        Ok(input.f_detach_copy()?)
+    }
+    fn all_gather(&mut self, input: &Tensor) -> Result<Tensor> {
+        Ok(input.f_unsqueeze(0)?.f_detach_copy()?)
+    }
+    fn broadcast(&mut self, input: &Tensor, root: usize) -> Result<Tensor> {
+        if root != 0 {
+            return Err(CommError::InvalidArgument {
+                op: "broadcast",
+                msg: format!("root {root} in a group of size 1"),
+            });
+        }
+        Ok(input.f_detach_copy()?)
+    }
+    fn barrier(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn split(&mut self, _color: usize, _key: usize) -> Result<Box<dyn Communicator>> {
+        Ok(Box::new(LocalComm))
+    }
+}

@@ -1,0 +1,60 @@
+//! Deterministic parameter initialisation.
+//!
+//! Values come from a ChaCha stream keyed by (seed, parameter name[, global expert id]), not
+//! from torch's global generator, so every rank builds identical dense weights, and a global
+//! expert gets the same weights whichever rank (and EP size) holds it: EP=P equals EP=1 from
+//! step 0.
+
+use crate::Result;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use tch::{Device, Kind, Tensor};
+
+/// 64-bit FNV-1a, stable across platforms and Rust versions (unlike `DefaultHasher`).
+fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The stream seed of one tensor.
+pub fn stream_seed(seed: u64, name: &str, index: i64) -> u64 {
+    let h = fnv1a(&seed.to_le_bytes(), 0xcbf2_9ce4_8422_2325);
+    let h = fnv1a(name.as_bytes(), h);
+    fnv1a(&index.to_le_bytes(), h)
+}
+
+/// Normal(0, std) values of `shape`, a pure function of (seed, name, index).
+pub fn normal(seed: u64, name: &str, index: i64, shape: &[i64], std: f64, device: Device) -> Result<Tensor> {
+    let numel: i64 = shape.iter().product();
+    let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(seed, name, index));
+    let dist = Normal::new(0.0f32, std as f32)
+        .map_err(|e| crate::ModelError::Invalid(format!("init std {std} for {name}: {e}")))?;
+    let values: Vec<f32> = (0..numel).map(|_| dist.sample(&mut rng)).collect();
+    Ok(Tensor::f_from_slice(&values)?.f_reshape(shape)?.f_to_device(device)?.f_set_requires_grad(true)?)
+}
+
+/// Routed-expert weights `[num_local, ...shape]`: slice i is global expert `first_global + i`,
+/// drawn from its own stream, so sharding never changes the values.
+pub fn normal_experts(
+    seed: u64,
+    name: &str,
+    first_global: i64,
+    num_local: i64,
+    shape: &[i64],
+    std: f64,
+    device: Device,
+) -> Result<Tensor> {
+    let slices = (first_global..first_global + num_local)
+        .map(|g| normal(seed, name, g, shape, std, Device::Cpu).and_then(|t| Ok(t.f_detach()?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::f_stack(&slices, 0)?.f_to_device(device)?.f_set_requires_grad(true)?)
+}
+
+/// A tensor of ones (norm weights), trainable.
+pub fn ones(shape: &[i64], device: Device) -> Result<Tensor> {
+    Ok(Tensor::f_ones(shape, (Kind::Float, device))?.f_set_requires_grad(true)?)
+}

@@ -1,0 +1,25 @@
+//! moe-model: router, token dispatcher, experts, MoE layer, attention and the transformer LM.
+//!
+//! Shape suffixes (torchtitan's legend): `b` batch, `t` sequence, `n` tokens (b*t), `d` model
+//! width, `h` hidden width, `e` experts (global), `l` local experts, `k` top-k, `m` permuted
+//! rows (kept token-expert assignments), `v` vocabulary, `p` peers (EP ranks).
+//!
+//! The model knows nothing of files, the CLI or logging; it communicates only through the
+//! dispatcher's exchange step.
+
+pub mod attention;
+pub mod config;
+pub mod dispatcher;
+pub mod error;
+pub mod experts;
+pub mod init;
+pub mod mlp;
+pub mod moe_layer;
+pub mod norm;
+pub mod param;
+pub mod rope;
+pub mod router;
+pub mod transformer;
+
+pub use error::{ModelError, Result};
+pub use param::{Param, ParamKind};

@@ -1,0 +1,321 @@
+//! The experiment config: one YAML file, typed here. Loading (YAML, `--set` overrides, error
+//! positions) lives in the binary; this module owns the schema and the cross-field rules.
+
+use moe_model::config::{ModelConfig, MoeConfig};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// A whole experiment: the root of the YAML file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExperimentConfig {
+    pub run: RunConfig,
+    pub model: ModelConfig,
+    pub moe: MoeConfig,
+    pub data: DataConfig,
+    pub trainer: TrainerConfig,
+    pub parallel: ParallelConfig,
+    pub checkpoint: CheckpointConfig,
+}
+
+/// `run:` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Run name, used in logs and as the TensorBoard run.
+    pub name: String,
+    /// Directory for `metrics.jsonl`, TensorBoard events, checkpoints and `config.yaml`.
+    pub out_dir: PathBuf,
+    /// Seed of everything random: init, data order, jitter. Same seed, same run.
+    pub seed: u64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self { name: "moe".into(), out_dir: PathBuf::from("runs/moe"), seed: 1234 }
+    }
+}
+
+/// Where training text comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataSource {
+    /// A deterministic generated multi-domain corpus, built in; nothing is downloaded.
+    Synthetic,
+    /// A UTF-8 text file at `data.path`, byte-level tokens: first 90% train, last 10% val.
+    Text,
+    /// A directory at `data.path` with little-endian uint16 `train.bin` and `val.bin`.
+    Tokens,
+}
+
+/// `data:` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `synthetic`, `text` or `tokens`.
+    pub source: DataSource,
+    /// File (`text`) or directory (`tokens`); relative paths are relative to the working dir.
+    pub path: Option<PathBuf>,
+    /// Tokens per training sequence T (windows of T+1 tokens are drawn).
+    pub seq_len: i64,
+    /// Size in bytes of the generated synthetic corpus.
+    pub synthetic_bytes: usize,
+    /// Batches prepared ahead by the background prefetch thread.
+    pub prefetch: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            source: DataSource::Synthetic,
+            path: None,
+            seq_len: 128,
+            synthetic_bytes: 2_000_000,
+            prefetch: 4,
+        }
+    }
+}
+
+/// Compute device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// float32 everywhere.
+    Fp32,
+    /// bfloat16 matmuls on CUDA (fp32 master weights, router and losses in fp32).
+    Bf16,
+}
+
+/// `trainer:` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainerConfig {
+    /// Optimizer steps to run.
+    pub max_steps: u64,
+    /// Sequences per rank per micro-batch; the global batch is `batch_size * world * grad_accum`.
+    pub batch_size: i64,
+    /// Micro-batches accumulated per optimizer step.
+    pub grad_accum: i64,
+    /// Peak learning rate, reached after `warmup_steps`.
+    pub lr: f64,
+    /// Floor of the cosine decay, reached at `max_steps`.
+    pub min_lr: f64,
+    /// Linear warmup steps from 0 to `lr`.
+    pub warmup_steps: u64,
+    /// AdamW decoupled weight decay; never applied to norms, biases and embeddings.
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub beta1: f64,
+    /// AdamW beta2.
+    pub beta2: f64,
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    pub grad_clip: f64,
+    /// Log (terminal, metrics.jsonl, TensorBoard) every this many steps.
+    pub log_every: u64,
+    /// Evaluate on the validation split every this many steps; 0 disables eval.
+    pub eval_every: u64,
+    /// Validation batches per eval.
+    pub eval_iters: u64,
+    /// `auto` (cuda:<local rank> if CUDA is available, else cpu), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// `fp32` or `bf16` (bf16 only on CUDA).
+    pub precision: Precision,
+    /// Torch intra-op threads per rank; 0 means cores / ranks on this node (at least 1).
+    pub threads: i64,
+    /// Non-finite steps in a row before training aborts (each one is skipped and logged).
+    pub max_bad_steps: u64,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        Self {
+            max_steps: 200,
+            batch_size: 8,
+            grad_accum: 1,
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup_steps: 20,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            log_every: 10,
+            eval_every: 100,
+            eval_iters: 10,
+            device: "auto".into(),
+            precision: Precision::Fp32,
+            threads: 0,
+            max_bad_steps: 5,
+        }
+    }
+}
+
+/// Communication backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// nccl for CUDA tensors when libnccl loads, else mpi under mpirun, else local.
+    Auto,
+    /// One process, one rank.
+    Local,
+    /// `ep_size` in-process ranks (debug mode and tests).
+    Threads,
+    /// OpenMPI, CPU tensors.
+    Mpi,
+    /// NCCL, CUDA tensors (bootstrapped over MPI).
+    Nccl,
+}
+
+/// `parallel:` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelConfig {
+    /// Expert-parallel group size P: each rank holds `num_experts / P` experts. The world
+    /// size must be a multiple of P; the remaining factor is data parallelism.
+    pub ep_size: i64,
+    /// `auto`, `local`, `threads`, `mpi` or `nccl`.
+    pub backend: Backend,
+    /// Seconds a rank waits in a collective for a silent peer before it aborts the job.
+    pub timeout_s: u64,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        Self { ep_size: 1, backend: Backend::Auto, timeout_s: 60 }
+    }
+}
+
+/// `checkpoint:` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Write a checkpoint every this many steps (and at the end); 0 writes only at the end.
+    pub every: u64,
+    /// Checkpoints kept (oldest deleted first); at least 1.
+    pub keep: usize,
+    /// Directory; `null` means `<run.out_dir>/checkpoints`.
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every: 0, keep: 2, dir: None }
+    }
+}
+
+impl ExperimentConfig {
+    /// Every cross-field rule, checked before any work starts. Each violation names the dotted
+    /// keys and their values; an empty list means valid. `world_size` is the number of ranks
+    /// the run will have (1 outside mpirun; `ep_size` in threads/debug mode).
+    pub fn validate(&self, world_size: i64) -> Vec<String> {
+        let mut errs = MoeConfig::validate(&self.model, &self.moe);
+        let (m, t, d, p) = (&self.moe, &self.trainer, &self.data, &self.parallel);
+        if p.ep_size <= 0 {
+            errs.push(format!("parallel.ep_size ({}) must be positive", p.ep_size));
+        } else {
+            if m.num_experts > 0 && m.num_experts % p.ep_size != 0 {
+                errs.push(format!(
+                    "moe.num_experts ({}) must be divisible by parallel.ep_size ({})",
+                    m.num_experts, p.ep_size
+                ));
+            }
+            if world_size % p.ep_size != 0 {
+                errs.push(format!(
+                    "the world size ({world_size}) must be divisible by parallel.ep_size ({})",
+                    p.ep_size
+                ));
+            }
+        }
+        if p.backend == Backend::Threads && world_size != 1 {
+            errs.push(format!(
+                "parallel.backend (threads) runs in one process, but the world size is {world_size}"
+            ));
+        }
+        if d.seq_len <= 0 {
+            errs.push(format!("data.seq_len ({}) must be positive", d.seq_len));
+        } else if d.seq_len > self.model.max_seq_len {
+            errs.push(format!(
+                "data.seq_len ({}) must be <= model.max_seq_len ({})",
+                d.seq_len, self.model.max_seq_len
+            ));
+        }
+        match d.source {
+            DataSource::Text | DataSource::Tokens if d.path.is_none() => errs.push(format!(
+                "data.path is required when data.source is {}",
+                if d.source == DataSource::Text { "text" } else { "tokens" }
+            )),
+            _ => {}
+        }
+        if d.source == DataSource::Synthetic && d.synthetic_bytes < 4096 {
+            errs.push(format!("data.synthetic_bytes ({}) must be >= 4096", d.synthetic_bytes));
+        }
+        if d.prefetch == 0 {
+            errs.push("data.prefetch (0) must be >= 1".into());
+        }
+        if t.max_steps == 0 {
+            errs.push("trainer.max_steps (0) must be >= 1".into());
+        }
+        if t.batch_size <= 0 {
+            errs.push(format!("trainer.batch_size ({}) must be positive", t.batch_size));
+        }
+        if t.grad_accum <= 0 {
+            errs.push(format!("trainer.grad_accum ({}) must be positive", t.grad_accum));
+        }
+        if !(t.lr > 0.0) || !t.lr.is_finite() {
+            errs.push(format!("trainer.lr ({}) must be positive", t.lr));
+        }
+        if !(t.min_lr >= 0.0) || t.min_lr > t.lr {
+            errs.push(format!("trainer.min_lr ({}) must be in [0, trainer.lr ({})]", t.min_lr, t.lr));
+        }
+        if t.warmup_steps > t.max_steps {
+            errs.push(format!(
+                "trainer.warmup_steps ({}) must be <= trainer.max_steps ({})",
+                t.warmup_steps, t.max_steps
+            ));
+        }
+        for (key, v) in [("trainer.beta1", t.beta1), ("trainer.beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                errs.push(format!("{key} ({v}) must be in [0, 1)"));
+            }
+        }
+        if !(t.eps > 0.0) {
+            errs.push(format!("trainer.eps ({}) must be positive", t.eps));
+        }
+        if !(t.weight_decay >= 0.0) {
+            errs.push(format!("trainer.weight_decay ({}) must be >= 0", t.weight_decay));
+        }
+        if !(t.grad_clip >= 0.0) {
+            errs.push(format!("trainer.grad_clip ({}) must be >= 0", t.grad_clip));
+        }
+        if t.log_every == 0 {
+            errs.push("trainer.log_every (0) must be >= 1".into());
+        }
+        if t.eval_every > 0 && t.eval_iters == 0 {
+            errs.push("trainer.eval_iters (0) must be >= 1 when trainer.eval_every is set".into());
+        }
+        if t.threads < 0 {
+            errs.push(format!("trainer.threads ({}) must be >= 0", t.threads));
+        }
+        if !(t.device == "auto" || t.device == "cpu" || t.device == "cuda" || parse_cuda_index(&t.device).is_some()) {
+            errs.push(format!("trainer.device ({:?}) must be auto, cpu, cuda or cuda:N", t.device));
+        }
+        if t.precision == Precision::Bf16 && t.device == "cpu" {
+            errs.push("trainer.precision (bf16) needs a CUDA device, but trainer.device is cpu".into());
+        }
+        if self.checkpoint.keep == 0 {
+            errs.push("checkpoint.keep (0) must be >= 1".into());
+        }
+        if self.run.name.trim().is_empty() {
+            errs.push("run.name must not be empty".into());
+        }
+        errs
+    }
+}
+
+/// `cuda:N` -> N.
+pub fn parse_cuda_index(device: &str) -> Option<usize> {
+    device.strip_prefix("cuda:").and_then(|n| n.parse().ok())
+}

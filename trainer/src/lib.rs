@@ -1,0 +1,15 @@
+//! moe-trainer: data, optimizer and schedule, training loop, eval, metrics, checkpoints.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod grad_sync;
+pub mod metrics;
+pub mod optim;
+pub mod progress;
+pub mod schedule;
+pub mod tensorboard;
+pub mod train_loop;
+
+pub use error::{Result, TrainError};
