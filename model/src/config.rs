@@ -239,10 +239,10 @@ impl MoeConfig {
         if model.rope_theta <= 0.0 || !model.rope_theta.is_finite() {
             errs.push(format!("model.rope_theta ({}) must be positive", model.rope_theta));
         }
-        if !(model.norm_eps > 0.0) {
+        if model.norm_eps.is_nan() || model.norm_eps <= 0.0 {
             errs.push(format!("model.norm_eps ({}) must be positive", model.norm_eps));
         }
-        if !(model.init_std > 0.0) {
+        if model.init_std.is_nan() || model.init_std <= 0.0 {
             errs.push(format!("model.init_std ({}) must be positive", model.init_std));
         }
         if moe.top_k > moe.num_experts {
@@ -267,7 +267,7 @@ impl MoeConfig {
             errs.push("moe.pre_softmax (true) applies to softmax routing only, but moe.score_function is sigmoid".into());
         }
         if let Some(cf) = moe.capacity_factor {
-            if !(cf > 0.0) || !cf.is_finite() {
+            if cf <= 0.0 || !cf.is_finite() {
                 errs.push(format!("moe.capacity_factor ({cf}) must be positive, or null for dropless"));
             }
         } else if moe.pad_to_capacity {
@@ -279,14 +279,14 @@ impl MoeConfig {
             ("moe.jitter_eps", moe.jitter_eps),
             ("moe.bias_update_rate", moe.bias_update_rate),
         ] {
-            if !(v >= 0.0) || !v.is_finite() {
+            if v < 0.0 || !v.is_finite() {
                 errs.push(format!("{key} ({v}) must be a finite number >= 0"));
             }
         }
         if moe.jitter_eps >= 1.0 {
             errs.push(format!("moe.jitter_eps ({}) must be < 1", moe.jitter_eps));
         }
-        if !(moe.route_scale > 0.0) || !moe.route_scale.is_finite() {
+        if moe.route_scale <= 0.0 || !moe.route_scale.is_finite() {
             errs.push(format!("moe.route_scale ({}) must be positive", moe.route_scale));
         }
         errs

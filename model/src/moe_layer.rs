@@ -1,1 +1,367 @@
-//! (in progress)
+//! The MoE FFN layer: router, global router statistics, dispatch, routed experts, combine,
+//! plus optional shared experts.
+//!
+//! Follows Megatron-Core's `MoELayer` (router -> token dispatcher -> experts -> combine, shared
+//! experts added to the output) with the loss definitions of `shared/DESIGN.md` step 2.
+//! Router input jitter is Switch Transformer's (Fedus et al. 2021, section 2.4).
+
+use crate::config::{AuxLossKind, ModelConfig, MoeConfig, ScoreFunction};
+use crate::dispatcher::Dispatcher;
+use crate::experts::RoutedExperts;
+use crate::mlp::SwiGlu;
+use crate::param::{Param, ParamKind};
+use crate::router::{self, RouterInput, Routing};
+use crate::{init, ModelError, Result};
+use rand::distr::{Distribution, Uniform};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Kind, Tensor};
+
+/// One MoE layer's parameters and buffers.
+#[derive(Debug)]
+pub struct MoeLayer {
+    /// Router weight `[d, E]`, always f32 (routing decisions are precision-sensitive).
+    pub w_router_de: Tensor,
+    /// The routed experts this rank holds.
+    pub experts: RoutedExperts,
+    /// `num_shared_experts` shared experts as one SwiGLU of width
+    /// `num_shared_experts * shared_hidden()` (see [`crate::mlp`]).
+    pub shared: Option<SwiGlu>,
+    /// Aux-loss-free balancing bias f32 `[E]` (a buffer, not a parameter), when
+    /// `bias_update_rate > 0`.
+    pub expert_bias_e: Option<Tensor>,
+    cfg: MoeConfig,
+}
+
+/// Per-call context of [`MoeLayer::forward`].
+pub struct MoeForward<'a> {
+    /// Training (jitter on) or evaluation.
+    pub train: bool,
+    /// Tokens per sequence (`seq_aux_loss`).
+    pub seq_len: i64,
+    /// Capacity groups, see [`RouterInput::capacity_groups`].
+    pub capacity_groups: i64,
+    /// How rows reach the experts.
+    pub dispatcher: &'a Dispatcher,
+    /// Seed of the router jitter noise of this call (unused unless training with jitter).
+    pub jitter_seed: u64,
+}
+
+/// Losses and routing statistics of one forward.
+#[derive(Debug)]
+pub struct MoeStats {
+    /// Scalar load-balancing loss (x coeff) with grad: this rank's share of the global loss
+    /// (see [`router::aux_loss`]), or the sequence-level loss; 0 when disabled.
+    pub aux_loss: Tensor,
+    /// Scalar z-loss (x coeff) with grad.
+    pub z_loss: Tensor,
+    /// f32 `[E]` kept assignments per expert summed over all data-parallel ranks; no grad.
+    pub load_e: Tensor,
+    /// f32 `[E]` assignments per expert before capacity dropping, summed over all ranks.
+    pub topk_load_e: Tensor,
+    /// Kept assignments on this rank.
+    pub num_kept: i64,
+    /// Dropped assignments on this rank.
+    pub num_dropped: i64,
+    /// The routing weights are finite, non-negative and sum per token as configured.
+    pub probs_sum_ok: bool,
+}
+
+impl MoeLayer {
+    /// Builds layer `prefix` (e.g. `layers.3.moe`) for EP rank `ep_rank` of `ep_size`: router
+    /// `<prefix>.w_router`, experts `<prefix>.experts.*` (global experts
+    /// `ep_rank*E/P .. (ep_rank+1)*E/P`), shared experts `<prefix>.shared.*`.
+    pub fn new(
+        model: &ModelConfig,
+        moe: &MoeConfig,
+        prefix: &str,
+        ep_rank: i64,
+        ep_size: i64,
+        seed: u64,
+        device: Device,
+    ) -> Result<Self> {
+        let e = moe.num_experts;
+        if ep_size <= 0 || e % ep_size != 0 || !(0..ep_size).contains(&ep_rank) {
+            return Err(ModelError::Invalid(format!(
+                "moe.num_experts ({e}) must be divisible by parallel.ep_size ({ep_size}), ep_rank {ep_rank} in 0..{ep_size}"
+            )));
+        }
+        let num_local = e / ep_size;
+        let w_router_de = init::normal(
+            seed,
+            &format!("{prefix}.w_router"),
+            0,
+            &[model.d_model, e],
+            model.init_std,
+            device,
+        )?;
+        let experts = RoutedExperts::new(
+            model,
+            moe,
+            &format!("{prefix}.experts"),
+            ep_rank * num_local,
+            num_local,
+            seed,
+            device,
+        )?;
+        let shared = if moe.num_shared_experts > 0 {
+            Some(SwiGlu::new(
+                &format!("{prefix}.shared"),
+                model.d_model,
+                moe.num_shared_experts * moe.shared_hidden(),
+                model.init_std,
+                model.num_layers,
+                seed,
+                device,
+            )?)
+        } else {
+            None
+        };
+        let expert_bias_e = if moe.bias_update_rate > 0.0 {
+            Some(Tensor::f_zeros([e], (Kind::Float, device))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            w_router_de,
+            experts,
+            shared,
+            expert_bias_e,
+            cfg: moe.clone(),
+        })
+    }
+
+    /// The layer's MoE configuration.
+    pub fn config(&self) -> &MoeConfig {
+        &self.cfg
+    }
+
+    /// Router, global statistics, dispatch, experts, combine, plus shared experts.
+    ///
+    /// Communication: one all-reduce of `3E+1` statistics over the world, and the dispatcher's
+    /// exchange. The output has the dtype of `x_nd`; the router always runs in f32.
+    ///
+    /// # Shapes
+    /// `x_nd [N, d]` -> `y_nd [N, d]`
+    pub fn forward(&self, x_nd: &Tensor, ctx: &MoeForward) -> Result<(Tensor, MoeStats)> {
+        let (n, d) = match x_nd.size().as_slice() {
+            [n, d] => (*n, *d),
+            s => {
+                return Err(ModelError::Invalid(format!(
+                    "MoE input must be [N, d], got {s:?}"
+                )))
+            }
+        };
+        let e = self.cfg.num_experts;
+        self.check_dispatcher(ctx.dispatcher)?;
+
+        let mut router_in_nd = x_nd.f_to_kind(Kind::Float)?;
+        if ctx.train && self.cfg.jitter_eps > 0.0 {
+            router_in_nd = router_in_nd.f_mul(&jitter_noise(
+                ctx.jitter_seed,
+                n,
+                d,
+                self.cfg.jitter_eps,
+                x_nd.device(),
+            )?)?;
+        }
+        let logits_ne = router_in_nd.f_matmul(&self.w_router_de.f_to_kind(Kind::Float)?)?;
+        let routing = router::route(
+            &self.cfg,
+            &RouterInput {
+                logits_ne: &logits_ne,
+                expert_bias_e: self.expert_bias_e.as_ref(),
+                seq_len: ctx.seq_len,
+                capacity_groups: ctx.capacity_groups,
+            },
+        )?;
+
+        let (global_counts_e, load_e, topk_load_e, global_tokens) =
+            self.global_stats(&routing, ctx.dispatcher)?;
+        let aux_loss = match self.cfg.aux_loss {
+            AuxLossKind::AuxLoss => router::aux_loss(
+                &self.cfg,
+                &routing.aux_stats,
+                &global_counts_e,
+                global_tokens,
+            )?,
+            AuxLossKind::SeqAuxLoss => match &routing.seq_aux_loss {
+                Some(l) => l.shallow_clone(),
+                None => Tensor::f_zeros([], (Kind::Float, x_nd.device()))?,
+            },
+            AuxLossKind::None => Tensor::f_zeros([], (Kind::Float, x_nd.device()))?,
+        };
+
+        let (x_md, rows_l, meta) = ctx.dispatcher.dispatch(x_nd, &routing, e)?;
+        let y_md = self.experts.forward(&x_md, &rows_l)?;
+        let mut y_nd = ctx.dispatcher.combine(&y_md, meta)?;
+        if let Some(shared) = &self.shared {
+            y_nd = y_nd.f_add(&shared.forward(x_nd)?.f_to_kind(y_nd.kind())?)?;
+        }
+
+        let stats = MoeStats {
+            aux_loss,
+            z_loss: routing.z_loss.shallow_clone(),
+            load_e,
+            topk_load_e,
+            num_kept: routing.num_kept,
+            num_dropped: routing.num_dropped,
+            probs_sum_ok: self.probs_sum_ok(&routing)?,
+        };
+        Ok((y_nd, stats))
+    }
+
+    /// The dispatcher must shard experts the way this layer was built.
+    fn check_dispatcher(&self, dispatcher: &Dispatcher) -> Result<()> {
+        let (p, r) = (dispatcher.ep_size(), dispatcher.ep_rank());
+        if p <= 0
+            || self.cfg.num_experts / p != self.experts.num_local
+            || r * self.experts.num_local != self.experts.first_global
+        {
+            return Err(ModelError::Invalid(format!(
+                "dispatcher (ep_rank {r}, ep_size {p}) does not match the layer's experts \
+                 (global {}..{} of {})",
+                self.experts.first_global,
+                self.experts.first_global + self.experts.num_local,
+                self.cfg.num_experts
+            )));
+        }
+        Ok(())
+    }
+
+    /// One all-reduce over the world of `[aux counts_e | top-k counts_e | kept_e | N]`, in f64
+    /// so that counts stay exact beyond 2^24 tokens. Returns the global aux counts (f32), load,
+    /// top-k load (f32, no grad) and token count.
+    fn global_stats(
+        &self,
+        routing: &Routing,
+        dispatcher: &Dispatcher,
+    ) -> Result<(Tensor, Tensor, Tensor, i64)> {
+        let e = self.cfg.num_experts;
+        let device = routing.probs_ne.device();
+        // Padding rows are in the map but carry zero weight; without padding the map is exact.
+        let kept_e = if self.cfg.pad_to_capacity {
+            routing
+                .probs_ne
+                .f_ne(0.0)?
+                .f_logical_and(&routing.routing_map_ne)?
+                .f_sum_dim_intlist(0, false, Kind::Double)?
+        } else {
+            Tensor::f_from_slice(&routing.tokens_per_expert)?
+                .f_to_kind(Kind::Double)?
+                .f_to_device(device)?
+        };
+        let local = Tensor::f_cat(
+            &[
+                routing
+                    .aux_stats
+                    .counts_e
+                    .f_detach()?
+                    .f_to_kind(Kind::Double)?
+                    .f_to_device(device)?,
+                routing
+                    .topk_counts_e
+                    .f_detach()?
+                    .f_to_kind(Kind::Double)?
+                    .f_to_device(device)?,
+                kept_e,
+                Tensor::f_from_slice(&[routing.aux_stats.num_tokens as f64])?
+                    .f_to_device(device)?,
+            ],
+            0,
+        )?;
+        let global = dispatcher.all_reduce_stats(&local)?;
+        let part = |i: i64| -> Result<Tensor> {
+            Ok(global.f_narrow(0, i * e, e)?.f_to_kind(Kind::Float)?)
+        };
+        let tokens = global.f_narrow(0, 3 * e, 1)?.f_to_device(Device::Cpu)?;
+        let tokens = Vec::<f64>::try_from(&tokens)?
+            .first()
+            .copied()
+            .unwrap_or(0.0)
+            .round() as i64;
+        Ok((part(0)?, part(2)?, part(1)?, tokens))
+    }
+
+    /// Finite, non-negative weights whose per-token sums respect the configuration: exactly
+    /// `route_scale` for normalised routing with nothing dropped, at most `route_scale`
+    /// (softmax) or `k * route_scale` (un-normalised sigmoid) otherwise.
+    fn probs_sum_ok(&self, routing: &Routing) -> Result<bool> {
+        let cfg = &self.cfg;
+        let probs_ne = routing.probs_ne.f_detach()?;
+        let sums_n = probs_ne.f_sum_dim_intlist(1, false, Kind::Float)?;
+        let normalised = cfg.norm_topk_prob
+            || (cfg.score_function == ScoreFunction::Softmax && !cfg.pre_softmax);
+        let rs = cfg.route_scale;
+        let tol = 1e-4 * rs.max(1.0);
+        let upper = if normalised || cfg.score_function == ScoreFunction::Softmax {
+            rs
+        } else {
+            cfg.top_k as f64 * rs
+        };
+        let mut ok = probs_ne
+            .f_isfinite()?
+            .f_all()?
+            .f_logical_and(&probs_ne.f_ge(0.0)?.f_all()?)?;
+        ok = ok.f_logical_and(&sums_n.f_le(upper + tol)?.f_all()?)?;
+        if normalised && routing.num_dropped == 0 {
+            ok = ok.f_logical_and(&sums_n.f_ge(rs - tol)?.f_all()?)?;
+        }
+        Ok(bool::try_from(&ok.f_to_device(Device::Cpu)?)?)
+    }
+
+    /// DeepSeek-V3's aux-loss-free update of the selection bias from the GLOBAL load before
+    /// dropping (`stats.topk_load_e`, identical on every rank, so biases stay in sync). No-op
+    /// without a bias.
+    pub fn update_expert_bias(&self, stats: &MoeStats) -> Result<()> {
+        match &self.expert_bias_e {
+            Some(bias_e) => {
+                router::update_expert_bias(bias_e, &stats.topk_load_e, self.cfg.bias_update_rate)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Parameters `<prefix>.w_router`, `<prefix>.experts.*` (expert-sharded) and
+    /// `<prefix>.shared.*`. All are matrices, so all are decayed (as Megatron-Core does).
+    pub fn params(&self, prefix: &str) -> Vec<Param> {
+        let mut params = vec![Param {
+            name: format!("{prefix}.w_router"),
+            tensor: self.w_router_de.shallow_clone(),
+            kind: ParamKind::Dense,
+            weight_decay: true,
+        }];
+        params.extend(self.experts.params(&format!("{prefix}.experts")));
+        if let Some(shared) = &self.shared {
+            params.extend(shared.params(&format!("{prefix}.shared")));
+        }
+        params
+    }
+
+    /// Non-trainable state: `<prefix>.expert_bias` when aux-loss-free balancing is on.
+    pub fn buffers(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        self.expert_bias_e
+            .iter()
+            .map(|b| (format!("{prefix}.expert_bias"), b.shallow_clone()))
+            .collect()
+    }
+}
+
+/// Switch Transformer's multiplicative router jitter: i.i.d. uniform in `[1-eps, 1+eps]` per
+/// element, from a ChaCha8 stream seeded by `seed` (not torch's global generator, so in-process
+/// ranks cannot disturb each other and a run is reproducible). Drawn on the host: `N*d` values
+/// per call, acceptable for a regulariser that is off by default.
+///
+/// # Shapes
+/// -> f32 `[n, d]`
+pub fn jitter_noise(seed: u64, n: i64, d: i64, eps: f64, device: Device) -> Result<Tensor> {
+    let dist = Uniform::new_inclusive(1.0 - eps as f32, 1.0 + eps as f32)
+        .map_err(|err| ModelError::Invalid(format!("moe.jitter_eps ({eps}): {err}")))?;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let values: Vec<f32> = (0..n.max(0) * d.max(0))
+        .map(|_| dist.sample(&mut rng))
+        .collect();
+    Ok(Tensor::f_from_slice(&values)?
+        .f_reshape([n, d])?
+        .f_to_device(device)?)
+}

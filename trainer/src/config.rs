@@ -224,15 +224,23 @@ impl ExperimentConfig {
             }
             if world_size % p.ep_size != 0 {
                 errs.push(format!(
-                    "the world size ({world_size}) must be divisible by parallel.ep_size ({})",
-                    p.ep_size
+                    "the world size ({world_size}) must be divisible by parallel.ep_size ({}): \
+                     start a multiple of {} ranks with mpirun, or simulate them with --debug",
+                    p.ep_size, p.ep_size
                 ));
             }
         }
-        if p.backend == Backend::Threads && world_size != 1 {
+        // `threads` runs every rank in one process, so its world size is the thread count;
+        // whether mpirun started several processes is the launcher's check, not this one's.
+        if p.backend == Backend::Local && world_size != 1 {
             errs.push(format!(
-                "parallel.backend (threads) runs in one process, but the world size is {world_size}"
+                "parallel.backend (local) runs one rank, but the world size is {world_size}"
             ));
+        }
+        if p.backend == Backend::Nccl && t.device == "cpu" {
+            errs.push(
+                "parallel.backend (nccl) needs CUDA tensors, but trainer.device is cpu".into(),
+            );
         }
         if d.seq_len <= 0 {
             errs.push(format!("data.seq_len ({}) must be positive", d.seq_len));
@@ -264,10 +272,10 @@ impl ExperimentConfig {
         if t.grad_accum <= 0 {
             errs.push(format!("trainer.grad_accum ({}) must be positive", t.grad_accum));
         }
-        if !(t.lr > 0.0) || !t.lr.is_finite() {
+        if t.lr <= 0.0 || !t.lr.is_finite() {
             errs.push(format!("trainer.lr ({}) must be positive", t.lr));
         }
-        if !(t.min_lr >= 0.0) || t.min_lr > t.lr {
+        if t.min_lr.is_nan() || t.min_lr < 0.0 || t.min_lr > t.lr {
             errs.push(format!("trainer.min_lr ({}) must be in [0, trainer.lr ({})]", t.min_lr, t.lr));
         }
         if t.warmup_steps > t.max_steps {
@@ -281,13 +289,13 @@ impl ExperimentConfig {
                 errs.push(format!("{key} ({v}) must be in [0, 1)"));
             }
         }
-        if !(t.eps > 0.0) {
+        if t.eps.is_nan() || t.eps <= 0.0 {
             errs.push(format!("trainer.eps ({}) must be positive", t.eps));
         }
-        if !(t.weight_decay >= 0.0) {
+        if t.weight_decay.is_nan() || t.weight_decay < 0.0 {
             errs.push(format!("trainer.weight_decay ({}) must be >= 0", t.weight_decay));
         }
-        if !(t.grad_clip >= 0.0) {
+        if t.grad_clip.is_nan() || t.grad_clip < 0.0 {
             errs.push(format!("trainer.grad_clip ({}) must be >= 0", t.grad_clip));
         }
         if t.log_every == 0 {

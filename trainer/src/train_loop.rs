@@ -1,1 +1,676 @@
-//! (in progress)
+//! The training loop of one rank.
+//!
+//! Every rank runs this same function (threads in debug mode, processes under mpirun). Per
+//! step: forward + backward over `grad_accum` micro-batches, one small all-reduce of the step's
+//! statistics (losses, drop counts, "this rank saw a non-finite value", "this rank was asked
+//! to stop"), gradient sync, global-norm clipping, AdamW, the aux-loss-free bias update, then
+//! logging, eval and checkpoints. Decisions that must be collective (skip a bad step, stop on
+//! a signal) come from the all-reduced statistics, so every rank takes the same branch and
+//! none is left waiting in a collective.
+
+use crate::checkpoint::{self, Checkpointer};
+use crate::config::ExperimentConfig;
+use crate::data::{self, Batch, Dataset, Prefetcher, Split};
+use crate::grad_sync::{clip_grad_norm, sync_gradients};
+use crate::metrics::{EvalRecord, MetricsWriter, TrainRecord};
+use crate::optim::AdamW;
+use crate::progress::{Progress, ProgressInfo};
+use crate::schedule::lr_at;
+use crate::tensorboard::TbWriter;
+use crate::{Result, TrainError};
+use moe_comm::{lock, ProcessGroups};
+use moe_model::dispatcher::Dispatcher;
+use moe_model::moe_layer::MoeStats;
+use moe_model::router::update_expert_bias;
+use moe_model::transformer::{LmForward, ParallelInfo, TransformerLm};
+use moe_model::{Param, ParamKind};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// How one rank's run is started.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Single-device debug mode: check the routing invariants after every step and print
+    /// per-layer router statistics.
+    pub debug: bool,
+    /// Checkpoint directory to resume from (already resolved from `auto`).
+    pub resume: Option<PathBuf>,
+    /// Set by SIGINT/SIGTERM: finish the step, checkpoint, exit cleanly.
+    pub stop: Arc<AtomicBool>,
+    /// Capacity is computed per group of N/G tokens. 1 in real runs; the single-process
+    /// reference of an EP=P run uses P, reproducing each rank's per-rank capacity.
+    pub capacity_groups: i64,
+    /// Print nothing (tests).
+    pub quiet: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            debug: false,
+            resume: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            capacity_groups: 1,
+            quiet: false,
+        }
+    }
+}
+
+/// What a rank's run produced (rank 0's view of the global metrics).
+#[derive(Debug, Clone, Default)]
+pub struct TrainSummary {
+    /// Per-step global metrics, one record per optimizer step run in this invocation.
+    pub records: Vec<TrainRecord>,
+    /// Validation records.
+    pub evals: Vec<EvalRecord>,
+    /// Steps skipped because of non-finite values.
+    pub bad_steps: u64,
+    /// True when a stop signal ended the run before `max_steps`.
+    pub interrupted: bool,
+    /// The last checkpoint written, if any.
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// Statistics of one step that are reduced over all ranks in a single all-reduce.
+/// Layout of the f64 vector: see `StepStats::to_tensor`.
+#[derive(Debug, Clone, Default)]
+struct StepStats {
+    lm_loss: f64,
+    aux_loss: f64,
+    z_loss: f64,
+    kept: f64,
+    dropped: f64,
+    non_finite: f64,
+    stop: f64,
+}
+
+impl StepStats {
+    const LEN: i64 = 7;
+
+    fn to_tensor(&self) -> Result<Tensor> {
+        let v = [
+            self.lm_loss,
+            self.aux_loss,
+            self.z_loss,
+            self.kept,
+            self.dropped,
+            self.non_finite,
+            self.stop,
+        ];
+        Ok(Tensor::f_from_slice(&v)?)
+    }
+
+    fn from_tensor(t: &Tensor) -> Result<Self> {
+        let v = Vec::<f64>::try_from(t)?;
+        if v.len() as i64 != Self::LEN {
+            return Err(TrainError::Other(format!("step stats of length {}", v.len())));
+        }
+        Ok(Self {
+            lm_loss: v[0],
+            aux_loss: v[1],
+            z_loss: v[2],
+            kept: v[3],
+            dropped: v[4],
+            non_finite: v[5],
+            stop: v[6],
+        })
+    }
+}
+
+/// Everything a rank holds while training.
+struct Rank<'a> {
+    cfg: &'a ExperimentConfig,
+    groups: ProcessGroups,
+    device: Device,
+    compute_kind: Kind,
+    model: TransformerLm,
+    dispatcher: Dispatcher,
+    params: Vec<Param>,
+    opts: &'a RunOptions,
+    printing: bool,
+}
+
+/// Trains one rank. Collective: every rank of `groups.world` must call it with the same
+/// config.
+pub fn train(
+    cfg: &ExperimentConfig,
+    groups: ProcessGroups,
+    device: Device,
+    opts: &RunOptions,
+) -> Result<TrainSummary> {
+    let errs = cfg.validate(groups.world_size as i64);
+    if !errs.is_empty() {
+        return Err(TrainError::Config(errs));
+    }
+    let printing = groups.world_rank == 0 && !opts.quiet;
+    let dataset = data::load_dataset(&cfg.data, cfg.model.vocab_size)?;
+    let model = TransformerLm::new(
+        &cfg.model,
+        &cfg.moe,
+        ParallelInfo { ep_rank: groups.ep_rank as i64, ep_size: groups.ep_size as i64 },
+        cfg.run.seed,
+        device,
+    )?;
+    let dispatcher = make_dispatcher(&groups);
+    let params = model.params();
+    let compute_kind = match cfg.trainer.precision {
+        crate::config::Precision::Fp32 => Kind::Float,
+        crate::config::Precision::Bf16 => Kind::BFloat16,
+    };
+    let mut rank =
+        Rank { cfg, groups, device, compute_kind, model, dispatcher, params, opts, printing };
+    rank.run(dataset)
+}
+
+/// The dispatcher for these groups: local when this process is the whole world, else the
+/// all-to-all one (with EP size 1 it still all-reduces the router statistics over the world).
+pub fn make_dispatcher(groups: &ProcessGroups) -> Dispatcher {
+    if groups.world_size == 1 {
+        Dispatcher::Local
+    } else {
+        Dispatcher::AllToAll {
+            ep: groups.ep.clone(),
+            world: groups.world.clone(),
+            ep_rank: groups.ep_rank as i64,
+            ep_size: groups.ep_size as i64,
+        }
+    }
+}
+
+impl Rank<'_> {
+    fn run(&mut self, dataset: Arc<Dataset>) -> Result<TrainSummary> {
+        let cfg = self.cfg;
+        let t = &cfg.trainer;
+        let mut optimizer = AdamW::new(&self.params, t)?;
+        let mut summary = TrainSummary::default();
+
+        let mut start_step = 0u64;
+        if let Some(path) = &self.opts.resume {
+            start_step = self.restore(path, &mut optimizer)?;
+            if self.printing {
+                println!("resumed from {} at step {start_step}", path.display());
+            }
+        }
+
+        let out_dir = cfg.run.out_dir.clone();
+        let ckpt_dir = cfg.checkpoint.dir.clone().unwrap_or_else(|| out_dir.join("checkpoints"));
+        let mut metrics = None;
+        let mut tb = None;
+        if self.groups.world_rank == 0 {
+            std::fs::create_dir_all(&out_dir).map_err(|e| TrainError::io(&out_dir, e))?;
+            let cfg_path = out_dir.join("config.json");
+            let text = serde_json::to_string_pretty(cfg)
+                .map_err(|e| TrainError::Other(format!("serialising the config: {e}")))?;
+            std::fs::write(&cfg_path, text).map_err(|e| TrainError::io(&cfg_path, e))?;
+            metrics = Some(MetricsWriter::open(&out_dir, start_step > 0)?);
+            tb = Some(TbWriter::new(&out_dir)?);
+        }
+        let mut checkpointer = Checkpointer::new(
+            &ckpt_dir,
+            cfg.checkpoint.keep,
+            self.groups.world_rank,
+            self.groups.world_size,
+            self.groups.ep_rank,
+            self.groups.ep_size,
+        )?;
+
+        let world = self.groups.world_size as i64;
+        let global_batch = t.batch_size * world * t.grad_accum;
+        let tokens_per_step = (global_batch * cfg.data.seq_len) as f64;
+        let mut prefetch = Prefetcher::new(
+            dataset.clone(),
+            data::SamplerSpec {
+                seed: cfg.run.seed,
+                seq_len: cfg.data.seq_len,
+                batch_size: t.batch_size,
+                world_size: world,
+                rank: self.groups.world_rank as i64,
+                grad_accum: t.grad_accum,
+            },
+            start_step,
+            t.max_steps,
+            cfg.data.prefetch,
+        )?;
+        let mut progress = Progress::new(t.max_steps);
+        let mut bad_in_a_row = 0u64;
+        let run_start = Instant::now();
+        let mut window_start = Instant::now();
+        let mut window_tokens = 0.0;
+
+        for step in start_step..t.max_steps {
+            let (batch_step, micro) = prefetch.next()?;
+            if batch_step != step {
+                return Err(TrainError::Data(format!(
+                    "prefetcher delivered step {batch_step}, expected {step}"
+                )));
+            }
+            let lr = lr_at(step, t);
+            let (local, layer_stats) = self.forward_backward(&micro, step)?;
+            let mut local = local;
+            local.stop = f64::from(u8::from(self.opts.stop.load(Ordering::SeqCst)));
+            let global = self.reduce_stats(&local)?;
+
+            // One collective decision for every rank: a non-finite value anywhere skips the step.
+            let mut grad_norm = f64::NAN;
+            let bad = global.non_finite > 0.0;
+            if !bad {
+                sync_gradients(&self.params, &self.groups)?;
+                grad_norm = clip_grad_norm(&self.params, &self.groups, t.grad_clip)?;
+            }
+            if bad || !grad_norm.is_finite() {
+                summary.bad_steps += 1;
+                bad_in_a_row += 1;
+                let culprit = self.non_finite_culprit();
+                if self.printing {
+                    eprintln!(
+                        "step {}: non-finite {} (skipped; {bad_in_a_row} in a row){}",
+                        step + 1,
+                        if bad { "loss" } else { "gradient norm" },
+                        culprit.map(|c| format!("; first non-finite gradient: {c}")).unwrap_or_default()
+                    );
+                }
+                self.zero_grads();
+                if bad_in_a_row >= t.max_bad_steps {
+                    let path = self.checkpoint_now(&mut checkpointer, &optimizer, step, "diverged")?;
+                    return Err(TrainError::Diverged(format!(
+                        "{bad_in_a_row} steps in a row had non-finite values (trainer.max_bad_steps = {}); last checkpoint: {}",
+                        t.max_bad_steps,
+                        path.map(|p| p.display().to_string()).unwrap_or_else(|| "none".into())
+                    )));
+                }
+                continue;
+            }
+            bad_in_a_row = 0;
+            optimizer.step(&self.params, lr)?;
+            self.zero_grads();
+            self.update_biases(&layer_stats)?;
+
+            if self.opts.debug {
+                self.check_invariants(step, &local, &layer_stats)?;
+            }
+
+            window_tokens += tokens_per_step;
+            let done = step + 1;
+            let record = TrainRecord {
+                step: done,
+                loss: global.lm_loss + global.aux_loss + global.z_loss,
+                lm_loss: global.lm_loss,
+                aux_loss: global.aux_loss,
+                z_loss: global.z_loss,
+                dropped_frac: if global.kept + global.dropped > 0.0 {
+                    global.dropped / (global.kept + global.dropped)
+                } else {
+                    0.0
+                },
+                load_imbalance: load_imbalance(&layer_stats)?,
+                grad_norm,
+                lr,
+                tokens_per_s: 0.0,
+                elapsed_s: run_start.elapsed().as_secs_f64(),
+            };
+            let mut record = record;
+            if done % t.log_every == 0 || done == t.max_steps || self.opts.debug {
+                let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+                record.tokens_per_s = window_tokens / secs;
+                window_start = Instant::now();
+                window_tokens = 0.0;
+                if let Some(m) = metrics.as_mut() {
+                    m.write_train(&record)?;
+                }
+                if let Some(tb) = tb.as_mut() {
+                    self.log_tensorboard(tb, &record, &layer_stats)?;
+                }
+                if self.printing {
+                    progress.update(&ProgressInfo::from_record(&record, t.max_steps, run_start.elapsed()));
+                    if self.opts.debug {
+                        self.print_router_stats(&layer_stats)?;
+                    }
+                }
+            }
+            summary.records.push(record);
+
+            if t.eval_every > 0 && (done % t.eval_every == 0 || done == t.max_steps) {
+                let val_loss = self.evaluate(&dataset, done)?;
+                let rec = EvalRecord { step: done, val_loss, val_ppl: val_loss.exp() };
+                if let Some(m) = metrics.as_mut() {
+                    m.write_eval(&rec)?;
+                }
+                if let Some(tb) = tb.as_mut() {
+                    tb.scalar("val/loss", done as i64, val_loss as f32)?;
+                    tb.flush()?;
+                }
+                if self.printing {
+                    progress.message(&format!("step {done}: val_loss {val_loss:.4} (ppl {:.2})", val_loss.exp()));
+                }
+                summary.evals.push(rec);
+            }
+
+            let stop_requested = global.stop > 0.0;
+            let periodic = cfg.checkpoint.every > 0 && done % cfg.checkpoint.every == 0;
+            if periodic || done == t.max_steps || stop_requested {
+                summary.last_checkpoint =
+                    self.checkpoint_now(&mut checkpointer, &optimizer, done, "")?;
+            }
+            if stop_requested {
+                summary.interrupted = done < t.max_steps;
+                if self.printing {
+                    progress.message(&format!(
+                        "stopped by signal after step {done}; resume with: moe train --config <config> --resume {}",
+                        summary
+                            .last_checkpoint
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_else(|| "auto".into())
+                    ));
+                }
+                break;
+            }
+        }
+        checkpointer.wait()?;
+        if let Some(tb) = tb.as_mut() {
+            tb.flush()?;
+        }
+        if self.printing {
+            progress.finish();
+        }
+        Ok(summary)
+    }
+
+    /// Forward and backward over the step's micro-batches. Returns this rank's statistics
+    /// (losses averaged over micro-batches) and the per-layer router statistics summed over
+    /// micro-batches.
+    fn forward_backward(&mut self, micro: &[Batch], step: u64) -> Result<(StepStats, Vec<(i64, MoeStats)>)> {
+        let n_micro = micro.len() as f64;
+        let mut stats = StepStats::default();
+        let mut layers: Vec<(i64, MoeStats)> = Vec::new();
+        for (i, batch) in micro.iter().enumerate() {
+            let inputs = batch.inputs_bt.f_to_device(self.device)?;
+            let targets = batch.targets_bt.f_to_device(self.device)?;
+            let ctx = LmForward {
+                train: true,
+                dispatcher: &self.dispatcher,
+                capacity_groups: self.opts.capacity_groups,
+                compute_kind: self.compute_kind,
+                step: step * 1024 + i as u64,
+            };
+            let out = self.model.forward(&inputs, &ctx)?;
+            let lm_loss = lm_loss(&out.logits_btv, &targets)?;
+            let loss = lm_loss.f_add(&out.aux_loss)?.f_add(&out.z_loss)?;
+            let lm = lm_loss.f_double_value(&[])?;
+            let aux = out.aux_loss.f_double_value(&[])?;
+            let z = out.z_loss.f_double_value(&[])?;
+            if !(lm.is_finite() && aux.is_finite() && z.is_finite()) {
+                stats.non_finite = 1.0;
+            }
+            stats.lm_loss += lm / n_micro;
+            stats.aux_loss += aux / n_micro;
+            stats.z_loss += z / n_micro;
+            // Averaging over micro-batches: each contributes 1/n of the step's gradient.
+            loss.f_div_scalar(n_micro)?.f_backward()?;
+            for (layer, s) in out.moe {
+                stats.kept += s.num_kept as f64;
+                stats.dropped += s.num_dropped as f64;
+                match layers.iter_mut().find(|(l, _)| *l == layer) {
+                    Some((_, acc)) => acc.accumulate(&s)?,
+                    None => layers.push((layer, s)),
+                }
+            }
+        }
+        Ok((stats, layers))
+    }
+
+    /// One all-reduce: losses become the mean over ranks, counts the sum, flags the max (>0).
+    fn reduce_stats(&self, local: &StepStats) -> Result<StepStats> {
+        let world = self.groups.world_size as f64;
+        let summed = lock(&self.groups.world)?.all_reduce_sum(&local.to_tensor()?)?;
+        let mut g = StepStats::from_tensor(&summed)?;
+        g.lm_loss /= world;
+        g.aux_loss /= world;
+        g.z_loss /= world;
+        Ok(g)
+    }
+
+    fn zero_grads(&self) {
+        for p in &self.params {
+            let mut g = p.tensor.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+    }
+
+    /// The first parameter whose gradient is not finite (local), for the diagnostic.
+    fn non_finite_culprit(&self) -> Option<String> {
+        self.params.iter().find_map(|p| {
+            let g = p.tensor.grad();
+            if !g.defined() {
+                return None;
+            }
+            let finite = g.f_isfinite().and_then(|f| f.f_all()).and_then(|a| a.f_int64_value(&[]));
+            match finite {
+                Ok(1) => None,
+                _ => Some(p.name.clone()),
+            }
+        })
+    }
+
+    /// Aux-loss-free balancing: each MoE layer's bias moves towards the mean load, from the
+    /// global (all-reduced) pre-drop assignment counts, identically on every rank.
+    fn update_biases(&self, layer_stats: &[(i64, MoeStats)]) -> Result<()> {
+        if self.cfg.moe.bias_update_rate <= 0.0 {
+            return Ok(());
+        }
+        for (layer, moe) in self.model.moe_layers() {
+            let Some(bias) = moe.expert_bias() else { continue };
+            if let Some((_, s)) = layer_stats.iter().find(|(l, _)| *l == layer) {
+                update_expert_bias(bias, &s.topk_load_e, self.cfg.moe.bias_update_rate)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Mean validation loss over `eval_iters` global batches of the validation split.
+    fn evaluate(&mut self, dataset: &Arc<Dataset>, step: u64) -> Result<f64> {
+        let t = &self.cfg.trainer;
+        let _guard = tch::no_grad_guard();
+        let spec = data::SamplerSpec {
+            seed: self.cfg.run.seed,
+            seq_len: self.cfg.data.seq_len,
+            batch_size: t.batch_size,
+            world_size: self.groups.world_size as i64,
+            rank: self.groups.world_rank as i64,
+            grad_accum: 1,
+        };
+        let mut total = 0.0;
+        for i in 0..t.eval_iters {
+            let micro = dataset.batches(Split::Val, i, &spec)?;
+            for batch in &micro {
+                let inputs = batch.inputs_bt.f_to_device(self.device)?;
+                let targets = batch.targets_bt.f_to_device(self.device)?;
+                let ctx = LmForward {
+                    train: false,
+                    dispatcher: &self.dispatcher,
+                    capacity_groups: self.opts.capacity_groups,
+                    compute_kind: self.compute_kind,
+                    step,
+                };
+                let out = self.model.forward(&inputs, &ctx)?;
+                total += lm_loss(&out.logits_btv, &targets)?.f_double_value(&[])?;
+            }
+        }
+        let local = Tensor::f_from_slice(&[total / t.eval_iters as f64])?;
+        let summed = lock(&self.groups.world)?.all_reduce_sum(&local)?;
+        Ok(summed.f_double_value(&[0])? / self.groups.world_size as f64)
+    }
+
+    fn log_tensorboard(&self, tb: &mut TbWriter, r: &TrainRecord, layers: &[(i64, MoeStats)]) -> Result<()> {
+        let s = r.step as i64;
+        for (tag, v) in [
+            ("train/loss", r.loss),
+            ("train/lm_loss", r.lm_loss),
+            ("train/aux_loss", r.aux_loss),
+            ("train/z_loss", r.z_loss),
+            ("train/dropped_frac", r.dropped_frac),
+            ("train/load_imbalance", r.load_imbalance),
+            ("train/grad_norm", r.grad_norm),
+            ("train/lr", r.lr),
+            ("train/tokens_per_s", r.tokens_per_s),
+        ] {
+            tb.scalar(tag, s, v as f32)?;
+        }
+        for (layer, st) in layers {
+            let load = Vec::<f64>::try_from(&st.load_e.f_to_kind(Kind::Double)?)?;
+            let total: f64 = load.iter().sum::<f64>().max(1.0);
+            for (e, l) in load.iter().enumerate() {
+                tb.scalar(&format!("moe/layer{layer:02}/expert_load/e{e:03}"), s, (l / total) as f32)?;
+            }
+        }
+        tb.flush()
+    }
+
+    fn print_router_stats(&self, layers: &[(i64, MoeStats)]) -> Result<()> {
+        for (layer, st) in layers {
+            let load = Vec::<f64>::try_from(&st.load_e.f_to_kind(Kind::Double)?)?;
+            let mean = load.iter().sum::<f64>() / load.len().max(1) as f64;
+            let max = load.iter().cloned().fold(0.0, f64::max);
+            let min = load.iter().cloned().fold(f64::INFINITY, f64::min);
+            let assigned = (st.num_kept + st.num_dropped).max(1) as f64;
+            println!(
+                "  layer {layer:2}: load min {min:.0} mean {mean:.1} max {max:.0} (imbalance {:.2}), dropped {:.2}% (rank 0), aux {:.5}, z {:.5}",
+                if mean > 0.0 { max / mean } else { 0.0 },
+                100.0 * st.num_dropped as f64 / assigned,
+                st.aux_loss.f_double_value(&[])?,
+                st.z_loss.f_double_value(&[])?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Debug mode: the routing invariants of every layer and a finite loss, after every step.
+    fn check_invariants(&self, step: u64, local: &StepStats, layers: &[(i64, MoeStats)]) -> Result<()> {
+        let t = &self.cfg.trainer;
+        let n = t.batch_size * self.cfg.data.seq_len * t.grad_accum;
+        for (layer, s) in layers {
+            let expected = n * self.cfg.moe.top_k;
+            if s.num_kept + s.num_dropped != expected {
+                return Err(TrainError::Model(moe_model::ModelError::Invariant {
+                    layer: *layer,
+                    msg: format!(
+                        "step {}: kept ({}) + dropped ({}) assignments != N*k ({n}*{} = {expected})",
+                        step + 1,
+                        s.num_kept,
+                        s.num_dropped,
+                        self.cfg.moe.top_k
+                    ),
+                }));
+            }
+            if !s.probs_ok {
+                return Err(TrainError::Model(moe_model::ModelError::Invariant {
+                    layer: *layer,
+                    msg: format!("step {}: routing weights not finite or not normalised as configured", step + 1),
+                }));
+            }
+        }
+        if !(local.lm_loss.is_finite() && local.aux_loss.is_finite() && local.z_loss.is_finite()) {
+            return Err(TrainError::Diverged(format!("step {}: loss is not finite", step + 1)));
+        }
+        Ok(())
+    }
+
+    /// Copies the state to host memory and hands it to the background writer.
+    fn checkpoint_now(
+        &self,
+        checkpointer: &mut Checkpointer,
+        optimizer: &AdamW,
+        step: u64,
+        _why: &str,
+    ) -> Result<Option<PathBuf>> {
+        let snapshot = checkpoint::Snapshot::capture(
+            step,
+            &self.params,
+            &self.model.buffers(),
+            optimizer,
+            serde_json::json!({ "data_step": step, "seed": self.cfg.run.seed }),
+            serde_json::to_string(self.cfg)
+                .map_err(|e| TrainError::Other(format!("serialising the config: {e}")))?,
+        )?;
+        let path = checkpointer.save(snapshot)?;
+        Ok(Some(path))
+    }
+
+    /// Loads weights, buffers and optimizer state for this rank; returns the step to resume at.
+    fn restore(&mut self, path: &std::path::Path, optimizer: &mut AdamW) -> Result<u64> {
+        let experts: Vec<(String, i64, i64)> = self
+            .params
+            .iter()
+            .filter_map(|p| match p.kind {
+                ParamKind::Expert { first_global, num_local } => {
+                    Some((p.name.clone(), first_global, num_local))
+                }
+                ParamKind::Dense => None,
+            })
+            .collect();
+        let loaded = checkpoint::load_for_rank(path, self.groups.ep_rank, self.groups.ep_size, &experts)?;
+        let _guard = tch::no_grad_guard();
+        for p in &self.params {
+            let src = match p.kind {
+                ParamKind::Dense => loaded.dense.get(&p.name),
+                ParamKind::Expert { .. } => loaded.experts.get(&p.name),
+            };
+            let src = src.ok_or_else(|| TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                msg: format!("has no tensor for parameter {}", p.name),
+            })?;
+            copy_checked(&p.tensor, src, &p.name, path)?;
+        }
+        for (name, buf) in self.model.buffers() {
+            if let Some(src) = loaded.dense.get(&name) {
+                copy_checked(&buf, src, &name, path)?;
+            }
+        }
+        optimizer.load_state(&loaded.optim, loaded.step)?;
+        Ok(loaded.step)
+    }
+}
+
+/// Copies `src` into `dst` in place after checking the shape.
+fn copy_checked(dst: &Tensor, src: &Tensor, name: &str, path: &std::path::Path) -> Result<()> {
+    if dst.size() != src.size() {
+        return Err(TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            msg: format!("{name}: checkpoint has shape {:?}, the model {:?}", src.size(), dst.size()),
+        });
+    }
+    let mut d = dst.shallow_clone();
+    d.f_copy_(&src.f_to_device(dst.device())?.f_to_kind(dst.kind())?)?;
+    Ok(())
+}
+
+/// Mean token cross-entropy in float32.
+///
+/// # Shapes
+/// logits `[b, t, v]`, targets `[b, t]` -> scalar
+pub fn lm_loss(logits_btv: &Tensor, targets_bt: &Tensor) -> Result<Tensor> {
+    let v = logits_btv.size().last().copied().unwrap_or(0);
+    Ok(logits_btv
+        .f_to_kind(Kind::Float)?
+        .f_reshape([-1, v])?
+        .f_cross_entropy_loss::<Tensor>(&targets_bt.f_reshape([-1])?, None, tch::Reduction::Mean, -100, 0.0)?)
+}
+
+/// max/mean of the global kept load, over the MoE layers (the worst layer).
+fn load_imbalance(layers: &[(i64, MoeStats)]) -> Result<f64> {
+    let mut worst: f64 = 0.0;
+    for (_, s) in layers {
+        let load = Vec::<f64>::try_from(&s.load_e.f_to_kind(Kind::Double)?)?;
+        let mean = load.iter().sum::<f64>() / load.len().max(1) as f64;
+        let max = load.iter().cloned().fold(0.0, f64::max);
+        if mean > 0.0 {
+            worst = worst.max(max / mean);
+        }
+    }
+    Ok(worst)
+}

@@ -1,1 +1,18 @@
-//! (in progress)
+//! Training data: byte-level corpora (generated, text file, or uint16 token files), the
+//! stateless per-step sampler, and the background prefetcher.
+//!
+//! Sampling follows the nanoGPT recipe (random windows of `seq_len + 1` tokens), made
+//! world-size invariant: see [`sampler`] for the layout of a step's global batch.
+
+pub mod batch;
+pub mod dataset;
+pub mod prefetch;
+pub mod sampler;
+pub mod synthetic;
+pub mod text;
+pub mod tokens;
+
+pub use batch::Batch;
+pub use dataset::{load_dataset, Dataset, Origin};
+pub use prefetch::Prefetcher;
+pub use sampler::{window_start, SamplerSpec, Split};

@@ -1,0 +1,30 @@
+# The two commands of README.md: `make train` and `make test`. Each sets up what it needs
+# (Debian packages, .venv with libtorch, the release build) and is fast when nothing changed.
+SHELL := /bin/bash
+ENV := source scripts/env.sh &&
+CONFIG ?= configs/quickstart.yaml
+
+.PHONY: setup build train test lint fmt clean
+
+setup:
+	@scripts/setup-system.sh
+	@scripts/setup-venv.sh
+
+build: setup
+	@$(ENV) cargo build --release --workspace --bins --examples
+
+train: build
+	@$(ENV) target/release/moe train --config $(CONFIG)
+
+# The whole suite: unit, multi-rank (threads), mpirun, end-to-end and bench smoke tests.
+test: build
+	@$(ENV) cargo test --release --workspace --no-fail-fast
+
+lint: setup
+	@$(ENV) cargo fmt --all -- --check && cargo clippy --release --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean

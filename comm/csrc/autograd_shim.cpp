@@ -1,0 +1,146 @@
+// Differentiable all-to-all for moe-comm: a torch::autograd::Function whose forward and
+// backward call back into Rust, where the communicator lives.
+//
+// Ownership: Rust hands over an opaque state pointer plus its drop function. The state is
+// wrapped at once in a CustomClassHolder (RustState) kept in ctx->saved_data, so it lives
+// exactly as long as the autograd node (or, without a graph, until apply returns) and is
+// dropped by Rust whichever way the C++ side exits. Errors: the callback returns non-zero
+// with a message; TORCH_CHECK turns it into a c10::Error, which the autograd engine
+// reports to tch's f_backward (Err), and which the C entry points catch and return as
+// non-zero + message. No C++ exception ever crosses into Rust.
+
+#include <ATen/core/ivalue.h>
+#include <c10/core/Stream.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <cstring>
+#include <exception>
+#include <string>
+
+extern "C" {
+// Runs the all-to-all. `direction` 0: forward splits, 1: reversed (backward). Takes
+// ownership of `input` (a heap at::Tensor). On success writes the result into `*out`
+// through moe_shim_tensor_assign and returns 0; otherwise writes a NUL-terminated message
+// into err[0..err_len) and returns non-zero.
+typedef int (*moe_a2a_callback)(void* state, int direction, at::Tensor* input,
+                                at::Tensor* out, char* err, size_t err_len);
+typedef void (*moe_drop_callback)(void* state);
+}
+
+namespace {
+
+constexpr size_t kErrLen = 4096;
+
+void write_err(char* err, size_t err_len, const char* msg) {
+  if (err == nullptr || err_len == 0) return;
+  std::strncpy(err, msg, err_len - 1);
+  err[err_len - 1] = '\0';
+}
+
+struct RustState : torch::CustomClassHolder {
+  RustState(void* s, moe_a2a_callback cb, moe_drop_callback drop)
+      : state(s), callback(cb), drop(drop) {}
+  ~RustState() override {
+    if (state != nullptr) drop(state);
+  }
+  RustState(const RustState&) = delete;
+  RustState& operator=(const RustState&) = delete;
+
+  at::Tensor run(int direction, const at::Tensor& x) {
+    at::Tensor out;
+    char err[kErrLen] = {0};
+    int rc = callback(state, direction, new at::Tensor(x), &out, err, kErrLen);
+    TORCH_CHECK(rc == 0, "moe-comm all_to_all (", direction == 0 ? "forward" : "backward",
+                "): ", err);
+    return out;
+  }
+
+  void* state;
+  moe_a2a_callback callback;
+  moe_drop_callback drop;
+};
+
+struct AllToAll : public torch::autograd::Function<AllToAll> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, at::Tensor x,
+                               c10::intrusive_ptr<RustState> st) {
+    at::Tensor y = st->run(0, x);
+    ctx->saved_data["state"] = c10::IValue::make_capsule(st);
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto holder = ctx->saved_data["state"].toCapsule();
+    auto* st = static_cast<RustState*>(holder.get());
+    at::Tensor g = grads.at(0);
+    at::Tensor dx = st->run(1, g.contiguous());
+    return {dx, at::Tensor()};
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// `*dst = *src` (shares the tensor): how Rust hands a result to C++.
+void moe_shim_tensor_assign(at::Tensor* dst, const at::Tensor* src) { *dst = *src; }
+
+// Applies the differentiable all-to-all to `x`. Always takes ownership of `state`. On
+// success stores a new heap tensor in `*out` (owned by the caller) and returns 0.
+int moe_shim_all_to_all(const at::Tensor* x, void* state, moe_a2a_callback callback,
+                        moe_drop_callback drop, at::Tensor** out, char* err,
+                        size_t err_len) {
+  c10::intrusive_ptr<RustState> st;
+  try {
+    st = c10::make_intrusive<RustState>(state, callback, drop);
+  } catch (const std::exception& e) {
+    drop(state);
+    write_err(err, err_len, e.what());
+    return 1;
+  }
+  try {
+    at::Tensor y = AllToAll::apply(*x, st);
+    *out = new at::Tensor(std::move(y));
+    return 0;
+  } catch (const c10::Error& e) {
+    write_err(err, err_len, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    write_err(err, err_len, e.what());
+  } catch (...) {
+    write_err(err, err_len, "unknown C++ exception");
+  }
+  return 1;
+}
+
+// Makes `index` the current CUDA device of this thread (for NCCL's communicator init).
+int moe_shim_cuda_set_device(int index, char* err, size_t err_len) {
+  try {
+    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    impl->setDevice(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index)));
+    return 0;
+  } catch (const c10::Error& e) {
+    write_err(err, err_len, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    write_err(err, err_len, e.what());
+  }
+  return 1;
+}
+
+// The current CUDA stream (cudaStream_t) of device `index`, as torch uses it; null with
+// a message when CUDA is not usable.
+void* moe_shim_cuda_current_stream(int index, char* err, size_t err_len) {
+  try {
+    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    c10::Stream s =
+        impl->getStream(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index)));
+    return s.native_handle();
+  } catch (const c10::Error& e) {
+    write_err(err, err_len, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    write_err(err, err_len, e.what());
+  }
+  return nullptr;
+}
+
+}  // extern "C"

@@ -1,0 +1,264 @@
+//! The `moe` command line (clap derive). Parsing only; `main.rs` dispatches.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+const ABOUT: &str = "Train and study expert-parallel Mixture-of-Experts language models";
+
+const LONG_ABOUT: &str = "\
+Train and study expert-parallel Mixture-of-Experts language models.
+
+One YAML file describes an experiment (see configs/ and docs/config-reference.md); any key
+can be overridden with --set. Run on one CPU or GPU, in --debug mode (expert parallelism
+simulated by in-process ranks), or on many ranks under mpirun:
+
+  moe train --config configs/quickstart.yaml
+  moe train --config configs/debug.yaml --debug
+  mpirun -np 2 moe train --config configs/ep2.yaml
+
+Exit status: 0 on success, 2 for bad input (config, arguments), 1 when a run fails.";
+
+/// The `moe` binary.
+#[derive(Debug, Parser)]
+#[command(name = "moe", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a model from a YAML config.
+    #[command(long_about = "Train a model from a YAML config.\n\n\
+        The resolved config (overrides applied) is written to <run.out_dir>/config.yaml when \
+        training starts, with metrics.jsonl, TensorBoard events and checkpoints beside it.\n\n\
+        Examples:\n  moe train --config configs/quickstart.yaml\n  \
+        moe train --config configs/quickstart.yaml --set trainer.max_steps=50 --set run.name=short\n  \
+        moe train --config configs/debug.yaml --debug\n  \
+        moe train --config configs/quickstart.yaml --resume auto")]
+    Train(TrainArgs),
+    /// Load and validate a config without running anything; print the resolved YAML.
+    #[command(
+        long_about = "Load and validate a config without running anything.\n\n\
+        Prints the resolved config (defaults filled in, overrides applied) as YAML. Exits with \
+        2 and a message naming the file, line, column and key if the config is invalid."
+    )]
+    Check(CheckArgs),
+    /// Evaluate a checkpoint on the validation split.
+    Eval(EvalArgs),
+    /// Sample text from a checkpoint.
+    Generate(GenerateArgs),
+    /// Show a config's model: parameter counts, experts per rank, memory and FLOPs per token.
+    Inspect(InspectArgs),
+    /// Run `moe` on several ranks through mpirun.
+    #[command(long_about = "Run `moe` on several ranks through mpirun.\n\n\
+        Everything after `--` is the moe command each rank runs.\n\n\
+        Example:\n  moe launch --np 2 -- train --config configs/ep2.yaml")]
+    Launch(LaunchArgs),
+    /// Measure the MoE layer, the all-to-all or a training step.
+    Bench(BenchArgs),
+    /// Print the config reference (docs/config-reference.md) generated from the schema.
+    #[command(hide = true)]
+    ConfigReference,
+}
+
+/// The config file and its overrides.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Experiment config (YAML); see configs/ and docs/config-reference.md.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: PathBuf,
+    /// Override one config key, e.g. `--set trainer.max_steps=100` or
+    /// `--set moe.capacity_factor=null`; the value is read as YAML. Repeatable; later wins.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// Where `--resume` continues from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// The newest valid checkpoint of the run's checkpoint directory, if there is one.
+    Auto,
+    /// This checkpoint.
+    Path(PathBuf),
+}
+
+fn parse_resume(s: &str) -> Result<Resume, String> {
+    match s {
+        "" => Err("expected a checkpoint path or `auto`".into()),
+        "auto" => Ok(Resume::Auto),
+        p => Ok(Resume::Path(PathBuf::from(p))),
+    }
+}
+
+/// `moe train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Single-device debug mode: parallel.ep_size ranks simulated in this process, checks
+    /// routing invariants after every step and prints per-layer router statistics.
+    #[arg(long)]
+    pub debug: bool,
+    /// Continue from a checkpoint: a checkpoint path, or `auto` for the newest one of this run.
+    #[arg(long, value_name = "PATH|auto", value_parser = parse_resume)]
+    pub resume: Option<Resume>,
+}
+
+/// `moe check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Validate for debug mode (world size = parallel.ep_size in-process ranks).
+    #[arg(long)]
+    pub debug: bool,
+    /// Validate for this many ranks (default: the mpirun world size, else 1).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
+    pub world_size: Option<i64>,
+}
+
+/// `moe eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Checkpoint to evaluate.
+    #[arg(long, value_name = "PATH")]
+    pub checkpoint: PathBuf,
+    /// Config to evaluate with (default: the config stored beside the checkpoint).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one config key (see `moe train --help`). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// `moe generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Checkpoint to sample from.
+    #[arg(long, value_name = "PATH")]
+    pub checkpoint: PathBuf,
+    /// Text the sample continues.
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 200)]
+    pub tokens: usize,
+    /// Softmax temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Sample only among the K most likely tokens.
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<i64>,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `moe inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Show the sharding for this expert-parallel size (default: parallel.ep_size).
+    #[arg(long, value_name = "P")]
+    pub ep_size: Option<i64>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `moe launch`.
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// Number of ranks.
+    #[arg(long, value_name = "N")]
+    pub np: u32,
+    /// MPI hostfile for multi-node runs.
+    #[arg(long, value_name = "FILE")]
+    pub hostfile: Option<PathBuf>,
+    /// The moe command every rank runs, after `--`.
+    #[arg(last = true, required = true, value_name = "MOE_ARGS")]
+    pub args: Vec<String>,
+}
+
+/// What `moe bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchKind {
+    /// One MoE layer forward and backward.
+    Layer,
+    /// The all-to-all exchange alone.
+    A2a,
+    /// Whole training steps.
+    Train,
+}
+
+/// `moe bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum)]
+    pub what: BenchKind,
+    /// Config giving the shapes (default: configs/quickstart.yaml).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one config key (see `moe train --help`). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 20)]
+    pub iters: u64,
+    /// Untimed warmup iterations.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn train_args_parse() {
+        let cli = Cli::try_parse_from([
+            "moe", "train", "--config", "c.yaml", "--set", "a.b=1", "--set", "c.d=x", "--debug",
+            "--resume", "auto",
+        ])
+        .unwrap();
+        let Command::Train(t) = cli.command else {
+            panic!("not train")
+        };
+        assert_eq!(t.config.set, vec!["a.b=1", "c.d=x"]);
+        assert!(t.debug);
+        assert_eq!(t.resume, Some(Resume::Auto));
+        let cli = Cli::try_parse_from(["moe", "train", "-c", "c.yaml", "--resume", "ck/step_10"])
+            .unwrap();
+        let Command::Train(t) = cli.command else {
+            panic!("not train")
+        };
+        assert_eq!(t.resume, Some(Resume::Path("ck/step_10".into())));
+    }
+
+    #[test]
+    fn launch_takes_the_rest_after_dashes() {
+        let cli = Cli::try_parse_from([
+            "moe", "launch", "--np", "2", "--", "train", "--config", "x.yaml",
+        ])
+        .unwrap();
+        let Command::Launch(l) = cli.command else {
+            panic!("not launch")
+        };
+        assert_eq!(l.np, 2);
+        assert_eq!(l.args, vec!["train", "--config", "x.yaml"]);
+        assert!(Cli::try_parse_from(["moe", "launch", "--np", "2"]).is_err());
+    }
+}

@@ -1,0 +1,62 @@
+//! Every config in configs/ loads and validates (multi-rank ones for a world of their
+//! `parallel.ep_size` ranks), and docs/config-reference.md is what `moe config-reference`
+//! generates from the schema today.
+
+mod common;
+
+use common::{moe, repo_root};
+
+fn ep_size_of(resolved_yaml: &str) -> i64 {
+    resolved_yaml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ep_size: "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no parallel.ep_size in:\n{resolved_yaml}"))
+}
+
+#[test]
+fn every_shipped_config_is_valid() {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(repo_root().join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let rel = format!("configs/{name}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with('#'), "{rel} needs a header comment");
+        // --debug validates for ep_size in-process ranks, whatever the config's ep_size is.
+        let (code, out, err) = moe(&["check", "--config", &rel, "--debug"]);
+        assert_eq!(code, 0, "{rel} (--debug): {err}");
+        let p = ep_size_of(&out).to_string();
+        let (code, _, err) = moe(&["check", "--config", &rel, "--world-size", &p]);
+        assert_eq!(code, 0, "{rel} at world size {p}: {err}");
+        names.push(name);
+    }
+    names.sort();
+    for expected in [
+        "debug.yaml",
+        "ep2.yaml",
+        "quickstart.yaml",
+        "shakespeare.yaml",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "configs/{expected} missing: {names:?}"
+        );
+    }
+}
+
+#[test]
+fn config_reference_is_up_to_date() {
+    let (code, out, err) = moe(&["config-reference"]);
+    assert_eq!(code, 0, "{err}");
+    let doc = repo_root().join("docs/config-reference.md");
+    let on_disk = std::fs::read_to_string(&doc).unwrap_or_default();
+    assert!(
+        on_disk == out,
+        "docs/config-reference.md is stale; regenerate it with\n  \
+         cargo run --release -p moe-launch -- config-reference > docs/config-reference.md"
+    );
+}

@@ -1,0 +1,154 @@
+//! `route`: logits to routing weights, dispatch map and router losses for one MoE layer.
+
+use super::capacity::apply_capacity;
+use super::losses::{aux_scores, aux_stats, seq_aux_loss, z_loss, AuxStats};
+use super::select::{indices_to_map, select};
+use crate::config::{AuxLossKind, MoeConfig};
+use crate::{ModelError, Result};
+use tch::{Kind, Tensor};
+
+/// What the router reads.
+#[derive(Debug)]
+pub struct RouterInput<'a> {
+    /// Router logits `[N, E]`, f32 in the model (any floating kind works).
+    pub logits_ne: &'a Tensor,
+    /// `[E]` aux-loss-free balancing bias; changes selection only, never the weights.
+    pub expert_bias_e: Option<&'a Tensor>,
+    /// Tokens per sequence (`N % seq_len == 0`), for `seq_aux_loss`.
+    pub seq_len: i64,
+    /// Capacity is computed per group of `N / capacity_groups` consecutive tokens
+    /// (`N % capacity_groups == 0`): 1 normally, P in the single-process EP reference, which
+    /// then drops exactly what P ranks would.
+    pub capacity_groups: i64,
+}
+
+/// The router's decisions and losses for N tokens.
+#[derive(Debug)]
+pub struct Routing {
+    /// `[N, E]` routing weight (x `route_scale`) of each kept assignment, 0 elsewhere
+    /// (dropped assignments are not renormalised); differentiable wrt the logits.
+    pub probs_ne: Tensor,
+    /// Bool `[N, E]`: rows the dispatcher sends: kept assignments, plus zero-weight padding
+    /// rows when `pad_to_capacity`.
+    pub routing_map_ne: Tensor,
+    /// `[E]` rows per expert, `routing_map_ne.sum(0)`.
+    pub tokens_per_expert: Vec<i64>,
+    /// Kept assignments; `num_kept + num_dropped == N * k` (padding is not counted).
+    pub num_kept: i64,
+    /// Assignments dropped by the capacity limit.
+    pub num_dropped: i64,
+    /// Local statistics of the global aux loss (see [`super::aux_loss`]).
+    pub aux_stats: AuxStats,
+    /// Scalar sequence-level balancing loss (x coeff) when `aux_loss: seq_aux_loss`.
+    pub seq_aux_loss: Option<Tensor>,
+    /// Scalar z-loss (x coeff); a constant 0 when the coefficient is 0.
+    pub z_loss: Tensor,
+    /// `[E]` assignments per expert before capacity dropping (with the bias, i.e. the actual
+    /// selection), no grad: the load signal of aux-loss-free balancing and of statistics.
+    pub topk_counts_e: Tensor,
+}
+
+fn invalid(msg: String) -> ModelError {
+    ModelError::Invalid(msg)
+}
+
+/// Checks the shapes and divisibility rules `route` relies on.
+fn validate(cfg: &MoeConfig, input: &RouterInput) -> Result<(i64, i64)> {
+    let size = input.logits_ne.size();
+    let [n, e] = size[..] else {
+        return Err(invalid(format!(
+            "router logits must be [N, E], got {size:?}"
+        )));
+    };
+    if !input.logits_ne.is_floating_point() {
+        return Err(invalid(format!(
+            "router logits must be floating point, got {:?}",
+            input.logits_ne.kind()
+        )));
+    }
+    if e != cfg.num_experts {
+        return Err(invalid(format!(
+            "router logits have {e} experts, moe.num_experts is {}",
+            cfg.num_experts
+        )));
+    }
+    if cfg.top_k < 1 || cfg.top_k > e {
+        return Err(invalid(format!(
+            "moe.top_k ({}) must be in 1..=moe.num_experts ({e})",
+            cfg.top_k
+        )));
+    }
+    if let Some(b) = input.expert_bias_e {
+        if b.size() != [e] {
+            return Err(invalid(format!(
+                "expert bias must be [{e}], got {:?}",
+                b.size()
+            )));
+        }
+    }
+    if input.capacity_groups < 1 || n % input.capacity_groups != 0 {
+        return Err(invalid(format!(
+            "capacity_groups ({}) must be positive and divide the number of tokens ({n})",
+            input.capacity_groups
+        )));
+    }
+    if cfg.aux_loss == AuxLossKind::SeqAuxLoss && (input.seq_len < 1 || n % input.seq_len != 0) {
+        return Err(invalid(format!(
+            "seq_len ({}) must be positive and divide the number of tokens ({n}) for seq_aux_loss",
+            input.seq_len
+        )));
+    }
+    Ok((n, e))
+}
+
+/// Routes N tokens: selects k experts per token, applies the capacity limit and computes the
+/// router losses, with Megatron-Core semantics (see the module docs and `shared/DESIGN.md`).
+///
+/// Host synchronisation: one read of `2E` integers (rows and kept assignments per expert).
+///
+/// # Shapes
+/// `logits_ne` `[N, E]` -> `probs_ne` `[N, E]`, `routing_map_ne` bool `[N, E]`,
+/// `topk_counts_e` `[E]`, losses scalars.
+pub fn route(cfg: &MoeConfig, input: &RouterInput) -> Result<Routing> {
+    let (n, e) = validate(cfg, input)?;
+    let logits_ne = input.logits_ne;
+    let kind = logits_ne.kind();
+
+    let selection = select(cfg, logits_ne, input.expert_bias_e)?;
+    let selected_ne = indices_to_map(&selection.idx_nk, e)?;
+    let weights_ne =
+        logits_ne
+            .f_zeros_like()?
+            .f_scatter(1, &selection.idx_nk, &selection.weights_nk)?;
+    let capped = apply_capacity(cfg, &selected_ne, &weights_ne, input.capacity_groups)?;
+    // `where`, not a multiply by the mask, so a non-finite dropped weight cannot leak a NaN.
+    let probs_ne = weights_ne.f_where_scalarother(&capped.kept_ne, 0.0)?;
+
+    let rows_and_kept = Tensor::f_cat(
+        &[
+            capped.map_ne.f_sum_dim_intlist(0, false, Kind::Int64)?,
+            capped.kept_ne.f_sum_dim_intlist(0, false, Kind::Int64)?,
+        ],
+        0,
+    )?;
+    let rows_and_kept = Vec::<i64>::try_from(&rows_and_kept)?;
+    let (rows, kept) = rows_and_kept.split_at(e as usize);
+    let num_kept: i64 = kept.iter().sum();
+
+    let (s_ne, aux_map_ne) = aux_scores(logits_ne, cfg.top_k)?;
+    let seq_aux = match cfg.aux_loss {
+        AuxLossKind::SeqAuxLoss => Some(seq_aux_loss(cfg, &s_ne, &aux_map_ne, input.seq_len)?),
+        AuxLossKind::AuxLoss | AuxLossKind::None => None,
+    };
+    Ok(Routing {
+        probs_ne,
+        routing_map_ne: capped.map_ne,
+        tokens_per_expert: rows.to_vec(),
+        num_kept,
+        num_dropped: n * cfg.top_k - num_kept,
+        aux_stats: aux_stats(&s_ne, &aux_map_ne)?,
+        seq_aux_loss: seq_aux,
+        z_loss: z_loss(cfg.z_loss_coeff, logits_ne)?,
+        topk_counts_e: selected_ne.f_sum_dim_intlist(0, false, kind)?,
+    })
+}
