@@ -11,7 +11,9 @@ fn main() {
         Err(_) => {
             // Without torch-sys's lib dir there is no libtorch to compile against; say how
             // to fix it rather than failing deep inside the C++ compiler.
-            eprintln!("DEP_TCH_LIBTORCH_LIB is not set: torch-sys did not export libtorch's lib dir");
+            eprintln!(
+                "DEP_TCH_LIBTORCH_LIB is not set: torch-sys did not export libtorch's lib dir"
+            );
             std::process::exit(1);
         }
     };
@@ -26,7 +28,13 @@ fn main() {
         .pic(true)
         .warnings(false)
         .include(&include)
-        .include(include.join("torch").join("csrc").join("api").join("include"))
+        .include(
+            include
+                .join("torch")
+                .join("csrc")
+                .join("api")
+                .join("include"),
+        )
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DGLOG_USE_GLOG_EXPORT")

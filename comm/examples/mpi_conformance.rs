@@ -18,7 +18,8 @@ fn check_autograd(comm: &moe_comm::SharedComm, rank: usize, size: usize) -> Resu
     let send: Vec<i64> = (0..size).map(|d| (rank + 1 + d) as i64 % 3).collect();
     let recv: Vec<i64> = (0..size).map(|s| (s + 1 + rank) as i64 % 3).collect();
     let rows: i64 = send.iter().sum();
-    let x = Tensor::full([rows, 2], rank as f64, (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let x =
+        Tensor::full([rows, 2], rank as f64, (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let y = autograd::all_to_all(comm, &x, send, recv.clone()).map_err(|e| e.to_string())?;
     let want: Vec<Tensor> = (0..size)
         .map(|s| Tensor::full([recv[s], 2], s as f64, (Kind::Float, Device::Cpu)))
@@ -26,7 +27,10 @@ fn check_autograd(comm: &moe_comm::SharedComm, rank: usize, size: usize) -> Resu
     if !y.equal(&Tensor::cat(&want, 0)) {
         return Err(format!("autograd forward mismatch: {y}"));
     }
-    (&y * 2.0).sum(Kind::Float).f_backward().map_err(|e| e.to_string())?;
+    (&y * 2.0)
+        .sum(Kind::Float)
+        .f_backward()
+        .map_err(|e| e.to_string())?;
     if !x.grad().equal(&x.full_like(2.0)) {
         return Err(format!("autograd backward mismatch: {}", x.grad()));
     }

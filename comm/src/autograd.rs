@@ -24,8 +24,14 @@ struct State {
     recv_splits: Vec<i64>,
 }
 
-type Callback =
-    unsafe extern "C" fn(*mut c_void, c_int, *mut C_tensor, *mut C_tensor, *mut c_char, usize) -> c_int;
+type Callback = unsafe extern "C" fn(
+    *mut c_void,
+    c_int,
+    *mut C_tensor,
+    *mut C_tensor,
+    *mut c_char,
+    usize,
+) -> c_int;
 type DropFn = unsafe extern "C" fn(*mut c_void);
 
 extern "C" {
@@ -54,7 +60,11 @@ pub fn all_to_all(
     send_splits: Vec<i64>,
     recv_splits: Vec<i64>,
 ) -> Result<Tensor> {
-    let state = Box::new(State { comm: comm.clone(), send_splits, recv_splits });
+    let state = Box::new(State {
+        comm: comm.clone(),
+        send_splits,
+        recv_splits,
+    });
     let mut out: *mut C_tensor = std::ptr::null_mut();
     let mut err = [0u8; 4096];
     // SAFETY: `x` is a live tensor for the duration of the call; the shim takes ownership
@@ -75,7 +85,10 @@ pub fn all_to_all(
         let msg = CStr::from_bytes_until_nul(&err)
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        return Err(CommError::InvalidArgument { op: "autograd::all_to_all", msg });
+        return Err(CommError::InvalidArgument {
+            op: "autograd::all_to_all",
+            msg,
+        });
     }
     // SAFETY: on success the shim stored a new heap `at::Tensor` that we now own; tch frees
     // it when the returned Tensor is dropped.

@@ -117,7 +117,12 @@ unsafe impl Send for MpiComm {}
 
 impl MpiComm {
     fn new(comm: SimpleCommunicator, universe: Arc<Universe>) -> Self {
-        Self { rank: to_usize(comm.rank()), size: to_usize(comm.size()), comm, _universe: universe }
+        Self {
+            rank: to_usize(comm.rank()),
+            size: to_usize(comm.size()),
+            comm,
+            _universe: universe,
+        }
     }
 }
 
@@ -127,14 +132,20 @@ fn invalid(op: &'static str, msg: String) -> CommError {
 
 fn count(op: &'static str, n: i64) -> Result<Count> {
     Count::try_from(n).map_err(|_| {
-        invalid(op, format!("{n} bytes exceed MPI's 32-bit count; split the message"))
+        invalid(
+            op,
+            format!("{n} bytes exceed MPI's 32-bit count; split the message"),
+        )
     })
 }
 
 /// Checks the tensor is on the CPU and returns a contiguous version of it.
 fn cpu_contiguous(op: &'static str, t: &Tensor) -> Result<Tensor> {
     if t.device() != Device::Cpu {
-        return Err(invalid(op, format!("the mpi backend moves CPU tensors, got {:?}", t.device())));
+        return Err(invalid(
+            op,
+            format!("the mpi backend moves CPU tensors, got {:?}", t.device()),
+        ));
     }
     Ok(t.f_detach()?.f_contiguous()?)
 }
@@ -196,8 +207,11 @@ fn typed<T: Equivalence>(t: &Tensor) -> &[T] {
 impl MpiComm {
     fn reduce_typed<T: Equivalence>(&self, x: &Tensor) -> Result<Tensor> {
         let mut out = x.f_empty_like()?;
-        self.comm
-            .all_reduce_into(typed::<T>(x), typed_mut::<T>(&mut out), SystemOperation::sum());
+        self.comm.all_reduce_into(
+            typed::<T>(x),
+            typed_mut::<T>(&mut out),
+            SystemOperation::sum(),
+        );
         Ok(out)
     }
 }
@@ -225,8 +239,7 @@ impl Communicator for MpiComm {
             ));
         }
         let x = cpu_contiguous(OP, input)?;
-        let row_bytes =
-            (shape[1..].iter().product::<i64>()) * x.kind().elt_size_in_bytes() as i64;
+        let row_bytes = (shape[1..].iter().product::<i64>()) * x.kind().elt_size_in_bytes() as i64;
         let layout = |splits: &[i64]| -> Result<(Vec<Count>, Vec<Count>)> {
             let (mut counts, mut displs, mut off) = (Vec::new(), Vec::new(), 0i64);
             for &s in splits {
@@ -279,13 +292,22 @@ impl Communicator for MpiComm {
     fn broadcast(&mut self, input: &Tensor, root: usize) -> Result<Tensor> {
         const OP: &str = "broadcast";
         if root >= self.size {
-            return Err(invalid(OP, format!("root {root} in a group of size {}", self.size)));
+            return Err(invalid(
+                OP,
+                format!("root {root} in a group of size {}", self.size),
+            ));
         }
         let x = cpu_contiguous(OP, input)?;
         count(OP, nbytes(&x) as i64)?;
-        let mut out = if self.rank == root { x.f_detach_copy()? } else { x.f_empty_like()? };
+        let mut out = if self.rank == root {
+            x.f_detach_copy()?
+        } else {
+            x.f_empty_like()?
+        };
         let root_rank = i32::try_from(root).map_err(|_| invalid(OP, format!("root {root}")))?;
-        self.comm.process_at_rank(root_rank).broadcast_into(bytes_mut(&mut out));
+        self.comm
+            .process_at_rank(root_rank)
+            .broadcast_into(bytes_mut(&mut out));
         Ok(out)
     }
 
@@ -300,7 +322,9 @@ impl Communicator for MpiComm {
         let sub = self
             .comm
             .split_by_color_with_key(Color::with_value(c), k)
-            .ok_or_else(|| CommError::Mpi(format!("MPI_Comm_split gave no communicator for color {c}")))?;
+            .ok_or_else(|| {
+                CommError::Mpi(format!("MPI_Comm_split gave no communicator for color {c}"))
+            })?;
         Ok(Box::new(MpiComm::new(sub, self._universe.clone())))
     }
 }

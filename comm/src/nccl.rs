@@ -92,7 +92,10 @@ struct NcclLib {
 }
 
 fn unavailable(reason: String) -> CommError {
-    CommError::Unavailable { backend: "nccl", reason }
+    CommError::Unavailable {
+        backend: "nccl",
+        reason,
+    }
 }
 
 fn load() -> std::result::Result<NcclLib, String> {
@@ -141,7 +144,9 @@ fn bind(name: &'static str, lib: libloading::Library) -> std::result::Result<Ncc
 
 fn library() -> Result<&'static NcclLib> {
     static LIB: OnceLock<std::result::Result<NcclLib, String>> = OnceLock::new();
-    LIB.get_or_init(load).as_ref().map_err(|e| unavailable(e.clone()))
+    LIB.get_or_init(load)
+        .as_ref()
+        .map_err(|e| unavailable(e.clone()))
 }
 
 /// Checks that NCCL can be loaded and CUDA is usable; returns the library name loaded.
@@ -169,13 +174,14 @@ fn check(lib: &NcclLib, call: &str, rc: c_int) -> Result<()> {
             CStr::from_ptr(p).to_string_lossy().into_owned()
         }
     };
-    Err(CommError::Nccl(format!("{call} failed with code {rc}: {msg}")))
+    Err(CommError::Nccl(format!(
+        "{call} failed with code {rc}: {msg}"
+    )))
 }
 
 extern "C" {
     fn moe_shim_cuda_set_device(index: c_int, err: *mut c_char, err_len: usize) -> c_int;
-    fn moe_shim_cuda_current_stream(index: c_int, err: *mut c_char, err_len: usize)
-        -> *mut c_void;
+    fn moe_shim_cuda_current_stream(index: c_int, err: *mut c_char, err_len: usize) -> *mut c_void;
 }
 
 fn shim_err(buf: &[u8]) -> String {
@@ -190,7 +196,10 @@ fn set_device(index: c_int) -> Result<()> {
     // C++ exceptions.
     let rc = unsafe { moe_shim_cuda_set_device(index, err.as_mut_ptr().cast(), err.len()) };
     if rc != 0 {
-        return Err(unavailable(format!("cannot select CUDA device {index}: {}", shim_err(&err))));
+        return Err(unavailable(format!(
+            "cannot select CUDA device {index}: {}",
+            shim_err(&err)
+        )));
     }
     Ok(())
 }
@@ -201,7 +210,10 @@ fn current_stream(index: c_int) -> Result<cudaStream_t> {
     let s = unsafe { moe_shim_cuda_current_stream(index, err.as_mut_ptr().cast(), err.len()) };
     // A null handle is also CUDA's legacy default stream: only an error message marks failure.
     if s.is_null() && err[0] != 0 {
-        return Err(CommError::Nccl(format!("no current CUDA stream: {}", shim_err(&err))));
+        return Err(CommError::Nccl(format!(
+            "no current CUDA stream: {}",
+            shim_err(&err)
+        )));
     }
     Ok(s.cast())
 }
@@ -233,7 +245,9 @@ impl NcclComm {
         let mut id = ncclUniqueId { internal: [0; 128] };
         if bootstrap.rank() == 0 {
             // SAFETY: `id` is a valid, writable ncclUniqueId.
-            check(lib, "ncclGetUniqueId", unsafe { (lib.get_unique_id)(&mut id) })?;
+            check(lib, "ncclGetUniqueId", unsafe {
+                (lib.get_unique_id)(&mut id)
+            })?;
         }
         let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
         let sent = Tensor::from_slice(&bytes);
@@ -252,15 +266,27 @@ impl NcclComm {
         let mut comm: ncclComm_t = std::ptr::null_mut();
         // SAFETY: `comm` is writable; `id` is the same on every rank (broadcast above); the
         // current device was set for this thread.
-        check(lib, "ncclCommInitRank", unsafe { (lib.comm_init_rank)(&mut comm, nranks, id, r) })?;
-        Ok(Self { lib, comm, rank, size, device })
+        check(lib, "ncclCommInitRank", unsafe {
+            (lib.comm_init_rank)(&mut comm, nranks, id, r)
+        })?;
+        Ok(Self {
+            lib,
+            comm,
+            rank,
+            size,
+            device,
+        })
     }
 
     fn check_tensor(&self, op: &'static str, t: &Tensor) -> Result<Tensor> {
         if t.device() != Device::Cuda(self.device as usize) {
             return Err(invalid(
                 op,
-                format!("tensor on {:?}, communicator on cuda:{}", t.device(), self.device),
+                format!(
+                    "tensor on {:?}, communicator on cuda:{}",
+                    t.device(),
+                    self.device
+                ),
             ));
         }
         Ok(t.f_detach()?.f_contiguous()?)
@@ -331,7 +357,9 @@ impl Communicator for NcclComm {
         let stream = self.stream()?;
         let (sbase, rbase) = (x.data_ptr() as *const u8, out.data_ptr() as *mut u8);
         // SAFETY: ncclGroupStart takes no arguments; the group is closed below on every path.
-        check(self.lib, "ncclGroupStart", unsafe { (self.lib.group_start)() })?;
+        check(self.lib, "ncclGroupStart", unsafe {
+            (self.lib.group_start)()
+        })?;
         let (mut soff, mut roff) = (0usize, 0usize);
         let mut rc = 0;
         for p in 0..self.size {
@@ -407,7 +435,10 @@ impl Communicator for NcclComm {
     fn broadcast(&mut self, input: &Tensor, root: usize) -> Result<Tensor> {
         const OP: &str = "broadcast";
         if root >= self.size {
-            return Err(invalid(OP, format!("root {root} in a group of size {}", self.size)));
+            return Err(invalid(
+                OP,
+                format!("root {root} in a group of size {}", self.size),
+            ));
         }
         let x = self.check_tensor(OP, input)?;
         let out = x.f_empty_like()?;
@@ -446,7 +477,13 @@ impl Communicator for NcclComm {
         check(self.lib, "ncclCommSplit", rc)?;
         // NCCL orders the new group by (key, parent rank) like MPI_Comm_split; ask it for
         // the resulting rank and size rather than recomputing them.
-        let mut comm = NcclComm { lib: self.lib, comm: sub, rank: 0, size: 1, device: self.device };
+        let mut comm = NcclComm {
+            lib: self.lib,
+            comm: sub,
+            rank: 0,
+            size: 1,
+            device: self.device,
+        };
         comm.size = nccl_count(self.lib, sub)?;
         comm.rank = nccl_user_rank(self.lib, sub)?;
         Ok(Box::new(comm))

@@ -148,7 +148,11 @@ impl ThreadComm {
         let msg = match self.ep.rx[peer].recv_timeout(self.timeout) {
             Ok(m) => m,
             Err(RecvTimeoutError::Timeout) => {
-                return Err(CommError::Timeout { op, rank: peer, secs: self.timeout.as_secs() })
+                return Err(CommError::Timeout {
+                    op,
+                    rank: peer,
+                    secs: self.timeout.as_secs(),
+                })
             }
             Err(RecvTimeoutError::Disconnected) => return Err(gone(peer)),
         };
@@ -168,14 +172,20 @@ impl ThreadComm {
     fn recv_tensor(&self, op: &'static str, seq: u64, peer: usize) -> Result<Tensor> {
         match self.recv(op, seq, peer)? {
             Payload::Tensor(t) => Ok(t),
-            _ => Err(invalid(op, format!("rank {peer} sent a non-tensor message"))),
+            _ => Err(invalid(
+                op,
+                format!("rank {peer} sent a non-tensor message"),
+            )),
         }
     }
 
     fn recv_ack(&self, op: &'static str, seq: u64, peer: usize) -> Result<()> {
         match self.recv(op, seq, peer)? {
             Payload::Ack => Ok(()),
-            _ => Err(invalid(op, format!("rank {peer} sent a message where an ack was due"))),
+            _ => Err(invalid(
+                op,
+                format!("rank {peer} sent a message where an ack was due"),
+            )),
         }
     }
 
@@ -209,15 +219,26 @@ impl ThreadComm {
 }
 
 /// Checks split sizes: one per rank, non-negative; returns their sum.
-pub(crate) fn check_splits(op: &'static str, splits: &[i64], size: usize, what: &str) -> Result<i64> {
+pub(crate) fn check_splits(
+    op: &'static str,
+    splits: &[i64],
+    size: usize,
+    what: &str,
+) -> Result<i64> {
     if splits.len() != size {
         return Err(invalid(
             op,
-            format!("{what} has {} entries for a group of {size} ranks", splits.len()),
+            format!(
+                "{what} has {} entries for a group of {size} ranks",
+                splits.len()
+            ),
         ));
     }
     if let Some(bad) = splits.iter().find(|&&s| s < 0) {
-        return Err(invalid(op, format!("{what} has a negative entry ({bad}): {splits:?}")));
+        return Err(invalid(
+            op,
+            format!("{what} has a negative entry ({bad}): {splits:?}"),
+        ));
     }
     Ok(splits.iter().sum())
 }
@@ -259,7 +280,10 @@ impl Communicator for ThreadComm {
         for (p, &n) in recv.iter().enumerate() {
             let block = self.recv_tensor(OP, seq, p)?;
             let bshape = block.size();
-            if bshape.first() != Some(&n) || bshape[1..] != shape[1..] || block.kind() != input.kind() {
+            if bshape.first() != Some(&n)
+                || bshape[1..] != shape[1..]
+                || block.kind() != input.kind()
+            {
                 return Err(invalid(
                     OP,
                     format!(
@@ -298,7 +322,11 @@ impl Communicator for ThreadComm {
         if let Some((p, t)) = all.iter().enumerate().find(|(_, t)| t.size() != shape) {
             return Err(invalid(
                 "all_gather",
-                format!("rank {p} passed shape {:?}, rank {} {shape:?}", t.size(), self.rank),
+                format!(
+                    "rank {p} passed shape {:?}, rank {} {shape:?}",
+                    t.size(),
+                    self.rank
+                ),
             ));
         }
         Ok(Tensor::f_stack(&all, 0)?)
@@ -307,7 +335,10 @@ impl Communicator for ThreadComm {
     fn broadcast(&mut self, input: &Tensor, root: usize) -> Result<Tensor> {
         const OP: &str = "broadcast";
         if root >= self.size {
-            return Err(invalid(OP, format!("root {root} in a group of size {}", self.size)));
+            return Err(invalid(
+                OP,
+                format!("root {root} in a group of size {}", self.size),
+            ));
         }
         let seq = self.begin();
         if self.rank == root {
@@ -349,7 +380,11 @@ impl Communicator for ThreadComm {
         self.splits += 1;
         let id = (self.ep.group_id, self.splits, color);
         let ep = {
-            let mut pending = self.registry.pending.lock().map_err(|_| CommError::Poisoned)?;
+            let mut pending = self
+                .registry
+                .pending
+                .lock()
+                .map_err(|_| CommError::Poisoned)?;
             let entry = pending.entry(id).or_insert_with(|| {
                 let gid = self.registry.next_group_id.fetch_add(1, Ordering::Relaxed);
                 PendingSplit {

@@ -29,20 +29,34 @@ fn forward_backward(comm: Box<dyn Communicator>) -> Result<(), String> {
     let comm = shared(comm);
     let send: Vec<i64> = (0..p).map(|d| n(r, d)).collect();
     let recv: Vec<i64> = (0..p).map(|s| n(s, r)).collect();
-    let x = Tensor::cat(&(0..p).map(|d| tag(r, d, send[d], 0.0)).collect::<Vec<_>>(), 0)
-        .set_requires_grad(true);
-    let y = autograd::all_to_all(&comm, &x, send.clone(), recv.clone()).map_err(|e| e.to_string())?;
+    let x = Tensor::cat(
+        &(0..p).map(|d| tag(r, d, send[d], 0.0)).collect::<Vec<_>>(),
+        0,
+    )
+    .set_requires_grad(true);
+    let y =
+        autograd::all_to_all(&comm, &x, send.clone(), recv.clone()).map_err(|e| e.to_string())?;
     // Forward: the block from s is what s tagged for us.
-    let want_y = Tensor::cat(&(0..p).map(|s| tag(s, r, recv[s], 0.0)).collect::<Vec<_>>(), 0);
+    let want_y = Tensor::cat(
+        &(0..p).map(|s| tag(s, r, recv[s], 0.0)).collect::<Vec<_>>(),
+        0,
+    );
     if !y.equal(&want_y) || !y.requires_grad() {
         return Err(format!("rank {r}: forward mismatch {y} vs {want_y}"));
     }
     // w on rank r for the rows received from s: tag(r, s, ., 0.5).
-    let w = Tensor::cat(&(0..p).map(|s| tag(r, s, recv[s], 0.5)).collect::<Vec<_>>(), 0);
+    let w = Tensor::cat(
+        &(0..p).map(|s| tag(r, s, recv[s], 0.5)).collect::<Vec<_>>(),
+        0,
+    );
     let loss = (&w * &y).sum(Kind::Float);
-    loss.f_backward().map_err(|e| format!("rank {r}: backward: {e}"))?;
+    loss.f_backward()
+        .map_err(|e| format!("rank {r}: backward: {e}"))?;
     // d loss / d x for rows sent to d is d's w for rows received from r: tag(d, r, ., 0.5).
-    let want_g = Tensor::cat(&(0..p).map(|d| tag(d, r, send[d], 0.5)).collect::<Vec<_>>(), 0);
+    let want_g = Tensor::cat(
+        &(0..p).map(|d| tag(d, r, send[d], 0.5)).collect::<Vec<_>>(),
+        0,
+    );
     let g = x.grad();
     if !g.equal(&want_g) {
         return Err(format!("rank {r}: grad mismatch\n got {g}\nwant {want_g}"));
@@ -50,7 +64,10 @@ fn forward_backward(comm: Box<dyn Communicator>) -> Result<(), String> {
     // The autograd node holds a clone of the communicator until the graph is freed.
     drop((loss, y));
     if Arc::strong_count(&comm) != 1 {
-        return Err(format!("rank {r}: graph state leaked ({} refs)", Arc::strong_count(&comm)));
+        return Err(format!(
+            "rank {r}: graph state leaked ({} refs)",
+            Arc::strong_count(&comm)
+        ));
     }
     Ok(())
 }
@@ -108,5 +125,8 @@ fn backward_error_is_returned() {
     });
     let res = results.into_iter().next().flatten().unwrap();
     let msg = res.expect_err("backward must fail when a peer is gone");
-    assert!(msg.contains("peer rank 1 is gone") && msg.contains("backward"), "{msg}");
+    assert!(
+        msg.contains("peer rank 1 is gone") && msg.contains("backward"),
+        "{msg}"
+    );
 }

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use tch::Tensor;
 
 /// Rank 2 drops its communicator (as a failed thread would); ranks 0 and 1 must get
-/// PeerGone naming rank 2 (or a Timeout), well before a generous deadline.
+/// PeerGone or Timeout, well before a generous deadline. The peer named may be rank 2 or
+/// the other survivor, which may already have failed (and left) because of rank 2.
 #[test]
 fn dropped_rank_gives_peer_gone_not_a_hang() {
     let timeout = Duration::from_secs(5);
@@ -25,10 +26,15 @@ fn dropped_rank_gives_peer_gone_not_a_hang() {
     for (rank, r) in results.into_iter().enumerate().take(2) {
         let (res, elapsed) = r.unwrap();
         match res {
-            Err(CommError::PeerGone { rank: 2, .. }) | Err(CommError::Timeout { rank: 2, .. }) => {}
-            other => panic!("rank {rank}: expected PeerGone/Timeout for rank 2, got {other:?}"),
+            Err(CommError::PeerGone { rank: peer, .. })
+            | Err(CommError::Timeout { rank: peer, .. })
+                if peer != rank => {}
+            other => panic!("rank {rank}: expected PeerGone/Timeout, got {other:?}"),
         }
-        assert!(elapsed < timeout + Duration::from_secs(2), "rank {rank} took {elapsed:?}");
+        assert!(
+            elapsed < timeout + Duration::from_secs(2),
+            "rank {rank} took {elapsed:?}"
+        );
     }
 }
 
@@ -47,10 +53,20 @@ fn silent_rank_gives_timeout() {
     });
     let (res, elapsed) = results.into_iter().next().flatten().unwrap();
     assert!(
-        matches!(res, Err(CommError::Timeout { rank: 1, op: "barrier", .. })),
+        matches!(
+            res,
+            Err(CommError::Timeout {
+                rank: 1,
+                op: "barrier",
+                ..
+            })
+        ),
         "got {res:?}"
     );
-    assert!(elapsed >= timeout && elapsed < Duration::from_secs(2), "{elapsed:?}");
+    assert!(
+        elapsed >= timeout && elapsed < Duration::from_secs(2),
+        "{elapsed:?}"
+    );
 }
 
 /// Ranks that call different collectives get an error, not each other's data.
@@ -75,8 +91,15 @@ fn bad_splits_are_rejected() {
     let mut comms = moe_comm::threads::threads_world(1, Duration::from_secs(1));
     let x = Tensor::ones([3, 2], (tch::Kind::Float, tch::Device::Cpu));
     let comm = &mut comms[0];
-    for (send, recv) in [(vec![2], vec![3]), (vec![3, 0], vec![3]), (vec![-1], vec![3])] {
+    for (send, recv) in [
+        (vec![2], vec![3]),
+        (vec![3, 0], vec![3]),
+        (vec![-1], vec![3]),
+    ] {
         let res = comm.all_to_all(&x, &send, &recv);
-        assert!(matches!(res, Err(CommError::InvalidArgument { .. })), "{send:?} {res:?}");
+        assert!(
+            matches!(res, Err(CommError::InvalidArgument { .. })),
+            "{send:?} {res:?}"
+        );
     }
 }

@@ -6,26 +6,48 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// target/<profile>/examples/mpi_conformance, next to this test's target/<profile>/deps.
+///
+/// An unfiltered `cargo test` builds the examples before running tests; with a filter
+/// (`--test mpi`) run `cargo build --release --examples -p moe-comm` first. (Building it
+/// from here would nest cargo inside cargo test and wait on its locks.) A binary older than
+/// the library it links is refused rather than silently tested.
 fn example_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf();
-    let bin = profile_dir.join("examples").join("mpi_conformance");
-    if !bin.exists() {
-        // `cargo test` builds the examples, but not when filtered to this test target.
-        let release = profile_dir.ends_with("release");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--examples", "-p", "moe-comm"]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().unwrap();
-        assert!(status.success(), "building the mpi_conformance example failed");
+    let deps = exe.parent().unwrap();
+    let bin = deps
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("mpi_conformance");
+    let hint = "run `cargo build --release --examples -p moe-comm` (or an unfiltered cargo test)";
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{} is missing ({e}): {hint}", bin.display()));
+    let newest_lib = std::fs::read_dir(deps)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with("libmoe_comm-") && name.ends_with(".rlib")
+        })
+        .filter_map(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .max();
+    if let Some(lib) = newest_lib {
+        assert!(
+            built >= lib,
+            "{} is older than libmoe_comm: {hint}",
+            bin.display()
+        );
     }
     bin
 }
 
 fn mpirun_available() -> bool {
-    Command::new("mpirun").arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 fn run_np(np: usize) {
@@ -35,14 +57,22 @@ fn run_np(np: usize) {
     }
     let bin = example_binary();
     let out = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", &np.to_string()])
+        .args([
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            &np.to_string(),
+        ])
         .arg(&bin)
         .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "mpirun -np {np} failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "mpirun -np {np} failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert_eq!(
         stdout.matches("all checks passed").count(),
         np,

@@ -76,7 +76,12 @@ pub fn mpirun_args(plan: &MpirunPlan) -> Vec<String> {
 /// nodes, whose orted starts from a remote shell's environment. `OMPI_*` are not listed:
 /// mpirun forwards those itself.
 pub fn exported_env_names<I: IntoIterator<Item = String>>(names: I) -> Vec<String> {
-    const EXACT: [&str; 4] = ["LD_LIBRARY_PATH", "RUST_LOG", "RUST_BACKTRACE", "RUST_LIB_BACKTRACE"];
+    const EXACT: [&str; 4] = [
+        "LD_LIBRARY_PATH",
+        "RUST_LOG",
+        "RUST_BACKTRACE",
+        "RUST_LIB_BACKTRACE",
+    ];
     const PREFIXES: [&str; 2] = ["MOE_", "NCCL_"];
     let mut out: Vec<String> = names
         .into_iter()
@@ -150,11 +155,15 @@ pub fn run_launch(np: usize, hostfile: Option<&Path>, moe_args: &[String]) -> Re
         hostfile: hostfile.map(Path::to_path_buf),
         // SAFETY: geteuid has no preconditions and cannot fail.
         as_root: unsafe { libc::geteuid() } == 0,
-        export_env: exported_env_names(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok())),
+        export_env: exported_env_names(
+            std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()),
+        ),
         program,
         program_args: moe_args.to_vec(),
     };
-    let mpirun = std::env::var_os(MPIRUN_ENV).map(PathBuf::from).unwrap_or_else(|| "mpirun".into());
+    let mpirun = std::env::var_os(MPIRUN_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "mpirun".into());
     let args = mpirun_args(&plan);
     eprintln!("moe launch: {} {}", mpirun.display(), args.join(" "));
 
@@ -199,7 +208,9 @@ async fn supervise(mpirun: &Path, args: &[String]) -> Result<i32> {
         ),
         Err(e) => return Err(e).with_context(|| format!("cannot start {}", mpirun.display())),
     };
-    let pid = child.id().context("mpirun exited before it could be supervised")?;
+    let pid = child
+        .id()
+        .context("mpirun exited before it could be supervised")?;
     let mut pumps = tokio::task::JoinSet::new();
     if let Some(out) = child.stdout.take() {
         pumps.spawn(pump(out, Stream::Stdout));
@@ -234,12 +245,17 @@ async fn supervise(mpirun: &Path, args: &[String]) -> Result<i32> {
 
 /// Sends `sig` to mpirun, which relays it to every rank.
 fn forward(pid: u32, sig: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
     // SAFETY: kill has no memory-safety preconditions; pid is our live (not yet reaped)
     // child, so the signal cannot reach a recycled pid.
     let rc = unsafe { libc::kill(pid, sig) };
     if rc != 0 {
-        eprintln!("moe launch: forwarding signal {sig} to mpirun failed: {}", std::io::Error::last_os_error());
+        eprintln!(
+            "moe launch: forwarding signal {sig} to mpirun failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -274,7 +290,10 @@ async fn pump<R: AsyncRead + Unpin>(pipe: R, from: Stream) -> std::io::Result<()
 /// mpirun's exit code, or 128 + n when it was killed by signal n (the shell's convention).
 fn exit_code(status: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
-    status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(1)
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
 }
 
 #[cfg(test)]
@@ -302,8 +321,16 @@ mod tests {
         assert_eq!(
             args,
             s(&[
-                "--np", "4", "--oversubscribe", "--bind-to", "none", "--tag-output",
-                "/opt/moe/bin/moe", "train", "--config", "c.yaml",
+                "--np",
+                "4",
+                "--oversubscribe",
+                "--bind-to",
+                "none",
+                "--tag-output",
+                "/opt/moe/bin/moe",
+                "train",
+                "--config",
+                "c.yaml",
             ])
         );
     }
@@ -321,17 +348,36 @@ mod tests {
         assert_eq!(
             args,
             s(&[
-                "--np", "2", "--allow-run-as-root", "--hostfile", "/h/hosts", "--bind-to",
-                "none", "--tag-output", "-x", "MOE_X", "-x", "RUST_LOG", "/opt/moe/bin/moe",
-                "train", "--config", "c.yaml",
+                "--np",
+                "2",
+                "--allow-run-as-root",
+                "--hostfile",
+                "/h/hosts",
+                "--bind-to",
+                "none",
+                "--tag-output",
+                "-x",
+                "MOE_X",
+                "-x",
+                "RUST_LOG",
+                "/opt/moe/bin/moe",
+                "train",
+                "--config",
+                "c.yaml",
             ])
         );
-        assert!(!args.contains(&"--oversubscribe".to_string()), "slots of a hostfile rule");
+        assert!(
+            !args.contains(&"--oversubscribe".to_string()),
+            "slots of a hostfile rule"
+        );
     }
 
     #[test]
     fn program_args_that_look_like_mpirun_flags_stay_after_the_program() {
-        let p = MpirunPlan { program_args: s(&["--np", "9", "-x", "Y"]), ..plan() };
+        let p = MpirunPlan {
+            program_args: s(&["--np", "9", "-x", "Y"]),
+            ..plan()
+        };
         let args = mpirun_args(&p);
         let at = args.iter().position(|a| a == "/opt/moe/bin/moe").unwrap();
         assert_eq!(&args[at + 1..], &s(&["--np", "9", "-x", "Y"])[..]);
@@ -341,12 +387,27 @@ mod tests {
     #[test]
     fn exported_env_filters_sorts_and_dedups() {
         let got = exported_env_names(s(&[
-            "PATH", "RUST_LOG", "MOE_SEED", "LD_LIBRARY_PATH", "OMPI_MCA_btl", "HOME",
-            "NCCL_DEBUG", "MOE_MPIRUN", "RUST_LOG", "XMOE_A", "RUST_BACKTRACE",
+            "PATH",
+            "RUST_LOG",
+            "MOE_SEED",
+            "LD_LIBRARY_PATH",
+            "OMPI_MCA_btl",
+            "HOME",
+            "NCCL_DEBUG",
+            "MOE_MPIRUN",
+            "RUST_LOG",
+            "XMOE_A",
+            "RUST_BACKTRACE",
         ]));
         assert_eq!(
             got,
-            s(&["LD_LIBRARY_PATH", "MOE_SEED", "NCCL_DEBUG", "RUST_BACKTRACE", "RUST_LOG"])
+            s(&[
+                "LD_LIBRARY_PATH",
+                "MOE_SEED",
+                "NCCL_DEBUG",
+                "RUST_BACKTRACE",
+                "RUST_LOG"
+            ])
         );
     }
 
@@ -381,7 +442,10 @@ mod tests {
             b"[,0]<stdout>:x",
             b"",
         ] {
-            assert_eq!(retag_line(line, Stream::Stderr), (Stream::Stderr, line.to_vec()));
+            assert_eq!(
+                retag_line(line, Stream::Stderr),
+                (Stream::Stderr, line.to_vec())
+            );
         }
     }
 }

@@ -4,8 +4,11 @@
 mod cli;
 mod config_load;
 mod config_reference;
+mod device;
 mod exit_code;
+mod launch_cmd;
 mod overrides;
+mod signals;
 mod suggest;
 mod train_cmd;
 mod tree_de;
@@ -61,7 +64,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(_) => not_yet("eval"),
         Command::Generate(_) => not_yet("generate"),
         Command::Inspect(_) => not_yet("inspect"),
-        Command::Launch(_) => not_yet("launch"),
+        Command::Launch(a) => {
+            let code = launch_cmd::run_launch(a.np as usize, a.hostfile.as_deref(), &a.args)?;
+            std::process::exit(code)
+        }
         Command::Bench(_) => not_yet("bench"),
     }
 }

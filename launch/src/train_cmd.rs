@@ -1,12 +1,20 @@
-//! `moe train`: the config is loaded and validated by the caller; this runs the training.
+//! `moe train`: picks the mode (single process, debug/threads ranks, or an MPI rank), builds
+//! the process groups and runs the trainer on every rank. The config is loaded and validated
+//! by the caller.
 
 use crate::cli::Resume;
-use moe_trainer::config::ExperimentConfig;
-use std::path::PathBuf;
+use crate::device::resolve_device;
+use anyhow::{anyhow, bail, Context};
+use moe_comm::{threads::threads_world, ProcessGroups};
+use moe_trainer::checkpoint::find_latest_intact;
+use moe_trainer::config::{Backend, ExperimentConfig};
+use moe_trainer::train_loop::{train, RunOptions, TrainSummary};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Everything `moe train` knows besides the config.
-// Until `run_train` is wired, nothing reads the fields.
-#[allow(dead_code)]
 #[derive(Debug, Clone)]
 pub struct TrainOpts {
     /// `--debug`: simulate `parallel.ep_size` ranks in this process, check invariants.
@@ -23,8 +31,239 @@ pub struct TrainOpts {
     pub world_size: i64,
 }
 
-/// Runs training. Writes `<out_dir>/config.yaml` (`crate::config_load::to_yaml`) when it starts.
+/// Runs `moe train`.
 pub fn run_train(cfg: ExperimentConfig, opts: TrainOpts) -> anyhow::Result<()> {
-    let _ = (cfg, opts);
-    anyhow::bail!("train not wired yet")
+    let stop = install_stop_flag();
+    if opts.debug || cfg.parallel.backend == Backend::Threads {
+        return run_threads(cfg, opts, stop);
+    }
+    if opts.processes > 1 || cfg.parallel.backend == Backend::Mpi {
+        return run_mpi(cfg, opts, stop);
+    }
+    let resume = prepare_out_dir(&cfg, &opts)?;
+    let device = resolve_device(&cfg.trainer.device, 0)?;
+    set_threads(cfg.trainer.threads, 1);
+    announce(&cfg, &opts, device, 1);
+    let run = RunOptions { debug: false, resume, stop, ..RunOptions::default() };
+    let summary = train(&cfg, ProcessGroups::single(), device, &run).map_err(|e| anyhow!("{e}"))?;
+    report(&cfg, &summary);
+    Ok(())
+}
+
+/// Debug mode / threads backend: `parallel.ep_size` in-process ranks on one device.
+fn run_threads(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let p = usize::try_from(cfg.parallel.ep_size).context("parallel.ep_size")?;
+    let resume = prepare_out_dir(&cfg, &opts)?;
+    let device = resolve_device(&cfg.trainer.device, 0)?;
+    set_threads(cfg.trainer.threads, p);
+    announce(&cfg, &opts, device, p);
+    if opts.debug {
+        println!(
+            "debug mode: {p} expert-parallel rank(s) in one process on {device:?} (threads backend); routing invariants checked after every step"
+        );
+    }
+    let comms = threads_world(p, Duration::from_secs(cfg.parallel.timeout_s));
+    let cfg = Arc::new(cfg);
+    let handles: Vec<_> = comms
+        .into_iter()
+        .enumerate()
+        .map(|(rank, comm)| {
+            let cfg = cfg.clone();
+            let run = RunOptions {
+                debug: opts.debug,
+                resume: resume.clone(),
+                stop: stop.clone(),
+                quiet: rank != 0,
+                ..RunOptions::default()
+            };
+            std::thread::Builder::new()
+                .name(format!("rank{rank}"))
+                .spawn(move || -> anyhow::Result<TrainSummary> {
+                    let groups = ProcessGroups::new(comm, p).map_err(|e| anyhow!("{e}"))?;
+                    train(&cfg, groups, device, &run).map_err(|e| anyhow!("{e}"))
+                })
+                .map_err(|e| anyhow!("spawning rank {rank}: {e}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut first_err = None;
+    let mut rank0 = None;
+    for (rank, h) in handles.into_iter().enumerate() {
+        match h.join() {
+            Ok(Ok(s)) => {
+                if rank == 0 {
+                    rank0 = Some(s);
+                }
+            }
+            Ok(Err(e)) => {
+                // Peers of a failed rank fail with "peer gone": report the root cause first.
+                let peer = e.to_string().contains("is gone");
+                if first_err.as_ref().map_or(true, |(_, p, _)| *p && !peer) {
+                    first_err = Some((rank, peer, e));
+                }
+            }
+            Err(_) => {
+                if first_err.is_none() {
+                    first_err = Some((rank, false, anyhow!("rank {rank} panicked")));
+                }
+            }
+        }
+    }
+    if let Some((rank, _, e)) = first_err {
+        bail!("rank {rank} failed: {e:#}");
+    }
+    if let Some(s) = rank0 {
+        report(&cfg, &s);
+    }
+    Ok(())
+}
+
+/// One MPI rank under mpirun.
+fn run_mpi(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let runtime = moe_comm::mpi_backend::MpiRuntime::init().map_err(|e| anyhow!("{e}"))?;
+    let world = runtime.world();
+    let (rank, size) = (world.rank(), world.size());
+    let errs = cfg.validate(size as i64);
+    if !errs.is_empty() {
+        if rank == 0 {
+            eprintln!("error: invalid config for a world of {size} ranks:\n  {}", errs.join("\n  "));
+        }
+        runtime.abort(2);
+    }
+    let result = (|| -> anyhow::Result<TrainSummary> {
+        // Every rank checks the same directory; only rank 0 writes config.yaml.
+        let resume = prepare_out_dir_for(&cfg, &opts, rank == 0)?;
+        let local_rank = runtime.local_rank();
+        let device = resolve_device(&cfg.trainer.device, local_rank)?;
+        set_threads(cfg.trainer.threads, runtime.local_size());
+        if rank == 0 {
+            announce(&cfg, &opts, device, size);
+        }
+        let groups = ProcessGroups::new(world, cfg.parallel.ep_size as usize).map_err(|e| anyhow!("{e}"))?;
+        let run = RunOptions { debug: false, resume, stop, quiet: rank != 0, ..RunOptions::default() };
+        train(&cfg, groups, device, &run).map_err(|e| anyhow!("{e}"))
+    })();
+    match result {
+        Ok(s) => {
+            if rank == 0 {
+                report(&cfg, &s);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            // Abort the whole job: peers blocked in a collective would otherwise hang.
+            eprintln!("rank {rank} of {size}: error: {e:#}");
+            runtime.abort(1);
+        }
+    }
+}
+
+/// Checks the output directory and resolves `--resume`, then writes `config.yaml` there.
+fn prepare_out_dir(cfg: &ExperimentConfig, opts: &TrainOpts) -> anyhow::Result<Option<PathBuf>> {
+    prepare_out_dir_for(cfg, opts, true)
+}
+
+/// A fresh run refuses a directory that already holds a run (nothing is written over);
+/// `--resume auto` takes the newest intact checkpoint (or starts fresh if there is none),
+/// `--resume PATH` that checkpoint.
+fn prepare_out_dir_for(
+    cfg: &ExperimentConfig,
+    opts: &TrainOpts,
+    write_config: bool,
+) -> anyhow::Result<Option<PathBuf>> {
+    let out = &cfg.run.out_dir;
+    let ckpt_dir = cfg.checkpoint.dir.clone().unwrap_or_else(|| out.join("checkpoints"));
+    let resume = match &opts.resume {
+        None => {
+            let existing = [out.join("metrics.jsonl"), ckpt_dir.clone()];
+            if let Some(found) = existing.iter().find(|p| p.exists()) {
+                bail!(
+                    "run.out_dir {} already holds a run ({} exists); pass --resume auto to continue it, or set another run.out_dir (e.g. --set run.out_dir=runs/new)",
+                    out.display(),
+                    found.display()
+                );
+            }
+            None
+        }
+        Some(Resume::Path(p)) => {
+            if !p.join("manifest.json").exists() {
+                bail!("--resume {}: not a checkpoint directory (no manifest.json)", p.display());
+            }
+            Some(p.clone())
+        }
+        Some(Resume::Auto) => match find_latest_intact(&ckpt_dir).map_err(|e| anyhow!("{e}"))? {
+            Some((path, warnings)) => {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+                Some(path)
+            }
+            None => {
+                if write_config {
+                    eprintln!(
+                        "--resume auto: no checkpoint in {}; starting from step 0",
+                        ckpt_dir.display()
+                    );
+                }
+                None
+            }
+        },
+    };
+    if write_config {
+        std::fs::create_dir_all(out).with_context(|| format!("creating run.out_dir {}", out.display()))?;
+        write_atomic(&out.join("config.yaml"), &crate::config_load::to_yaml(cfg)?)?;
+    }
+    Ok(resume)
+}
+
+fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// One line saying what runs where.
+fn announce(cfg: &ExperimentConfig, opts: &TrainOpts, device: tch::Device, ranks: usize) {
+    println!(
+        "moe train: {} ({}{}) on {ranks} rank(s), ep_size {}, device {device:?}, out_dir {}",
+        cfg.run.name,
+        opts.config_path.display(),
+        if opts.overrides.is_empty() { String::new() } else { format!(" {}", opts.overrides.join(" ")) },
+        cfg.parallel.ep_size,
+        cfg.run.out_dir.display()
+    );
+}
+
+/// Torch intra-op threads per rank: the configured number, or this node's cores divided by
+/// its ranks (at least one), so ranks do not fight over cores.
+fn set_threads(configured: i64, ranks_on_node: usize) {
+    let n = if configured > 0 {
+        configured
+    } else {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        (cores / ranks_on_node.max(1)).max(1) as i64
+    };
+    tch::set_num_threads(n as i32);
+}
+
+/// SIGINT/SIGTERM set a flag; the trainer finishes its step, checkpoints and exits 0.
+fn install_stop_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    crate::signals::install(flag.clone());
+    flag
+}
+
+fn report(cfg: &ExperimentConfig, s: &TrainSummary) {
+    if let Some(last) = s.records.last() {
+        println!(
+            "done: {} steps, final loss {:.4}{}; metrics in {}",
+            last.step,
+            last.loss,
+            s.evals.last().map(|e| format!(", val_loss {:.4}", e.val_loss)).unwrap_or_default(),
+            cfg.run.out_dir.join("metrics.jsonl").display()
+        );
+    }
+    if let Some(c) = &s.last_checkpoint {
+        println!("checkpoint: {}", c.display());
+    }
 }

@@ -35,7 +35,9 @@ impl Attention {
         }
         let std = cfg.init_std;
         let out_std = std / (2.0 * cfg.num_layers.max(1) as f64).sqrt();
-        let w = |n: &str, shape: &[i64], s: f64| init::normal(seed, &format!("{prefix}.{n}"), 0, shape, s, device);
+        let w = |n: &str, shape: &[i64], s: f64| {
+            init::normal(seed, &format!("{prefix}.{n}"), 0, shape, s, device)
+        };
         Ok(Self {
             wq_dq: w("wq", &[d, h * hd], std)?,
             wk_dk: w("wk", &[d, kv * hd], std)?,
@@ -57,12 +59,18 @@ impl Attention {
         let size = x_btd.size();
         let (b, t) = match size.as_slice() {
             [b, t, _] => (*b, *t),
-            _ => return Err(ModelError::Invalid(format!("attention input must be [b, t, d], got {size:?}"))),
+            _ => {
+                return Err(ModelError::Invalid(format!(
+                    "attention input must be [b, t, d], got {size:?}"
+                )))
+            }
         };
         let x = x_btd.f_to_kind(compute_kind)?;
         let heads = |w: &Tensor, n: i64| -> Result<Tensor> {
             // [b, t, n*hd] -> [b, n, t, hd]
-            Ok(x.f_matmul(&w.f_to_kind(compute_kind)?)?.f_view([b, t, n, self.head_dim])?.f_transpose(1, 2)?)
+            Ok(x.f_matmul(&w.f_to_kind(compute_kind)?)?
+                .f_view([b, t, n, self.head_dim])?
+                .f_transpose(1, 2)?)
         };
         let q_bhtd = rope.apply(&heads(&self.wq_dq, self.num_heads)?)?;
         let k_bktd = rope.apply(&heads(&self.wk_dk, self.num_kv_heads)?)?;
@@ -75,7 +83,9 @@ impl Attention {
         let y_bhtd = Tensor::f_scaled_dot_product_attention::<Tensor>(
             &q_bhtd, &k_bhtd, &v_bhtd, None, 0.0, true, None, false,
         )?;
-        let y_btq = y_bhtd.f_transpose(1, 2)?.f_reshape([b, t, self.num_heads * self.head_dim])?;
+        let y_btq = y_bhtd
+            .f_transpose(1, 2)?
+            .f_reshape([b, t, self.num_heads * self.head_dim])?;
         Ok(y_btq.f_matmul(&self.wo_qd.f_to_kind(compute_kind)?)?)
     }
 
@@ -94,15 +104,20 @@ impl Attention {
 
     /// The four projections, decayed, named `<prefix>.wq|wk|wv|wo`.
     pub fn params(&self, prefix: &str) -> Vec<Param> {
-        [("wq", &self.wq_dq), ("wk", &self.wk_dk), ("wv", &self.wv_dk), ("wo", &self.wo_qd)]
-            .into_iter()
-            .map(|(n, t)| Param {
-                name: format!("{prefix}.{n}"),
-                tensor: t.shallow_clone(),
-                kind: ParamKind::Dense,
-                weight_decay: true,
-            })
-            .collect()
+        [
+            ("wq", &self.wq_dq),
+            ("wk", &self.wk_dk),
+            ("wv", &self.wv_dk),
+            ("wo", &self.wo_qd),
+        ]
+        .into_iter()
+        .map(|(n, t)| Param {
+            name: format!("{prefix}.{n}"),
+            tensor: t.shallow_clone(),
+            kind: ParamKind::Dense,
+            weight_decay: true,
+        })
+        .collect()
     }
 }
 
@@ -128,19 +143,31 @@ mod tests {
         let (b, t, _) = x.size3().unwrap();
         let hd = att.head_dim;
         let group = heads / kv;
-        let proj = |w: &Tensor, n| x.matmul(&w.to_kind(Kind::Double)).view([b, t, n, hd]).transpose(1, 2);
+        let proj = |w: &Tensor, n| {
+            x.matmul(&w.to_kind(Kind::Double))
+                .view([b, t, n, hd])
+                .transpose(1, 2)
+        };
         let q = rope.apply(&proj(&att.wq_dq, heads)).unwrap();
         let k = rope.apply(&proj(&att.wk_dk, kv)).unwrap();
         let v = proj(&att.wv_dk, kv);
         let mask = Tensor::ones([t, t], (Kind::Bool, Device::Cpu)).triu(1);
         let mut outs = Vec::new();
         for h in 0..heads {
-            let (qh, kh, vh) = (q.select(1, h), k.select(1, h / group), v.select(1, h / group));
+            let (qh, kh, vh) = (
+                q.select(1, h),
+                k.select(1, h / group),
+                v.select(1, h / group),
+            );
             let s = qh.matmul(&kh.transpose(1, 2)) / (hd as f64).sqrt();
-            let p = s.masked_fill(&mask, f64::NEG_INFINITY).softmax(-1, Kind::Double);
+            let p = s
+                .masked_fill(&mask, f64::NEG_INFINITY)
+                .softmax(-1, Kind::Double);
             outs.push(p.matmul(&vh));
         }
-        Tensor::stack(&outs, 2).reshape([b, t, heads * hd]).matmul(&att.wo_qd.to_kind(Kind::Double))
+        Tensor::stack(&outs, 2)
+            .reshape([b, t, heads * hd])
+            .matmul(&att.wo_qd.to_kind(Kind::Double))
     }
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
@@ -184,7 +211,8 @@ mod tests {
         let rope = Rope::new(c.head_dim(), c.max_seq_len, c.rope_theta, Device::Cpu).unwrap();
         let x = Tensor::randn([1, 8, 16], (Kind::Float, Device::Cpu));
         let x2 = x.copy();
-        x2.narrow(1, 5, 3).copy_(&Tensor::randn([1, 3, 16], (Kind::Float, Device::Cpu)));
+        x2.narrow(1, 5, 3)
+            .copy_(&Tensor::randn([1, 3, 16], (Kind::Float, Device::Cpu)));
         let y = att.forward(&x, &rope, Kind::Float).unwrap();
         let y2 = att.forward(&x2, &rope, Kind::Float).unwrap();
         assert!(max_abs(&y.narrow(1, 0, 5), &y2.narrow(1, 0, 5)) < 1e-6);
@@ -206,7 +234,8 @@ mod tests {
         let rope = Rope::new(c.head_dim(), c.max_seq_len, c.rope_theta, Device::Cpu).unwrap();
         let x = Tensor::randn([2, 4, 16], (Kind::Double, Device::Cpu)).set_requires_grad(true);
         let r = Tensor::randn([2, 4, 16], (Kind::Double, Device::Cpu));
-        let loss = |x: &Tensor| (att.forward(x, &rope, Kind::Double).unwrap() * &r).sum(Kind::Double);
+        let loss =
+            |x: &Tensor| (att.forward(x, &rope, Kind::Double).unwrap() * &r).sum(Kind::Double);
         loss(&x).backward();
         let mut targets: Vec<Tensor> = att.params("a").into_iter().map(|p| p.tensor).collect();
         targets.push(x.shallow_clone());
@@ -226,7 +255,10 @@ mod tests {
                 let fd = (eval(orig + eps) - eval(orig - eps)) / (2.0 * eps);
                 let _ = tch::no_grad(|| flat.get(idx).fill_(orig));
                 let an = grad.double_value(&[idx]);
-                assert!((fd - an).abs() <= 1e-6 * an.abs().max(1.0), "idx {idx}: fd {fd} vs autograd {an}");
+                assert!(
+                    (fd - an).abs() <= 1e-6 * an.abs().max(1.0),
+                    "idx {idx}: fd {fd} vs autograd {an}"
+                );
             }
         }
     }

@@ -26,7 +26,10 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// A norm over a last dimension of width `dim`, with `eps` inside the square root.
     pub fn new(dim: i64, eps: f64, device: Device) -> Result<Self> {
-        Ok(Self { weight_d: init::ones(&[dim], device)?, eps })
+        Ok(Self {
+            weight_d: init::ones(&[dim], device)?,
+            eps,
+        })
     }
 
     /// Normalises `x` over its last dimension. Statistics and the scaling are computed in at
@@ -70,7 +73,11 @@ mod tests {
         let x = Tensor::from_slice(&vals).reshape([2, 4]);
         let norm = RmsNorm::new(4, 1e-5, Device::Cpu).unwrap();
         let scale = [0.5f32, 1.0, 2.0, -1.0];
-        tch::no_grad(|| norm.weight_d.shallow_clone().copy_(&Tensor::from_slice(&scale)));
+        tch::no_grad(|| {
+            norm.weight_d
+                .shallow_clone()
+                .copy_(&Tensor::from_slice(&scale))
+        });
         let y = Vec::<f32>::try_from(norm.forward(&x).unwrap().reshape([-1])).unwrap();
         for r in 0..2 {
             let row = &vals[r * 4..r * 4 + 4];
@@ -78,7 +85,10 @@ mod tests {
             for c in 0..4 {
                 let want = f64::from(row[c]) / (ms + 1e-5).sqrt() * f64::from(scale[c]);
                 let got = f64::from(y[r * 4 + c]);
-                assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{r},{c}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{r},{c}: {got} vs {want}"
+                );
             }
         }
     }
@@ -87,13 +97,18 @@ mod tests {
     /// (statistics are not accumulated in bfloat16): bf16 has 8 mantissa bits, 2^-8 relative.
     #[test]
     fn bf16_input_accumulates_in_f32() {
-        let x = Tensor::randn([3, 64], (Kind::Float, Device::Cpu)).f_mul_scalar(30.0).unwrap();
+        let x = Tensor::randn([3, 64], (Kind::Float, Device::Cpu))
+            .f_mul_scalar(30.0)
+            .unwrap();
         let x_bf = x.to_kind(Kind::BFloat16);
         let norm = RmsNorm::new(64, 1e-5, Device::Cpu).unwrap();
         let y_bf = norm.forward(&x_bf).unwrap();
         assert_eq!(y_bf.kind(), Kind::BFloat16);
         let y_ref = norm.forward(&x_bf.to_kind(Kind::Float)).unwrap();
-        let err = (y_bf.to_kind(Kind::Float) - &y_ref).abs().max().double_value(&[]);
+        let err = (y_bf.to_kind(Kind::Float) - &y_ref)
+            .abs()
+            .max()
+            .double_value(&[]);
         let scale = y_ref.abs().max().double_value(&[]);
         assert!(err <= scale * 2f64.powi(-8), "err {err} scale {scale}");
     }

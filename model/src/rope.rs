@@ -37,9 +37,16 @@ impl Rope {
             }
         }
         let table = |v: &[f32]| -> Result<Tensor> {
-            Ok(Tensor::f_from_slice(v)?.f_reshape([max_seq_len, head_dim])?.f_to_device(device)?)
+            Ok(Tensor::f_from_slice(v)?
+                .f_reshape([max_seq_len, head_dim])?
+                .f_to_device(device)?)
         };
-        Ok(Self { cos_td: table(&cos)?, sin_td: table(&sin)?, head_dim, max_seq_len })
+        Ok(Self {
+            cos_td: table(&cos)?,
+            sin_td: table(&sin)?,
+            head_dim,
+            max_seq_len,
+        })
     }
 
     /// Rotates each position `t` of `x` by its angles; positions start at 0. The tables are
@@ -51,7 +58,11 @@ impl Rope {
         let size = x_bhtd.size();
         let (t, d) = match size.as_slice() {
             [_, _, t, d] => (*t, *d),
-            _ => return Err(ModelError::Invalid(format!("RoPE input must be [b, h, t, d], got {size:?}"))),
+            _ => {
+                return Err(ModelError::Invalid(format!(
+                    "RoPE input must be [b, h, t, d], got {size:?}"
+                )))
+            }
         };
         if d != self.head_dim || t > self.max_seq_len {
             return Err(ModelError::Invalid(format!(
@@ -85,7 +96,10 @@ mod tests {
         let nx = x.square().sum_dim_intlist(-1, false, Kind::Float).sqrt();
         let ny = y.square().sum_dim_intlist(-1, false, Kind::Float).sqrt();
         let err = (&nx - &ny).abs().max().double_value(&[]);
-        assert!(err <= 1e-5 * nx.max().double_value(&[]), "norm changed by {err}");
+        assert!(
+            err <= 1e-5 * nx.max().double_value(&[]),
+            "norm changed by {err}"
+        );
     }
 
     /// Position 0 is the identity (cos 0 = 1, sin 0 = 0), exactly.
@@ -94,7 +108,11 @@ mod tests {
         let x = Tensor::randn([1, 1, 4, 8], (Kind::Float, Device::Cpu));
         let y = rope().apply(&x).unwrap();
         assert!(y.get(0).get(0).get(0).equal(&x.get(0).get(0).get(0)));
-        assert!(!y.get(0).get(0).get(1).allclose(&x.get(0).get(0).get(1), 1e-6, 1e-6, false));
+        assert!(!y
+            .get(0)
+            .get(0)
+            .get(1)
+            .allclose(&x.get(0).get(0).get(1), 1e-6, 1e-6, false));
     }
 
     /// `<R_m q, R_n k>` depends only on `m - n`: the same q and k placed at every position,
@@ -105,12 +123,19 @@ mod tests {
         let q = Tensor::randn([8], (Kind::Float, Device::Cpu));
         let k = Tensor::randn([8], (Kind::Float, Device::Cpu));
         let t = 64;
-        let qs = rope().apply(&q.view([1, 1, 1, 8]).expand([1, 1, t, 8], false)).unwrap();
-        let ks = rope().apply(&k.view([1, 1, 1, 8]).expand([1, 1, t, 8], false)).unwrap();
+        let qs = rope()
+            .apply(&q.view([1, 1, 1, 8]).expand([1, 1, t, 8], false))
+            .unwrap();
+        let ks = rope()
+            .apply(&k.view([1, 1, 1, 8]).expand([1, 1, t, 8], false))
+            .unwrap();
         let scores = qs.view([t, 8]).matmul(&ks.view([t, 8]).tr()); // [m, n]
         let s = |m: i64, n: i64| scores.double_value(&[m, n]);
         for (m, n) in [(5, 2), (40, 37), (63, 60), (3, 0)] {
-            assert!((s(m, n) - s(m - n, 0)).abs() < 1e-4, "offset 3 at ({m},{n})");
+            assert!(
+                (s(m, n) - s(m - n, 0)).abs() < 1e-4,
+                "offset 3 at ({m},{n})"
+            );
         }
         for (m, n) in [(2, 9), (30, 37), (56, 63)] {
             assert!((s(m, n) - s(0, 7)).abs() < 1e-4, "offset -7 at ({m},{n})");
@@ -125,7 +150,9 @@ mod tests {
     #[test]
     fn matches_hand_rotation() {
         let r = Rope::new(4, 8, 10_000.0, Device::Cpu).unwrap();
-        let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([1, 1, 1, 4]).expand([1, 1, 4, 4], false);
+        let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0])
+            .view([1, 1, 1, 4])
+            .expand([1, 1, 4, 4], false);
         let y = r.apply(&x).unwrap();
         let got: Vec<f32> = Vec::try_from(y.get(0).get(0).get(3)).unwrap();
         let (a0, a1) = (3.0f64, 0.03f64);
@@ -144,7 +171,11 @@ mod tests {
     fn rejects_bad_shapes() {
         assert!(Rope::new(7, 8, 1e4, Device::Cpu).is_err());
         let r = rope();
-        assert!(r.apply(&Tensor::zeros([1, 1, 65, 8], (Kind::Float, Device::Cpu))).is_err());
-        assert!(r.apply(&Tensor::zeros([1, 65, 8], (Kind::Float, Device::Cpu))).is_err());
+        assert!(r
+            .apply(&Tensor::zeros([1, 1, 65, 8], (Kind::Float, Device::Cpu)))
+            .is_err());
+        assert!(r
+            .apply(&Tensor::zeros([1, 65, 8], (Kind::Float, Device::Cpu)))
+            .is_err());
     }
 }

@@ -31,7 +31,10 @@ pub struct ParallelInfo {
 impl ParallelInfo {
     /// One rank holding every expert.
     pub fn single() -> Self {
-        Self { ep_rank: 0, ep_size: 1 }
+        Self {
+            ep_rank: 0,
+            ep_size: 1,
+        }
     }
 }
 
@@ -102,7 +105,13 @@ pub struct TransformerLm {
 impl TransformerLm {
     /// Builds the model for EP position `par`; every weight is drawn from (seed, name[, global
     /// expert id]) so ranks agree on dense weights and experts do not depend on `ep_size`.
-    pub fn new(model: &ModelConfig, moe: &MoeConfig, par: ParallelInfo, seed: u64, device: Device) -> Result<Self> {
+    pub fn new(
+        model: &ModelConfig,
+        moe: &MoeConfig,
+        par: ParallelInfo,
+        seed: u64,
+        device: Device,
+    ) -> Result<Self> {
         let errs = MoeConfig::validate(model, moe);
         if !errs.is_empty() {
             return Err(ModelError::Invalid(errs.join("; ")));
@@ -114,10 +123,26 @@ impl TransformerLm {
             .map(|i| {
                 let ffn = if has_moe && moe.is_moe_layer(i) {
                     let prefix = format!("layers.{i}.moe");
-                    Ffn::Moe(Box::new(MoeLayer::new(model, moe, &prefix, par.ep_rank, par.ep_size, seed, device)?))
+                    Ffn::Moe(Box::new(MoeLayer::new(
+                        model,
+                        moe,
+                        &prefix,
+                        par.ep_rank,
+                        par.ep_size,
+                        seed,
+                        device,
+                    )?))
                 } else {
                     let prefix = format!("layers.{i}.ffn");
-                    Ffn::Dense(SwiGlu::new(&prefix, d, model.ffn_hidden, model.init_std, model.num_layers, seed, device)?)
+                    Ffn::Dense(SwiGlu::new(
+                        &prefix,
+                        d,
+                        model.ffn_hidden,
+                        model.init_std,
+                        model.num_layers,
+                        seed,
+                        device,
+                    )?)
                 };
                 Ok(Block {
                     attn_norm: RmsNorm::new(d, model.norm_eps, device)?,
@@ -130,14 +155,26 @@ impl TransformerLm {
         let lm_head_vd = if model.tie_embeddings {
             None
         } else {
-            Some(init::normal(seed, "lm_head.weight", 0, &[v, d], model.init_std, device)?)
+            Some(init::normal(
+                seed,
+                "lm_head.weight",
+                0,
+                &[v, d],
+                model.init_std,
+                device,
+            )?)
         };
         Ok(Self {
             embed_vd,
             layers,
             norm: RmsNorm::new(d, model.norm_eps, device)?,
             lm_head_vd,
-            rope: Rope::new(model.head_dim(), model.max_seq_len, model.rope_theta, device)?,
+            rope: Rope::new(
+                model.head_dim(),
+                model.max_seq_len,
+                model.rope_theta,
+                device,
+            )?,
             cfg: model.clone(),
             seed,
         })
@@ -165,7 +202,8 @@ impl TransformerLm {
         let d = self.cfg.d_model;
         let ck = ctx.compute_kind;
         let res_kind = accum_kind(ck);
-        let mut x_btd = Tensor::f_embedding(&self.embed_vd, tokens_bt, -1, false, false)?.f_to_kind(res_kind)?;
+        let mut x_btd = Tensor::f_embedding(&self.embed_vd, tokens_bt, -1, false, false)?
+            .f_to_kind(res_kind)?;
         let device = x_btd.device();
         let mut aux_loss = Tensor::f_zeros([], (Kind::Float, device))?;
         let mut z_loss = Tensor::f_zeros([], (Kind::Float, device))?;
@@ -197,8 +235,15 @@ impl TransformerLm {
         }
         let h_btd = self.norm.forward(&x_btd)?.f_to_kind(ck)?;
         let head_vd = self.lm_head_vd.as_ref().unwrap_or(&self.embed_vd);
-        let logits_btv = h_btd.f_matmul(&head_vd.f_to_kind(ck)?.f_tr()?)?.f_to_kind(res_kind)?;
-        Ok(LmOutput { logits_btv, aux_loss, z_loss, moe: moe_stats })
+        let logits_btv = h_btd
+            .f_matmul(&head_vd.f_to_kind(ck)?.f_tr()?)?
+            .f_to_kind(res_kind)?;
+        Ok(LmOutput {
+            logits_btv,
+            aux_loss,
+            z_loss,
+            moe: moe_stats,
+        })
     }
 
     /// Every trainable tensor under its stable name (shallow clones). Routed experts are
@@ -229,7 +274,10 @@ impl TransformerLm {
 
     /// Non-trainable state that checkpoints carry, e.g. `layers.3.moe.expert_bias`.
     pub fn buffers(&self) -> Vec<(String, Tensor)> {
-        self.moe_layers().into_iter().flat_map(|(i, m)| m.buffers(&format!("layers.{i}.moe"))).collect()
+        self.moe_layers()
+            .into_iter()
+            .flat_map(|(i, m)| m.buffers(&format!("layers.{i}.moe")))
+            .collect()
     }
 
     /// The MoE layers with their block indices.
@@ -275,30 +323,60 @@ mod tests {
     }
 
     fn dense_cfg() -> MoeConfig {
-        MoeConfig { num_experts: 1, top_k: 1, ..MoeConfig::default() }
+        MoeConfig {
+            num_experts: 1,
+            top_k: 1,
+            ..MoeConfig::default()
+        }
     }
 
     fn ctx(dispatcher: &Dispatcher, kind: Kind) -> LmForward<'_> {
-        LmForward { train: true, dispatcher, capacity_groups: 1, compute_kind: kind, step: 0 }
+        LmForward {
+            train: true,
+            dispatcher,
+            capacity_groups: 1,
+            compute_kind: kind,
+            step: 0,
+        }
     }
 
     fn tokens(b: i64, t: i64, seed: i64) -> Tensor {
-        Tensor::arange(b * t, (Kind::Int64, Device::Cpu)).f_mul_scalar(7 + seed).unwrap().remainder(32).view([b, t])
+        Tensor::arange(b * t, (Kind::Int64, Device::Cpu))
+            .f_mul_scalar(7 + seed)
+            .unwrap()
+            .remainder(32)
+            .view([b, t])
     }
 
     #[test]
     fn forward_shapes_losses_and_param_names() {
-        let lm = TransformerLm::new(&model_cfg(), &moe_cfg(), ParallelInfo::single(), 5, Device::Cpu).unwrap();
-        let out = lm.forward(&tokens(2, 6, 0), &ctx(&Dispatcher::Local, Kind::Float)).unwrap();
+        let lm = TransformerLm::new(
+            &model_cfg(),
+            &moe_cfg(),
+            ParallelInfo::single(),
+            5,
+            Device::Cpu,
+        )
+        .unwrap();
+        let out = lm
+            .forward(&tokens(2, 6, 0), &ctx(&Dispatcher::Local, Kind::Float))
+            .unwrap();
         assert_eq!(out.logits_btv.size(), vec![2, 6, 32]);
         assert_eq!(out.logits_btv.kind(), Kind::Float);
-        assert_eq!(out.moe.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            out.moe.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
         assert_eq!(out.aux_loss.size(), Vec::<i64>::new());
         // Aux loss near coeff (0.01 per layer for a near-balanced router, at most E * coeff).
         let aux = out.aux_loss.double_value(&[]);
         assert!(aux > 0.0 && aux <= 2.0 * 4.0 * 0.01, "aux {aux}");
         assert!(out.z_loss.double_value(&[]) > 0.0);
-        let want_aux: f64 = out.moe.iter().map(|(_, s)| s.aux_loss.double_value(&[])).sum();
+        let want_aux: f64 = out
+            .moe
+            .iter()
+            .map(|(_, s)| s.aux_loss.double_value(&[]))
+            .sum();
         assert!((aux - want_aux).abs() < 1e-7);
 
         let params = lm.params();
@@ -321,12 +399,19 @@ mod tests {
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
-        assert!(!names.iter().any(|n| n.starts_with("layers.0.moe") || n.starts_with("layers.1.ffn.")));
+        assert!(!names
+            .iter()
+            .any(|n| n.starts_with("layers.0.moe") || n.starts_with("layers.1.ffn.")));
         for p in &params {
             let no_decay = p.name.ends_with("norm.weight") || p.name == "embed.weight";
             assert_eq!(p.weight_decay, !no_decay, "{}", p.name);
             let is_expert = p.name.contains(".moe.experts.");
-            assert_eq!(matches!(p.kind, ParamKind::Expert { .. }), is_expert, "{}", p.name);
+            assert_eq!(
+                matches!(p.kind, ParamKind::Expert { .. }),
+                is_expert,
+                "{}",
+                p.name
+            );
         }
         assert_eq!(lm.moe_layers().len(), 2);
         assert!(lm.buffers().is_empty());
@@ -338,15 +423,22 @@ mod tests {
     #[test]
     fn logits_do_not_depend_on_future_tokens() {
         for moe in [moe_cfg(), dense_cfg()] {
-            let lm = TransformerLm::new(&model_cfg(), &moe, ParallelInfo::single(), 6, Device::Cpu).unwrap();
+            let lm = TransformerLm::new(&model_cfg(), &moe, ParallelInfo::single(), 6, Device::Cpu)
+                .unwrap();
             let a = tokens(2, 10, 0);
             let b = a.copy();
             b.narrow(1, 6, 4).copy_(&tokens(2, 4, 3));
             let c = ctx(&Dispatcher::Local, Kind::Float);
             let la = lm.forward(&a, &c).unwrap().logits_btv;
             let lb = lm.forward(&b, &c).unwrap().logits_btv;
-            let past = (la.narrow(1, 0, 6) - lb.narrow(1, 0, 6)).abs().max().double_value(&[]);
-            let future = (la.narrow(1, 6, 4) - lb.narrow(1, 6, 4)).abs().max().double_value(&[]);
+            let past = (la.narrow(1, 0, 6) - lb.narrow(1, 0, 6))
+                .abs()
+                .max()
+                .double_value(&[]);
+            let future = (la.narrow(1, 6, 4) - lb.narrow(1, 6, 4))
+                .abs()
+                .max()
+                .double_value(&[]);
             assert!(past < 1e-5, "past changed by {past}");
             assert!(future > 1e-4, "future unchanged ({future})");
         }
@@ -354,14 +446,28 @@ mod tests {
 
     #[test]
     fn dense_baseline_and_tied_embeddings() {
-        let model = ModelConfig { tie_embeddings: true, ..model_cfg() };
-        let lm = TransformerLm::new(&model, &dense_cfg(), ParallelInfo::single(), 7, Device::Cpu).unwrap();
+        let model = ModelConfig {
+            tie_embeddings: true,
+            ..model_cfg()
+        };
+        let lm = TransformerLm::new(&model, &dense_cfg(), ParallelInfo::single(), 7, Device::Cpu)
+            .unwrap();
         assert!(lm.moe_layers().is_empty());
         let params = lm.params();
         assert!(params.iter().all(|p| p.kind == ParamKind::Dense));
-        assert!(!params.iter().any(|p| p.name == "lm_head.weight" || p.name.contains(".moe.")));
-        assert_eq!(params.iter().filter(|p| p.name.ends_with(".ffn.w_up")).count(), 3);
-        let out = lm.forward(&tokens(1, 5, 0), &ctx(&Dispatcher::Local, Kind::Float)).unwrap();
+        assert!(!params
+            .iter()
+            .any(|p| p.name == "lm_head.weight" || p.name.contains(".moe.")));
+        assert_eq!(
+            params
+                .iter()
+                .filter(|p| p.name.ends_with(".ffn.w_up"))
+                .count(),
+            3
+        );
+        let out = lm
+            .forward(&tokens(1, 5, 0), &ctx(&Dispatcher::Local, Kind::Float))
+            .unwrap();
         assert_eq!(out.aux_loss.double_value(&[]), 0.0);
         assert!(out.moe.is_empty());
         // Tied head: the logits are the final hidden state times the embedding, so the
@@ -376,21 +482,45 @@ mod tests {
     #[test]
     fn expert_params_follow_global_ids() {
         let moe = moe_cfg();
-        let full = TransformerLm::new(&model_cfg(), &moe, ParallelInfo::single(), 8, Device::Cpu).unwrap();
-        let half = TransformerLm::new(&model_cfg(), &moe, ParallelInfo { ep_rank: 1, ep_size: 2 }, 8, Device::Cpu).unwrap();
+        let full =
+            TransformerLm::new(&model_cfg(), &moe, ParallelInfo::single(), 8, Device::Cpu).unwrap();
+        let half = TransformerLm::new(
+            &model_cfg(),
+            &moe,
+            ParallelInfo {
+                ep_rank: 1,
+                ep_size: 2,
+            },
+            8,
+            Device::Cpu,
+        )
+        .unwrap();
         let (pf, ph) = (full.params(), half.params());
         assert_eq!(pf.len(), ph.len());
         for (a, b) in pf.iter().zip(&ph) {
             assert_eq!(a.name, b.name);
             match b.kind {
-                ParamKind::Expert { first_global, num_local } => {
+                ParamKind::Expert {
+                    first_global,
+                    num_local,
+                } => {
                     assert_eq!((first_global, num_local), (2, 2));
                     assert!(a.tensor.narrow(0, 2, 2).equal(&b.tensor), "{}", a.name);
                 }
                 ParamKind::Dense => assert!(a.tensor.equal(&b.tensor), "{}", a.name),
             }
         }
-        assert!(TransformerLm::new(&model_cfg(), &moe, ParallelInfo { ep_rank: 0, ep_size: 3 }, 8, Device::Cpu).is_err());
+        assert!(TransformerLm::new(
+            &model_cfg(),
+            &moe,
+            ParallelInfo {
+                ep_rank: 0,
+                ep_size: 3
+            },
+            8,
+            Device::Cpu
+        )
+        .is_err());
     }
 
     /// Central finite differences in float64 of the cross-entropy of a dense 2-layer LM wrt
@@ -398,8 +528,12 @@ mod tests {
     /// truncation O(1e-12), rounding O(1e-10); 1e-6 relative (floor 1e-7 absolute).
     #[test]
     fn gradients_match_finite_differences() {
-        let model = ModelConfig { num_layers: 2, ..model_cfg() };
-        let lm = TransformerLm::new(&model, &dense_cfg(), ParallelInfo::single(), 9, Device::Cpu).unwrap();
+        let model = ModelConfig {
+            num_layers: 2,
+            ..model_cfg()
+        };
+        let lm = TransformerLm::new(&model, &dense_cfg(), ParallelInfo::single(), 9, Device::Cpu)
+            .unwrap();
         let params = lm.params();
         for p in &params {
             let mut t = p.tensor.shallow_clone();
@@ -407,15 +541,20 @@ mod tests {
             t.set_data(&d);
             if p.name.ends_with("norm.weight") {
                 // Non-unit scales so the norm weights' gradients are not special.
-                let _ = tch::no_grad(|| t.shallow_clone().copy_(&(Tensor::rand_like(&t) + 0.5)));
+                tch::no_grad(|| t.shallow_clone().copy_(&(Tensor::rand_like(&t) + 0.5)));
             }
         }
         let inputs = tokens(2, 5, 1);
         let targets = tokens(2, 5, 2);
         let loss = || {
-            let out = lm.forward(&inputs, &ctx(&Dispatcher::Local, Kind::Double)).unwrap();
+            let out = lm
+                .forward(&inputs, &ctx(&Dispatcher::Local, Kind::Double))
+                .unwrap();
             // Not `cross_entropy_for_logits`: tch computes its log-softmax in float32.
-            out.logits_btv.view([-1, 32]).log_softmax(-1, Kind::Double).nll_loss(&targets.view([-1]))
+            out.logits_btv
+                .view([-1, 32])
+                .log_softmax(-1, Kind::Double)
+                .nll_loss(&targets.view([-1]))
         };
         loss().backward();
         let eps = 1e-6;
@@ -454,13 +593,27 @@ mod tests {
     /// model (8 mantissa bits through ~10 chained matmuls: 5% of the logit scale).
     #[test]
     fn bf16_compute_is_close_to_f32() {
-        let lm = TransformerLm::new(&model_cfg(), &moe_cfg(), ParallelInfo::single(), 10, Device::Cpu).unwrap();
+        let lm = TransformerLm::new(
+            &model_cfg(),
+            &moe_cfg(),
+            ParallelInfo::single(),
+            10,
+            Device::Cpu,
+        )
+        .unwrap();
         let toks = tokens(2, 8, 0);
-        let f = lm.forward(&toks, &ctx(&Dispatcher::Local, Kind::Float)).unwrap();
-        let h = lm.forward(&toks, &ctx(&Dispatcher::Local, Kind::BFloat16)).unwrap();
+        let f = lm
+            .forward(&toks, &ctx(&Dispatcher::Local, Kind::Float))
+            .unwrap();
+        let h = lm
+            .forward(&toks, &ctx(&Dispatcher::Local, Kind::BFloat16))
+            .unwrap();
         assert_eq!(h.logits_btv.kind(), Kind::Float);
         assert_eq!(h.aux_loss.kind(), Kind::Float);
-        let err = (&f.logits_btv - &h.logits_btv).abs().max().double_value(&[]);
+        let err = (&f.logits_btv - &h.logits_btv)
+            .abs()
+            .max()
+            .double_value(&[]);
         let scale = f.logits_btv.abs().max().double_value(&[]);
         assert!(err <= 0.05 * scale, "err {err} scale {scale}");
         assert!(err > 0.0);
@@ -468,7 +621,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_tokens() {
-        let lm = TransformerLm::new(&model_cfg(), &dense_cfg(), ParallelInfo::single(), 11, Device::Cpu).unwrap();
+        let lm = TransformerLm::new(
+            &model_cfg(),
+            &dense_cfg(),
+            ParallelInfo::single(),
+            11,
+            Device::Cpu,
+        )
+        .unwrap();
         let c = ctx(&Dispatcher::Local, Kind::Float);
         assert!(lm.forward(&tokens(1, 17, 0), &c).is_err());
         assert!(lm.forward(&tokens(1, 4, 0).view([-1]), &c).is_err());

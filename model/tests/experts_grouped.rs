@@ -225,3 +225,24 @@ fn params_are_expert_sharded_under_global_ids() {
         "{std_down} / {std_gate}"
     );
 }
+
+#[test]
+fn bf16_rows_run_and_match_f32_loosely() {
+    // bf16 has 8 mantissa bits: 3e-2 relative covers the rounding of inputs, weights and the
+    // hidden activations.
+    let (d, h) = (8, 16);
+    let x = rows_input(9, d, 21);
+    let rows = [4i64, 0, 5];
+    for imp in [ExpertImpl::Grouped, ExpertImpl::Sequential] {
+        let ex = experts(d, h, 3, imp);
+        let y32 = ex.forward(&x, &rows).unwrap();
+        let y16 = ex.forward(&x.to_kind(Kind::BFloat16), &rows).unwrap();
+        assert_eq!(y16.kind(), Kind::BFloat16);
+        let diff = (y16.to_kind(Kind::Float) - &y32)
+            .abs()
+            .max()
+            .double_value(&[]);
+        let scale = y32.abs().max().double_value(&[]);
+        assert!(diff <= 3e-2 * scale, "{imp:?}: {diff} vs {scale}");
+    }
+}

@@ -31,7 +31,11 @@ pub fn sync_gradients(params: &[Param], groups: &ProcessGroups) -> Result<()> {
 
 /// [`sync_gradients`] with buckets of at most `bucket_elems` elements (a parameter larger
 /// than that travels alone).
-pub fn sync_gradients_bucketed(params: &[Param], groups: &ProcessGroups, bucket_elems: i64) -> Result<()> {
+pub fn sync_gradients_bucketed(
+    params: &[Param],
+    groups: &ProcessGroups,
+    bucket_elems: i64,
+) -> Result<()> {
     if groups.world_size <= 1 {
         return Ok(());
     }
@@ -59,7 +63,7 @@ pub fn sync_gradients_bucketed(params: &[Param], groups: &ProcessGroups, bucket_
                 reduce_bucket(bucket, &groups.expert_dp, scale)?;
             } else {
                 for g in bucket {
-                    g.shallow_clone().f_mul_scalar_(scale)?;
+                    let _ = g.shallow_clone().f_mul_scalar_(scale)?;
                 }
             }
         }
@@ -75,7 +79,8 @@ fn buckets(grads: &[Tensor], cap: i64) -> Vec<&[Tensor]> {
     let mut elems = 0;
     for (i, g) in grads.iter().enumerate() {
         let n = g.numel() as i64;
-        let compatible = i == start || (g.kind() == grads[start].kind() && g.device() == grads[start].device());
+        let compatible =
+            i == start || (g.kind() == grads[start].kind() && g.device() == grads[start].device());
         if i > start && (!compatible || elems + n > cap) {
             out.push(&grads[start..i]);
             start = i;
@@ -91,12 +96,16 @@ fn buckets(grads: &[Tensor], cap: i64) -> Vec<&[Tensor]> {
 
 /// All-reduces one bucket as a single flat tensor, scales it, and copies it back.
 fn reduce_bucket(bucket: &[Tensor], comm: &SharedComm, scale: f64) -> Result<()> {
-    let flat_parts = bucket.iter().map(|g| g.f_reshape([-1])).collect::<std::result::Result<Vec<_>, _>>()?;
+    let flat_parts = bucket
+        .iter()
+        .map(|g| g.f_reshape([-1]))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let flat = Tensor::f_cat(&flat_parts, 0)?;
     let summed = lock(comm)?.all_reduce_sum(&flat)?;
     let sizes: Vec<i64> = bucket.iter().map(|g| g.numel() as i64).collect();
     for (g, chunk) in bucket.iter().zip(summed.f_split_with_sizes(&sizes, 0)?) {
-        g.shallow_clone().f_copy_(&chunk.f_mul_scalar(scale)?.f_view(g.size().as_slice())?)?;
+        g.shallow_clone()
+            .f_copy_(&chunk.f_mul_scalar(scale)?.f_view(g.size().as_slice())?)?;
     }
     Ok(())
 }
@@ -111,13 +120,20 @@ pub fn clip_grad_norm(params: &[Param], groups: &ProcessGroups, max_norm: f64) -
     let device = params.first().map_or(Device::Cpu, |p| p.tensor.device());
     let grads: Vec<(Tensor, bool)> = params
         .iter()
-        .map(|p| Ok((p.tensor.f_grad()?, matches!(p.kind, ParamKind::Expert { .. }))))
+        .map(|p| {
+            Ok((
+                p.tensor.f_grad()?,
+                matches!(p.kind, ParamKind::Expert { .. }),
+            ))
+        })
         .collect::<Result<_>>()?;
     let total = tch::no_grad(|| -> Result<f64> {
         let sum_sq = |expert: bool| -> Result<Tensor> {
             let mut acc = Tensor::f_zeros([1], (Kind::Double, device))?;
             for (g, _) in grads.iter().filter(|(g, e)| *e == expert && g.defined()) {
-                let norm = g.f_reshape([-1])?.f_linalg_norm(2.0, None::<&[i64]>, false, Kind::Double)?;
+                let norm =
+                    g.f_reshape([-1])?
+                        .f_linalg_norm(2.0, None::<&[i64]>, false, Kind::Double)?;
                 acc = acc.f_add(&norm.f_square()?.f_to_device(device)?)?;
             }
             Ok(acc)
@@ -134,7 +150,7 @@ pub fn clip_grad_norm(params: &[Param], groups: &ProcessGroups, max_norm: f64) -
         let coef = max_norm / (total + 1e-6);
         tch::no_grad(|| -> Result<()> {
             for (g, _) in grads.iter().filter(|(g, _)| g.defined()) {
-                g.shallow_clone().f_mul_scalar_(coef)?;
+                let _ = g.shallow_clone().f_mul_scalar_(coef)?;
             }
             Ok(())
         })?;
@@ -149,7 +165,9 @@ mod tests {
 
     /// Deterministic gradient values of parameter `which` on world rank `rank`.
     fn grad_vals(rank: usize, which: usize, len: usize) -> Vec<f32> {
-        (0..len).map(|i| ((rank * 7 + i * 3 + which * 5) % 11) as f32 * 0.25 - 1.0).collect()
+        (0..len)
+            .map(|i| ((rank * 7 + i * 3 + which * 5) % 11) as f32 * 0.25 - 1.0)
+            .collect()
     }
 
     /// Two dense parameters (sizes 5 and 3) and one expert tensor `[1, 4]` (one local expert
@@ -168,11 +186,15 @@ mod tests {
         ps.push(Param {
             name: "e".into(),
             tensor: Tensor::zeros([1, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true),
-            kind: ParamKind::Expert { first_global: ep_rank as i64, num_local: 1 },
+            kind: ParamKind::Expert {
+                first_global: ep_rank as i64,
+                num_local: 1,
+            },
             weight_decay: true,
         });
         for (which, p) in ps.iter().enumerate() {
-            let g = Tensor::from_slice(&grad_vals(rank, which, p.tensor.numel())).view(p.tensor.size().as_slice());
+            let g = Tensor::from_slice(&grad_vals(rank, which, p.tensor.numel()))
+                .view(p.tensor.size().as_slice());
             (&p.tensor * g).sum(Kind::Float).backward();
         }
         ps
@@ -211,7 +233,13 @@ mod tests {
             (0..world).filter(|r| r % ep == rank % ep).collect()
         };
         (0..len)
-            .map(|i| peers.iter().map(|r| f64::from(grad_vals(*r, which, len)[i])).sum::<f64>() / world as f64)
+            .map(|i| {
+                peers
+                    .iter()
+                    .map(|r| f64::from(grad_vals(*r, which, len)[i]))
+                    .sum::<f64>()
+                    / world as f64
+            })
             .collect()
     }
 
@@ -220,7 +248,12 @@ mod tests {
     /// path). Values are multiples of 1/4 summed over <= 4 ranks: float32 exact to 1e-6.
     #[test]
     fn sync_averages_dense_and_expert_gradients() {
-        for (world, ep, cap) in [(2, 2, BUCKET_ELEMS), (4, 2, BUCKET_ELEMS), (2, 1, BUCKET_ELEMS), (4, 2, 4)] {
+        for (world, ep, cap) in [
+            (2, 2, BUCKET_ELEMS),
+            (4, 2, BUCKET_ELEMS),
+            (2, 1, BUCKET_ELEMS),
+            (4, 2, 4),
+        ] {
             let results = run_ranks(world, ep, move |rank, groups| {
                 let ps = make_params(rank, groups.ep_rank);
                 sync_gradients_bucketed(&ps, &groups, cap).unwrap();
@@ -230,7 +263,10 @@ mod tests {
                 for (which, g) in grads.iter().enumerate() {
                     let want = expected(rank, world, ep, which, g.len());
                     for (a, b) in g.iter().zip(&want) {
-                        assert!((a - b).abs() < 1e-6, "W={world} P={ep} rank {rank} param {which}: {g:?} vs {want:?}");
+                        assert!(
+                            (a - b).abs() < 1e-6,
+                            "W={world} P={ep} rank {rank} param {which}: {g:?} vs {want:?}"
+                        );
                     }
                 }
             }
@@ -240,7 +276,13 @@ mod tests {
     #[test]
     fn buckets_respect_cap_and_kind() {
         let t = |n: i64, k: Kind| Tensor::zeros([n], (k, Device::Cpu));
-        let gs = [t(3, Kind::Float), t(3, Kind::Float), t(10, Kind::Float), t(1, Kind::Double), t(1, Kind::Double)];
+        let gs = [
+            t(3, Kind::Float),
+            t(3, Kind::Float),
+            t(10, Kind::Float),
+            t(1, Kind::Double),
+            t(1, Kind::Double),
+        ];
         let lens: Vec<usize> = buckets(&gs, 6).iter().map(|b| b.len()).collect();
         assert_eq!(lens, vec![2, 1, 2]);
         assert_eq!(buckets(&gs[..3], BUCKET_ELEMS).len(), 1);
@@ -259,9 +301,17 @@ mod tests {
             sync_gradients(&ps, &groups).unwrap();
             let synced: Vec<Vec<f64>> = ps.iter().map(grad).collect();
             let norm = clip_grad_norm(&ps, &groups, 0.0).unwrap();
-            assert_eq!(ps.iter().map(grad).collect::<Vec<_>>(), synced, "max_norm 0 must not clip");
+            assert_eq!(
+                ps.iter().map(grad).collect::<Vec<_>>(),
+                synced,
+                "max_norm 0 must not clip"
+            );
             let big = clip_grad_norm(&ps, &groups, norm * 2.0).unwrap();
-            assert_eq!(ps.iter().map(grad).collect::<Vec<_>>(), synced, "norm below max must not clip");
+            assert_eq!(
+                ps.iter().map(grad).collect::<Vec<_>>(),
+                synced,
+                "norm below max must not clip"
+            );
             let before = clip_grad_norm(&ps, &groups, norm / 2.0).unwrap();
             let after = clip_grad_norm(&ps, &groups, 0.0).unwrap();
             let clipped: Vec<Vec<f64>> = ps.iter().map(grad).collect();
@@ -274,16 +324,25 @@ mod tests {
         // Expert grads differ between EP ranks, so counting one rank's experts would fail.
         assert!((sq(&results[0].4[2]) - sq(&results[1].4[2])).abs() > 1e-3);
         for (rank, (norm, big, before, after, synced, clipped)) in results.iter().enumerate() {
-            assert!((norm - want).abs() <= 1e-5 * want, "rank {rank}: {norm} vs {want}");
+            assert!(
+                (norm - want).abs() <= 1e-5 * want,
+                "rank {rank}: {norm} vs {want}"
+            );
             assert_eq!(norm, big);
             assert_eq!(norm, before);
             let coef = (want / 2.0) / (want + 1e-6);
             for (g, c) in synced.iter().zip(clipped) {
                 for (a, b) in g.iter().zip(c) {
-                    assert!((a * coef - b).abs() <= 1e-6, "rank {rank}: {a} * {coef} vs {b}");
+                    assert!(
+                        (a * coef - b).abs() <= 1e-6,
+                        "rank {rank}: {a} * {coef} vs {b}"
+                    );
                 }
             }
-            assert!((after - want / 2.0).abs() <= 1e-5 * want, "rank {rank}: after {after}");
+            assert!(
+                (after - want / 2.0).abs() <= 1e-5 * want,
+                "rank {rank}: after {after}"
+            );
         }
     }
 

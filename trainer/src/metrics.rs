@@ -134,7 +134,9 @@ impl MetricsWriter {
             .map_err(|e| TrainError::Other(format!("serialising a metrics record: {e}")))?;
         line.push(b'\n');
         // One write per line, unbuffered: the line reaches the file before this returns.
-        self.file.write_all(&line).map_err(|e| TrainError::io(&self.path, e))?;
+        self.file
+            .write_all(&line)
+            .map_err(|e| TrainError::io(&self.path, e))?;
         self.file.flush().map_err(|e| TrainError::io(&self.path, e))
     }
 }

@@ -67,9 +67,9 @@ impl AdamW {
     pub fn step(&mut self, params: &[Param], lr: f64) -> Result<()> {
         self.check_params(params)?;
         self.step += 1;
-        let t = self.step as i32;
-        let bias1 = 1.0 - self.beta1.powi(t);
-        let bias2_sqrt = (1.0 - self.beta2.powi(t)).sqrt();
+        let t = self.step as f64;
+        let bias1 = 1.0 - self.beta1.powf(t);
+        let bias2_sqrt = (1.0 - self.beta2.powf(t)).sqrt();
         let step_size = lr / bias1;
         tch::no_grad(|| -> Result<()> {
             for (p, slot) in params.iter().zip(self.slots.iter_mut()) {
@@ -78,16 +78,22 @@ impl AdamW {
                     continue;
                 }
                 let g = grad.f_to_kind(Kind::Float)?;
-                slot.exp_avg.f_lerp_(&g, 1.0 - self.beta1)?;
-                slot.exp_avg_sq.f_mul_scalar_(self.beta2)?;
-                slot.exp_avg_sq.f_add_(&g.f_square()?.f_mul_scalar(1.0 - self.beta2)?)?;
-                let denom = slot.exp_avg_sq.f_sqrt()?.f_div_scalar(bias2_sqrt)?.f_add_scalar(self.eps)?;
+                let _ = slot.exp_avg.f_lerp_(&g, 1.0 - self.beta1)?;
+                let _ = slot.exp_avg_sq.f_mul_scalar_(self.beta2)?;
+                let _ = slot
+                    .exp_avg_sq
+                    .f_add_(&g.f_square()?.f_mul_scalar(1.0 - self.beta2)?)?;
+                let denom = slot
+                    .exp_avg_sq
+                    .f_sqrt()?
+                    .f_div_scalar(bias2_sqrt)?
+                    .f_add_scalar(self.eps)?;
                 let update = slot.exp_avg.f_div(&denom)?.f_mul_scalar(step_size)?;
                 let mut w = p.tensor.shallow_clone();
                 if p.weight_decay && self.weight_decay != 0.0 {
-                    w.f_mul_scalar_(1.0 - lr * self.weight_decay)?;
+                    let _ = w.f_mul_scalar_(1.0 - lr * self.weight_decay)?;
                 }
-                w.f_sub_(&update.f_to_kind(w.kind())?)?;
+                let _ = w.f_sub_(&update.f_to_kind(w.kind())?)?;
             }
             Ok(())
         })
@@ -100,7 +106,10 @@ impl AdamW {
             .flat_map(|s| {
                 [
                     (format!("{}.exp_avg", s.name), s.exp_avg.shallow_clone()),
-                    (format!("{}.exp_avg_sq", s.name), s.exp_avg_sq.shallow_clone()),
+                    (
+                        format!("{}.exp_avg_sq", s.name),
+                        s.exp_avg_sq.shallow_clone(),
+                    ),
                 ]
             })
             .collect()
@@ -116,11 +125,14 @@ impl AdamW {
     pub fn load_state(&mut self, named: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
             for slot in &mut self.slots {
-                for (suffix, dst) in [("exp_avg", &mut slot.exp_avg), ("exp_avg_sq", &mut slot.exp_avg_sq)] {
+                for (suffix, dst) in [
+                    ("exp_avg", &mut slot.exp_avg),
+                    ("exp_avg_sq", &mut slot.exp_avg_sq),
+                ] {
                     let key = format!("{}.{suffix}", slot.name);
-                    let src = named
-                        .get(&key)
-                        .ok_or_else(|| TrainError::Other(format!("optimizer state has no {key}")))?;
+                    let src = named.get(&key).ok_or_else(|| {
+                        TrainError::Other(format!("optimizer state has no {key}"))
+                    })?;
                     if src.size() != dst.size() {
                         return Err(TrainError::Other(format!(
                             "optimizer state {key} has shape {:?}, the parameter needs {:?}",
@@ -139,7 +151,10 @@ impl AdamW {
 
     fn check_params(&self, params: &[Param]) -> Result<()> {
         let same = params.len() == self.slots.len()
-            && params.iter().zip(&self.slots).all(|(p, s)| p.name == s.name && p.tensor.size() == s.exp_avg.size());
+            && params
+                .iter()
+                .zip(&self.slots)
+                .all(|(p, s)| p.name == s.name && p.tensor.size() == s.exp_avg.size());
         if same {
             Ok(())
         } else {
@@ -172,11 +187,19 @@ mod tests {
         if grad.defined() {
             let _ = grad.zero_();
         }
-        (&p.tensor * Tensor::from_slice(g)).sum(Kind::Float).backward();
+        (&p.tensor * Tensor::from_slice(g))
+            .sum(Kind::Float)
+            .backward();
     }
 
     fn cfg() -> TrainerConfig {
-        TrainerConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, ..TrainerConfig::default() }
+        TrainerConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            ..TrainerConfig::default()
+        }
     }
 
     /// The torch.optim.AdamW formula run in f64 on the host, scalar by scalar.
@@ -210,7 +233,10 @@ mod tests {
         set_grad(&p[0], &[-1.0]);
         opt.step(&p, 0.1).unwrap();
         let want = 0.8811 - 0.1 * (0.08 / 0.19) / (0.24f64 / 0.0975).sqrt();
-        assert!((want - 0.854_263_055_2).abs() < 1e-9, "hand arithmetic {want}");
+        assert!(
+            (want - 0.854_263_055_2).abs() < 1e-9,
+            "hand arithmetic {want}"
+        );
         assert!((p[0].tensor.double_value(&[0]) - want).abs() < 1e-6);
         assert_eq!(opt.step_count(), 2);
     }
@@ -241,7 +267,11 @@ mod tests {
                 let gs: Vec<f64> = grads.iter().map(|g| f64::from(g[i])).collect();
                 let want = reference(f64::from(p0[i]), &gs, 1e-2, wd, &c);
                 let got = p.tensor.double_value(&[i as i64]);
-                assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{} [{i}]: {got} vs {want}", p.name);
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "{} [{i}]: {got} vs {want}",
+                    p.name
+                );
             }
         }
         // Decay made a difference where p != 0 (so the test can fail).
@@ -259,7 +289,9 @@ mod tests {
         assert_eq!(state.len(), 4);
         assert_eq!(state[0].0, "a.exp_avg");
         assert_eq!(state[3].0, "b.exp_avg_sq");
-        assert!(state.iter().all(|(_, t)| t.kind() == Kind::Float && t.device() == Device::Cpu));
+        assert!(state
+            .iter()
+            .all(|(_, t)| t.kind() == Kind::Float && t.device() == Device::Cpu));
         assert_eq!(state[2].1.double_value(&[0]), 0.0);
     }
 
@@ -272,7 +304,8 @@ mod tests {
         let mut oa = AdamW::new(&a, &c).unwrap();
         set_grad(&a[0], &[0.3, -0.7]);
         oa.step(&a, 0.05).unwrap();
-        let named: HashMap<String, Tensor> = oa.state().into_iter().map(|(k, v)| (k, v.copy())).collect();
+        let named: HashMap<String, Tensor> =
+            oa.state().into_iter().map(|(k, v)| (k, v.copy())).collect();
         let mut ob = AdamW::new(&b, &c).unwrap();
         ob.load_state(&named, oa.step_count()).unwrap();
         tch::no_grad(|| b[0].tensor.shallow_clone().copy_(&a[0].tensor));
@@ -281,8 +314,12 @@ mod tests {
         oa.step(&a, 0.05).unwrap();
         ob.step(&b, 0.05).unwrap();
         assert!(a[0].tensor.equal(&b[0].tensor));
-        let mut bad = named.clone();
-        bad.insert("w.exp_avg".into(), Tensor::zeros([3], (Kind::Float, Device::Cpu)));
+        let mut bad: HashMap<String, Tensor> =
+            named.iter().map(|(k, v)| (k.clone(), v.copy())).collect();
+        bad.insert(
+            "w.exp_avg".into(),
+            Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+        );
         assert!(ob.load_state(&bad, 1).is_err());
         bad.remove("w.exp_avg");
         assert!(ob.load_state(&bad, 1).is_err());

@@ -37,7 +37,8 @@ impl ProgressInfo {
     /// after a resume [`Progress::update`] replaces it with the rate it observes itself.
     pub fn from_record(r: &TrainRecord, max_steps: u64, elapsed: Duration) -> Self {
         let elapsed_s = elapsed.as_secs_f64();
-        let eta_s = (r.step > 0).then(|| elapsed_s / r.step as f64 * max_steps.saturating_sub(r.step) as f64);
+        let eta_s = (r.step > 0)
+            .then(|| elapsed_s / r.step as f64 * max_steps.saturating_sub(r.step) as f64);
         Self {
             step: r.step,
             max_steps,
@@ -120,7 +121,12 @@ impl Progress {
 
     /// Forces live (`true`) or plain (`false`) output.
     pub fn with_mode(max_steps: u64, live: bool) -> Self {
-        Self { max_steps, live, current: None, first: None }
+        Self {
+            max_steps,
+            live,
+            current: None,
+            first: None,
+        }
     }
 
     /// Shows `info` (its `max_steps` is replaced by this progress's).
@@ -139,7 +145,10 @@ impl Progress {
     /// The line for `info`, with the ETA from the rate seen since the first update (so a
     /// resumed run, whose step count includes steps run earlier, still gets it right).
     fn line_for(&mut self, info: &ProgressInfo) -> String {
-        let mut info = ProgressInfo { max_steps: self.max_steps, ..info.clone() };
+        let mut info = ProgressInfo {
+            max_steps: self.max_steps,
+            ..info.clone()
+        };
         match self.first {
             Some((s0, t0)) if info.step > s0 => {
                 let per_step = (info.elapsed_s - t0) / (info.step - s0) as f64;
@@ -199,7 +208,11 @@ mod tests {
             "step  42/200 | loss 2.3457 | aux 0.0102 | z 0.0003 | drop 1.25% | imb 1.34 | \
              12.3k tok/s | lr 3.00e-3 | eta 1m05s"
         );
-        let p = ProgressInfo { eta_s: None, tokens_per_s: 2.5e6, ..p };
+        let p = ProgressInfo {
+            eta_s: None,
+            tokens_per_s: 2.5e6,
+            ..p
+        };
         assert!(format_progress(&p).ends_with("2.50M tok/s | lr 3.00e-3 | eta --"));
     }
 
@@ -216,11 +229,20 @@ mod tests {
     /// 50 steps in 100 s -> 2 s/step; 150 steps left -> 300 s.
     #[test]
     fn eta_from_record() {
-        let r = TrainRecord { step: 50, ..Default::default() };
+        let r = TrainRecord {
+            step: 50,
+            ..Default::default()
+        };
         let p = ProgressInfo::from_record(&r, 200, Duration::from_secs(100));
         assert_eq!(p.eta_s, Some(300.0));
-        let r0 = TrainRecord { step: 0, ..Default::default() };
-        assert_eq!(ProgressInfo::from_record(&r0, 200, Duration::from_secs(1)).eta_s, None);
+        let r0 = TrainRecord {
+            step: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            ProgressInfo::from_record(&r0, 200, Duration::from_secs(1)).eta_s,
+            None
+        );
     }
 
     /// Resumed at step 100: the first update (step 110 after 30 s) keeps the record's

@@ -28,7 +28,13 @@ mod tests {
     use super::*;
 
     fn cfg(warmup: u64, max_steps: u64) -> TrainerConfig {
-        TrainerConfig { lr: 1e-3, min_lr: 1e-4, warmup_steps: warmup, max_steps, ..TrainerConfig::default() }
+        TrainerConfig {
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: warmup,
+            max_steps,
+            ..TrainerConfig::default()
+        }
     }
 
     fn close(a: f64, b: f64) -> bool {

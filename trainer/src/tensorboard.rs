@@ -36,7 +36,11 @@ impl TbWriter {
         let base = format!("events.out.tfevents.{}.{}", now as u64, hostname());
         let mut n = 0;
         let (file, path) = loop {
-            let name = if n == 0 { base.clone() } else { format!("{base}.{n}") };
+            let name = if n == 0 {
+                base.clone()
+            } else {
+                format!("{base}.{n}")
+            };
             let path = dir.join(name);
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(f) => break (f, path),
@@ -44,8 +48,15 @@ impl TbWriter {
                 Err(e) => return Err(TrainError::io(&path, e)),
             }
         };
-        let mut w = Self { out: BufWriter::new(file), path };
-        w.write_event(&encode_event(now, 0, EventBody::FileVersion("brain.Event:2")))?;
+        let mut w = Self {
+            out: BufWriter::new(file),
+            path,
+        };
+        w.write_event(&encode_event(
+            now,
+            0,
+            EventBody::FileVersion("brain.Event:2"),
+        ))?;
         w.flush()?;
         Ok(w)
     }
@@ -71,7 +82,9 @@ impl TbWriter {
     }
 
     fn write_event(&mut self, event: &[u8]) -> Result<()> {
-        self.out.write_all(&frame_record(event)).map_err(|e| TrainError::io(&self.path, e))
+        self.out
+            .write_all(&frame_record(event))
+            .map_err(|e| TrainError::io(&self.path, e))
     }
 }
 
@@ -82,7 +95,10 @@ impl Drop for TbWriter {
 }
 
 fn wall_time() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// The host name for the file name (TensorFlow's convention), `localhost` if unknown.
@@ -152,7 +168,8 @@ pub fn frame_record(data: &[u8]) -> Vec<u8> {
 /// CRCs from being trivially zero.
 pub fn masked_crc32c(data: &[u8]) -> u32 {
     let crc = crc32c::crc32c(data);
-    ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
+    // `(crc >> 15) | (crc << 17)` in TensorFlow's crc32c.h.
+    crc.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 const WIRE_VARINT: u64 = 0;
@@ -213,7 +230,9 @@ mod tests {
     #[test]
     fn scalar_event_bytes() {
         let ev = encode_event(0.0, 3, EventBody::Scalars(&[("a", 1.0)]));
-        let mut want = vec![0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0x03, 0x2a, 0x0a, 0x0a, 0x08];
+        let mut want = vec![
+            0x09, 0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0x03, 0x2a, 0x0a, 0x0a, 0x08,
+        ];
         want.extend_from_slice(&[0x0a, 0x01, b'a', 0x15, 0x00, 0x00, 0x80, 0x3f]);
         assert_eq!(ev, want);
     }

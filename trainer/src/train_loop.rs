@@ -8,7 +8,7 @@
 //! a signal) come from the all-reduced statistics, so every rank takes the same branch and
 //! none is left waiting in a collective.
 
-use crate::checkpoint::{self, Checkpointer};
+use crate::checkpoint::{load_for_rank, Checkpointer, ExpertSlot, Snapshot};
 use crate::config::ExperimentConfig;
 use crate::data::{self, Batch, Dataset, Prefetcher, Split};
 use crate::grad_sync::{clip_grad_norm, sync_gradients};
@@ -21,9 +21,8 @@ use crate::{Result, TrainError};
 use moe_comm::{lock, ProcessGroups};
 use moe_model::dispatcher::Dispatcher;
 use moe_model::moe_layer::MoeStats;
-use moe_model::router::update_expert_bias;
 use moe_model::transformer::{LmForward, ParallelInfo, TransformerLm};
-use moe_model::{Param, ParamKind};
+use moe_model::Param;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -154,7 +153,7 @@ pub fn train(
         cfg.run.seed,
         device,
     )?;
-    let dispatcher = make_dispatcher(&groups);
+    let dispatcher = Dispatcher::from_groups(&groups);
     let params = model.params();
     let compute_kind = match cfg.trainer.precision {
         crate::config::Precision::Fp32 => Kind::Float,
@@ -163,21 +162,6 @@ pub fn train(
     let mut rank =
         Rank { cfg, groups, device, compute_kind, model, dispatcher, params, opts, printing };
     rank.run(dataset)
-}
-
-/// The dispatcher for these groups: local when this process is the whole world, else the
-/// all-to-all one (with EP size 1 it still all-reduces the router statistics over the world).
-pub fn make_dispatcher(groups: &ProcessGroups) -> Dispatcher {
-    if groups.world_size == 1 {
-        Dispatcher::Local
-    } else {
-        Dispatcher::AllToAll {
-            ep: groups.ep.clone(),
-            world: groups.world.clone(),
-            ep_rank: groups.ep_rank as i64,
-            ep_size: groups.ep_size as i64,
-        }
-    }
 }
 
 impl Rank<'_> {
@@ -208,13 +192,14 @@ impl Rank<'_> {
             metrics = Some(MetricsWriter::open(&out_dir, start_step > 0)?);
             tb = Some(TbWriter::new(&out_dir)?);
         }
+        let g = &self.groups;
         let mut checkpointer = Checkpointer::new(
             &ckpt_dir,
             cfg.checkpoint.keep,
-            self.groups.world_rank,
-            self.groups.world_size,
-            self.groups.ep_rank,
-            self.groups.ep_size,
+            g.world_rank as i64,
+            g.ep_rank as i64,
+            g.ep_size as i64,
+            g.world_size as i64,
         )?;
 
         let world = self.groups.world_size as i64;
@@ -464,9 +449,8 @@ impl Rank<'_> {
             return Ok(());
         }
         for (layer, moe) in self.model.moe_layers() {
-            let Some(bias) = moe.expert_bias() else { continue };
             if let Some((_, s)) = layer_stats.iter().find(|(l, _)| *l == layer) {
-                update_expert_bias(bias, &s.topk_load_e, self.cfg.moe.bias_update_rate)?;
+                moe.update_expert_bias(s)?;
             }
         }
         Ok(())
@@ -567,7 +551,7 @@ impl Rank<'_> {
                     ),
                 }));
             }
-            if !s.probs_ok {
+            if !s.probs_sum_ok {
                 return Err(TrainError::Model(moe_model::ModelError::Invariant {
                     layer: *layer,
                     msg: format!("step {}: routing weights not finite or not normalised as configured", step + 1),
@@ -588,65 +572,27 @@ impl Rank<'_> {
         step: u64,
         _why: &str,
     ) -> Result<Option<PathBuf>> {
-        let snapshot = checkpoint::Snapshot::capture(
+        let snapshot = Snapshot {
             step,
-            &self.params,
-            &self.model.buffers(),
-            optimizer,
-            serde_json::json!({ "data_step": step, "seed": self.cfg.run.seed }),
-            serde_json::to_string(self.cfg)
+            optim_step: optimizer.step_count(),
+            // The data order is a pure function of (seed, step): the step is the data cursor.
+            extra: serde_json::json!({ "data_step": step, "seed": self.cfg.run.seed }),
+            config_yaml: serde_json::to_string_pretty(self.cfg)
                 .map_err(|e| TrainError::Other(format!("serialising the config: {e}")))?,
-        )?;
+            ..Snapshot::from_params(&self.params, &self.model.buffers(), optimizer.state())?
+        };
         let path = checkpointer.save(snapshot)?;
         Ok(Some(path))
     }
 
     /// Loads weights, buffers and optimizer state for this rank; returns the step to resume at.
     fn restore(&mut self, path: &std::path::Path, optimizer: &mut AdamW) -> Result<u64> {
-        let experts: Vec<(String, i64, i64)> = self
-            .params
-            .iter()
-            .filter_map(|p| match p.kind {
-                ParamKind::Expert { first_global, num_local } => {
-                    Some((p.name.clone(), first_global, num_local))
-                }
-                ParamKind::Dense => None,
-            })
-            .collect();
-        let loaded = checkpoint::load_for_rank(path, self.groups.ep_rank, self.groups.ep_size, &experts)?;
-        let _guard = tch::no_grad_guard();
-        for p in &self.params {
-            let src = match p.kind {
-                ParamKind::Dense => loaded.dense.get(&p.name),
-                ParamKind::Expert { .. } => loaded.experts.get(&p.name),
-            };
-            let src = src.ok_or_else(|| TrainError::Checkpoint {
-                path: path.to_path_buf(),
-                msg: format!("has no tensor for parameter {}", p.name),
-            })?;
-            copy_checked(&p.tensor, src, &p.name, path)?;
-        }
-        for (name, buf) in self.model.buffers() {
-            if let Some(src) = loaded.dense.get(&name) {
-                copy_checked(&buf, src, &name, path)?;
-            }
-        }
-        optimizer.load_state(&loaded.optim, loaded.step)?;
+        let slots = ExpertSlot::from_params(&self.params, self.cfg.moe.num_experts);
+        let loaded = load_for_rank(path, &slots)?;
+        loaded.copy_into(&self.params, &self.model.buffers())?;
+        optimizer.load_state(&loaded.optim, loaded.optim_step)?;
         Ok(loaded.step)
     }
-}
-
-/// Copies `src` into `dst` in place after checking the shape.
-fn copy_checked(dst: &Tensor, src: &Tensor, name: &str, path: &std::path::Path) -> Result<()> {
-    if dst.size() != src.size() {
-        return Err(TrainError::Checkpoint {
-            path: path.to_path_buf(),
-            msg: format!("{name}: checkpoint has shape {:?}, the model {:?}", src.size(), dst.size()),
-        });
-    }
-    let mut d = dst.shallow_clone();
-    d.f_copy_(&src.f_to_device(dst.device())?.f_to_kind(dst.kind())?)?;
-    Ok(())
 }
 
 /// Mean token cross-entropy in float32.

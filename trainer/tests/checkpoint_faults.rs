@@ -201,6 +201,11 @@ fn write_error_surfaces_from_wait_and_keeps_earlier_checkpoints() {
             .collect::<Vec<_>>(),
         [3]
     );
+    // A restarted rank 0 also clears a stray file with a temp-dir name.
+    fs::write(&blocker, b"in the way").unwrap();
+    drop(ckpt);
+    let _ckpt = Checkpointer::new(&dir, 1, 0, 0, 1, 1).unwrap();
+    assert!(!blocker.exists());
 }
 
 #[test]

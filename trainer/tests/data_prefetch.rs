@@ -6,18 +6,28 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 fn dataset() -> Arc<Dataset> {
-    Arc::new(Dataset::from_byte_corpus(Origin::Memory("syn".into()), synthetic::generate(30_000)))
+    Arc::new(Dataset::from_byte_corpus(
+        Origin::Memory("syn".into()),
+        synthetic::generate(30_000),
+    ))
 }
 
 fn spec() -> SamplerSpec {
-    SamplerSpec { seed: 7, seq_len: 16, batch_size: 2, world_size: 2, rank: 1, grad_accum: 2 }
+    SamplerSpec {
+        seed: 7,
+        seq_len: 16,
+        batch_size: 2,
+        world_size: 2,
+        rank: 1,
+        grad_accum: 2,
+    }
 }
 
 fn same(a: &[Batch], b: &[Batch]) -> bool {
     a.len() == b.len()
-        && a.iter().zip(b).all(|(x, y)| {
-            x.inputs_bt.equal(&y.inputs_bt) && x.targets_bt.equal(&y.targets_bt)
-        })
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.inputs_bt.equal(&y.inputs_bt) && x.targets_bt.equal(&y.targets_bt))
 }
 
 #[test]
@@ -30,10 +40,16 @@ fn delivers_steps_in_order_then_errors() {
         let (step, micro) = p.next().unwrap();
         assert_eq!(step, want);
         assert_eq!(micro.len(), 2);
-        assert!(same(&micro, &ds.batches(Split::Train, step, &spec()).unwrap()));
+        assert!(same(
+            &micro,
+            &ds.batches(Split::Train, step, &spec()).unwrap()
+        ));
     }
     let msg = p.next().unwrap_err().to_string();
-    assert!(msg.contains("step 10 requested from a prefetcher of steps ..10"), "{msg}");
+    assert!(
+        msg.contains("step 10 requested from a prefetcher of steps ..10"),
+        "{msg}"
+    );
 }
 
 /// A prefetcher started at step 5 (a resume) yields what steps 5.. of one started at 0 did.
@@ -66,7 +82,8 @@ fn drop_stops_the_thread() {
         drop(p);
         let _ = tx.send(());
     });
-    rx.recv_timeout(Duration::from_secs(20)).expect("dropping the prefetcher did not stop its thread");
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("dropping the prefetcher did not stop its thread");
 }
 
 /// A window longer than the split: the thread sends the error and stops; `next` returns it,
@@ -74,18 +91,32 @@ fn drop_stops_the_thread() {
 #[test]
 fn errors_arrive_through_next() {
     tch::set_num_threads(1);
-    let tiny = Arc::new(Dataset::from_byte_corpus(Origin::Memory("tiny".into()), vec![b'a'; 200]));
-    let long = SamplerSpec { seq_len: 300, ..spec() };
+    let tiny = Arc::new(Dataset::from_byte_corpus(
+        Origin::Memory("tiny".into()),
+        vec![b'a'; 200],
+    ));
+    let long = SamplerSpec {
+        seq_len: 300,
+        ..spec()
+    };
     let mut p = Prefetcher::new(tiny, long, 0, 5, 2).unwrap();
     let msg = p.next().unwrap_err().to_string();
-    assert!(msg.contains("in-memory corpus tiny has 180 tokens in its training split"), "{msg}");
+    assert!(
+        msg.contains("in-memory corpus tiny has 180 tokens in its training split"),
+        "{msg}"
+    );
     let msg = p.next().unwrap_err().to_string();
-    assert!(msg.contains("prefetch thread stopped before step 0"), "{msg}");
+    assert!(
+        msg.contains("prefetch thread stopped before step 0"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn invalid_spec_is_rejected_up_front() {
     let bad = SamplerSpec { rank: 2, ..spec() };
-    let msg = Prefetcher::new(dataset(), bad, 0, 5, 2).unwrap_err().to_string();
+    let msg = Prefetcher::new(dataset(), bad, 0, 5, 2)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("rank (2) must be in 0..2"), "{msg}");
 }

@@ -1,15 +1,25 @@
 //! The sampler: a step's global batch is a pure function of (seed, split, step) and is cut
 //! into rank slices so that every world size sees the same sequences.
 
-use moe_trainer::data::{Batch, Dataset, Origin, SamplerSpec, Split};
 use moe_trainer::data::synthetic;
+use moe_trainer::data::{Batch, Dataset, Origin, SamplerSpec, Split};
 
 fn dataset() -> Dataset {
-    Dataset::from_byte_corpus(Origin::Memory("synthetic-50k".into()), synthetic::generate(50_000))
+    Dataset::from_byte_corpus(
+        Origin::Memory("synthetic-50k".into()),
+        synthetic::generate(50_000),
+    )
 }
 
 fn spec(batch_size: i64, world_size: i64, rank: i64, grad_accum: i64) -> SamplerSpec {
-    SamplerSpec { seed: 1234, seq_len: 24, batch_size, world_size, rank, grad_accum }
+    SamplerSpec {
+        seed: 1234,
+        seq_len: 24,
+        batch_size,
+        world_size,
+        rank,
+        grad_accum,
+    }
 }
 
 fn same(a: &Batch, b: &Batch) -> bool {
@@ -27,9 +37,14 @@ fn global_batch_is_world_size_invariant() {
     let b = 3;
     for accum in [1, 2] {
         for step in [0u64, 1, 17, 1_000_000] {
-            let single = ds.batches(Split::Train, step, &spec(4 * b, 1, 0, accum)).unwrap();
+            let single = ds
+                .batches(Split::Train, step, &spec(4 * b, 1, 0, accum))
+                .unwrap();
             let ranks: Vec<Vec<Batch>> = (0..4)
-                .map(|r| ds.batches(Split::Train, step, &spec(b, 4, r, accum)).unwrap())
+                .map(|r| {
+                    ds.batches(Split::Train, step, &spec(b, 4, r, accum))
+                        .unwrap()
+                })
                 .collect();
             assert_eq!(single.len(), accum as usize);
             for a in 0..accum as usize {
@@ -42,9 +57,14 @@ fn global_batch_is_world_size_invariant() {
                     .collect();
                 let joined = Batch::cat(&parts).unwrap();
                 assert_eq!(joined.batch_size(), 4 * b);
-                assert!(same(&joined, &single[a]), "accum {accum} step {step} micro {a}");
+                assert!(
+                    same(&joined, &single[a]),
+                    "accum {accum} step {step} micro {a}"
+                );
                 let lo = a as i64 * 4 * b;
-                let direct = ds.sequences(Split::Train, step, 1234, 24, lo..lo + 4 * b).unwrap();
+                let direct = ds
+                    .sequences(Split::Train, step, 1234, 24, lo..lo + 4 * b)
+                    .unwrap();
                 assert!(same(&joined, &direct));
             }
         }
@@ -72,10 +92,17 @@ fn deterministic_and_sensitive_to_seed_split_and_step() {
     assert!(same(&a, &ds.batch(Split::Train, 5, &s, 0).unwrap()));
     assert!(same(&a, &dataset().batch(Split::Train, 5, &s, 0).unwrap()));
     assert!(!same(&a, &ds.batch(Split::Train, 6, &s, 0).unwrap()));
-    assert!(!same(&a, &ds.batch(Split::Train, 5, &SamplerSpec { seed: 1235, ..s }, 0).unwrap()));
+    assert!(!same(
+        &a,
+        &ds.batch(Split::Train, 5, &SamplerSpec { seed: 1235, ..s }, 0)
+            .unwrap()
+    ));
     assert!(!same(&a, &ds.batch(Split::Val, 5, &s, 0).unwrap()));
     // Targets are the inputs shifted by one.
-    assert!(a.inputs_bt.narrow(1, 1, 23).equal(&a.targets_bt.narrow(1, 0, 23)));
+    assert!(a
+        .inputs_bt
+        .narrow(1, 1, 23)
+        .equal(&a.targets_bt.narrow(1, 0, 23)));
     assert_eq!(a.inputs_bt.kind(), tch::Kind::Int64);
     assert_eq!(a.inputs_bt.device(), tch::Device::Cpu);
 }
@@ -87,7 +114,9 @@ fn deterministic_and_sensitive_to_seed_split_and_step() {
 fn window_starts_span_the_split() {
     let ds = dataset();
     let n = ds.len(Split::Train) as u64;
-    let starts = ds.window_starts(Split::Train, 3, 1234, 24, 0..4000).unwrap();
+    let starts = ds
+        .window_starts(Split::Train, 3, 1234, 24, 0..4000)
+        .unwrap();
     let max_start = n - 25;
     assert!(starts.iter().all(|&s| s <= max_start));
     assert!(starts.iter().any(|&s| s < max_start / 50));
@@ -97,11 +126,20 @@ fn window_starts_span_the_split() {
 #[test]
 fn bad_requests_are_errors() {
     let ds = dataset();
-    let msg = ds.batch(Split::Train, 0, &spec(2, 2, 2, 1), 0).unwrap_err().to_string();
+    let msg = ds
+        .batch(Split::Train, 0, &spec(2, 2, 2, 1), 0)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("rank (2) must be in 0..2"), "{msg}");
-    let msg = ds.batch(Split::Train, 0, &spec(2, 1, 0, 2), 2).unwrap_err().to_string();
+    let msg = ds
+        .batch(Split::Train, 0, &spec(2, 1, 0, 2), 2)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("micro-batch 2 out of range 0..2"), "{msg}");
-    let long = SamplerSpec { seq_len: 6000, ..spec(1, 1, 0, 1) };
+    let long = SamplerSpec {
+        seq_len: 6000,
+        ..spec(1, 1, 0, 1)
+    };
     let msg = ds.batch(Split::Val, 0, &long, 0).unwrap_err().to_string();
     assert!(msg.contains("5000 tokens in its validation split"), "{msg}");
 }

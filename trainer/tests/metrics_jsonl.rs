@@ -22,7 +22,7 @@ fn awkward(step: u64) -> TrainRecord {
         grad_norm: f64::NAN,
         lr: f64::INFINITY,
         tokens_per_s: f64::NEG_INFINITY,
-        elapsed_s: 12345.678_901_234_567,
+        elapsed_s: 12_345.678_901_234_567,
     }
 }
 
@@ -49,7 +49,11 @@ fn round_trip_is_bit_exact() {
     let dir = scratch("roundtrip");
     let mut w = MetricsWriter::open(&dir, false).unwrap();
     let t = awkward(10);
-    let e = EvalRecord { step: 10, val_loss: 2.0_f64.ln(), val_ppl: 2.0 };
+    let e = EvalRecord {
+        step: 10,
+        val_loss: 2.0_f64.ln(),
+        val_ppl: 2.0,
+    };
     w.write_train(&t).unwrap();
     w.write_eval(&e).unwrap();
     // Flushed per line: visible before the writer is dropped.
@@ -81,10 +85,21 @@ fn round_trip_is_bit_exact() {
 #[test]
 fn append_keeps_and_create_truncates() {
     let dir = scratch("append");
-    let rec = TrainRecord { step: 1, loss: 5.5, ..Default::default() };
-    MetricsWriter::open(&dir, false).unwrap().write_train(&rec).unwrap();
+    let rec = TrainRecord {
+        step: 1,
+        loss: 5.5,
+        ..Default::default()
+    };
+    MetricsWriter::open(&dir, false)
+        .unwrap()
+        .write_train(&rec)
+        .unwrap();
     let mut w = MetricsWriter::open(&dir, true).unwrap();
-    w.write(&MetricsRecord::Train(TrainRecord { step: 2, ..rec.clone() })).unwrap();
+    w.write(&MetricsRecord::Train(TrainRecord {
+        step: 2,
+        ..rec.clone()
+    }))
+    .unwrap();
     let steps: Vec<u64> = read_metrics(w.path())
         .unwrap()
         .iter()
@@ -103,7 +118,14 @@ fn garbled_line_is_reported_with_file_and_line() {
     let dir = scratch("garbled");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("metrics.jsonl");
-    std::fs::write(&path, "{\"kind\":\"eval\",\"step\":1,\"val_loss\":1.0,\"val_ppl\":2.7}\n{\"kind\":\"tr").unwrap();
+    std::fs::write(
+        &path,
+        "{\"kind\":\"eval\",\"step\":1,\"val_loss\":1.0,\"val_ppl\":2.7}\n{\"kind\":\"tr",
+    )
+    .unwrap();
     let msg = read_metrics(&path).unwrap_err().to_string();
-    assert!(msg.contains("metrics.jsonl") && msg.contains("line 2"), "{msg}");
+    assert!(
+        msg.contains("metrics.jsonl") && msg.contains("line 2"),
+        "{msg}"
+    );
 }

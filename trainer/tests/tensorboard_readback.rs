@@ -30,7 +30,11 @@ fn read_back(dir: &Path, args: &[String]) -> (bool, String) {
         .args(args)
         .output()
         .expect("running read_tensorboard.py");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -50,8 +54,14 @@ fn tensorboard_reads_our_scalars() {
         w.scalar("train/loss", step, loss).unwrap();
         args.extend(expect("train/loss", step, loss));
     }
-    let loads: Vec<(String, f32)> =
-        (0..8).map(|e| (format!("moe/layer03/expert_load/e{e:02}"), 0.125 + e as f32 * 0.01)).collect();
+    let loads: Vec<(String, f32)> = (0..8)
+        .map(|e| {
+            (
+                format!("moe/layer03/expert_load/e{e:02}"),
+                0.125 + e as f32 * 0.01,
+            )
+        })
+        .collect();
     let refs: Vec<(&str, f32)> = loads.iter().map(|(t, v)| (t.as_str(), *v)).collect();
     w.scalars(5, &refs).unwrap();
     for (t, v) in &loads {

@@ -21,5 +21,8 @@ pub fn on_threads<T: Send + 'static>(
             std::thread::spawn(move || f(comm))
         })
         .collect();
-    handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("rank thread panicked"))
+        .collect()
 }

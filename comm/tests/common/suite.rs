@@ -70,16 +70,26 @@ fn check_a2a_large(comm: &mut dyn Communicator) -> Check {
     const COLS: i64 = 1024; // 4096 x 1024 f32 = 16 MiB sent by every rank
     let (r, p) = (comm.rank(), comm.size());
     let per = ROWS / p as i64;
-    let n = |_s: usize, d: usize| if d + 1 == p { ROWS - per * (p as i64 - 1) } else { per };
+    let n = |_s: usize, d: usize| {
+        if d + 1 == p {
+            ROWS - per * (p as i64 - 1)
+        } else {
+            per
+        }
+    };
     let fill = |s: usize, d: usize, rows: i64| {
         let b = Tensor::full([rows, COLS], (s * 8 + d) as f64, (Kind::Float, Device::Cpu));
-        let _ = b.narrow(1, 0, 1).copy_(&Tensor::arange(rows, (Kind::Float, Device::Cpu)).unsqueeze(1));
+        let _ = b
+            .narrow(1, 0, 1)
+            .copy_(&Tensor::arange(rows, (Kind::Float, Device::Cpu)).unsqueeze(1));
         b
     };
     let send: Vec<i64> = (0..p).map(|d| n(r, d)).collect();
     let recv: Vec<i64> = (0..p).map(|s| n(s, r)).collect();
     let x = Tensor::cat(&(0..p).map(|d| fill(r, d, send[d])).collect::<Vec<_>>(), 0);
-    let y = comm.all_to_all(&x, &send, &recv).map_err(err("a2a 16 MiB"))?;
+    let y = comm
+        .all_to_all(&x, &send, &recv)
+        .map_err(err("a2a 16 MiB"))?;
     let want = Tensor::cat(&(0..p).map(|s| fill(s, r, recv[s])).collect::<Vec<_>>(), 0);
     expect_eq("a2a 16 MiB", &y, &want)
 }
@@ -98,7 +108,11 @@ fn check_reductions(comm: &mut dyn Communicator) -> Check {
         .all_reduce_sum(&Tensor::from_slice(&[ri, ri * ri]))
         .map_err(err("all_reduce i64"))?;
     let sq: i64 = (0..pi).map(|k| k * k).sum();
-    expect_eq("all_reduce i64", &y, &Tensor::from_slice(&[pi * (pi - 1) / 2, sq]))?;
+    expect_eq(
+        "all_reduce i64",
+        &y,
+        &Tensor::from_slice(&[pi * (pi - 1) / 2, sq]),
+    )?;
 
     let y = comm
         .all_reduce_sum(&Tensor::from_slice(&[r * 0.125]).reshape([1, 1]))
@@ -109,13 +123,18 @@ fn check_reductions(comm: &mut dyn Communicator) -> Check {
     let y = comm
         .all_gather(&Tensor::from_slice(&[r as f32, -(r as f32)]))
         .map_err(err("all_gather"))?;
-    let want: Vec<Tensor> =
-        (0..pi).map(|k| Tensor::from_slice(&[k as f32, -(k as f32)])).collect();
+    let want: Vec<Tensor> = (0..pi)
+        .map(|k| Tensor::from_slice(&[k as f32, -(k as f32)]))
+        .collect();
     expect_eq("all_gather", &y, &Tensor::stack(&want, 0))?;
 
     let root = comm.size() - 1;
     let payload = Tensor::arange(4, (Kind::Int64, Device::Cpu)).reshape([2, 2]) + 100;
-    let x = if comm.rank() == root { payload.copy() } else { payload.zeros_like() };
+    let x = if comm.rank() == root {
+        payload.copy()
+    } else {
+        payload.zeros_like()
+    };
     let y = comm.broadcast(&x, root).map_err(err("broadcast"))?;
     expect_eq("broadcast", &y, &payload)?;
 
@@ -146,14 +165,24 @@ fn check_split(comm: &mut dyn Communicator) -> Check {
     let q = sub.size();
     let x = Tensor::full([q as i64, 1], r as i64, (Kind::Int64, Device::Cpu));
     let ones = vec![1i64; q];
-    let y = sub.all_to_all(&x, &ones, &ones).map_err(err("split all_to_all"))?;
+    let y = sub
+        .all_to_all(&x, &ones, &ones)
+        .map_err(err("split all_to_all"))?;
     let want: Vec<i64> = members.iter().map(|&k| k as i64).collect();
-    expect_eq("split all_to_all", &y, &Tensor::from_slice(&want).reshape([q as i64, 1]))?;
+    expect_eq(
+        "split all_to_all",
+        &y,
+        &Tensor::from_slice(&want).reshape([q as i64, 1]),
+    )?;
     // Parent and child stay independent: interleave collectives on both.
     comm.barrier().map_err(err("parent barrier after split"))?;
     let single = sub.split(sub.rank(), 0).map_err(err("nested split"))?;
     if single.size() != 1 || single.rank() != 0 {
-        return Err(format!("nested split: ({}, {})", single.rank(), single.size()));
+        return Err(format!(
+            "nested split: ({}, {})",
+            single.rank(),
+            single.size()
+        ));
     }
     sub.barrier().map_err(err("child barrier"))
 }
@@ -162,11 +191,32 @@ fn check_split(comm: &mut dyn Communicator) -> Check {
 pub fn run(comm: &mut dyn Communicator) -> Check {
     let n_uneven = |s: usize, d: usize| ((s + 2 * d) % 3) as i64; // includes zero blocks
     check_a2a(comm, "a2a uneven f32", Kind::Float, 3, n_uneven, false)?;
-    check_a2a(comm, "a2a non-contiguous input", Kind::Float, 3, n_uneven, true)?;
+    check_a2a(
+        comm,
+        "a2a non-contiguous input",
+        Kind::Float,
+        3,
+        n_uneven,
+        true,
+    )?;
     let silent_rank0 = |s: usize, d: usize| if s == 0 { 0 } else { (s + d) as i64 };
-    check_a2a(comm, "a2a i64, rank 0 sends nothing", Kind::Int64, 2, silent_rank0, false)?;
+    check_a2a(
+        comm,
+        "a2a i64, rank 0 sends nothing",
+        Kind::Int64,
+        2,
+        silent_rank0,
+        false,
+    )?;
     check_a2a(comm, "a2a all empty", Kind::Float, 4, |_, _| 0, false)?;
-    check_a2a(comm, "a2a bf16", Kind::BFloat16, 2, |s, d| (s * d % 2) as i64 + 1, false)?;
+    check_a2a(
+        comm,
+        "a2a bf16",
+        Kind::BFloat16,
+        2,
+        |s, d| (s * d % 2) as i64 + 1,
+        false,
+    )?;
     check_a2a_large(comm)?;
     check_reductions(comm)?;
     check_split(comm)?;

@@ -73,7 +73,7 @@ pub fn aux_loss(
         .f_to_device(local.probsum_e.device())?
         .f_to_kind(local.probsum_e.kind())?;
     Ok(local
-        .probsum_e.f_detach()?
+        .probsum_e
         .f_mul(&counts_e)?
         .f_sum(local.probsum_e.kind())?
         .f_mul_scalar(scale)?)

@@ -37,7 +37,9 @@ fn main() -> ExitCode {
         node.size()
     );
     if rank_sum != size * (size - 1) / 2 || !big_ok {
-        eprintln!("mpi_hello: rank {rank}: wrong all-reduce (rank_sum {rank_sum}, big_ok {big_ok})");
+        eprintln!(
+            "mpi_hello: rank {rank}: wrong all-reduce (rank_sum {rank_sum}, big_ok {big_ok})"
+        );
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS

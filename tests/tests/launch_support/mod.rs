@@ -16,7 +16,10 @@ pub fn skip(test: &str, reason: &str) {
 
 /// The workspace root (/work/main).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The `target/<profile>` directory this test binary was built into (its parent is `deps`).
@@ -35,7 +38,10 @@ pub struct Finished {
 impl Finished {
     /// Both streams, for assertion messages.
     pub fn dump(&self) -> String {
-        format!("status {:?}\n--- stdout\n{}--- stderr\n{}", self.status, self.stdout, self.stderr)
+        format!(
+            "status {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.status, self.stdout, self.stderr
+        )
     }
 }
 
@@ -59,7 +65,11 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Finished {
     let out = reader(child.stdout.take().unwrap());
     let err = reader(child.stderr.take().unwrap());
     let (status, timed_out) = wait_deadline(&mut child, timeout);
-    let f = Finished { status, stdout: out.join().unwrap(), stderr: err.join().unwrap() };
+    let f = Finished {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    };
     assert!(!timed_out, "{cmd:?} ran past {timeout:?}\n{}", f.dump());
     f
 }
@@ -103,11 +113,16 @@ pub fn is_root() -> bool {
 
 /// `mpirun` on PATH (its absence is a skip reason for tests that need it).
 pub fn have_mpirun() -> bool {
-    Command::new("mpirun").arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// mpirun refuses to run as root without these (the launcher passes --allow-run-as-root
 /// itself; direct mpirun calls in tests need the variables).
 pub fn allow_root(cmd: &mut Command) -> &mut Command {
-    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1").env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
 }

@@ -99,7 +99,12 @@ impl Checkpointer {
             for name in dir_names(&dir)? {
                 if parse_tmp_dir(&name).is_some() || name.ends_with(DELETING_SUFFIX) {
                     let path = dir.join(&name);
-                    fs::remove_dir_all(&path).map_err(|e| TrainError::io(&path, e))?;
+                    let removed = if path.is_dir() {
+                        fs::remove_dir_all(&path)
+                    } else {
+                        fs::remove_file(&path)
+                    };
+                    removed.map_err(|e| TrainError::io(&path, e))?;
                 }
             }
         }
@@ -393,22 +398,29 @@ impl Job {
     }
 }
 
+/// One stacked expert tensor and the `(first_global, num_local)` ranges the ranks hold.
+struct Coverage {
+    entry: ExpertEntry,
+    ranges: Vec<(i64, i64)>,
+}
+
 /// Merges the ranks' expert slices into one entry per stacked tensor, checking that they
 /// agree on shapes and tile `0..E` exactly.
 fn expert_table(tmp: &Path, parts: &[PartMarker]) -> Result<Vec<ExpertEntry>> {
-    let mut by_key: BTreeMap<&str, (ExpertEntry, Vec<(i64, i64)>)> = BTreeMap::new();
+    let mut by_key: BTreeMap<&str, Coverage> = BTreeMap::new();
     for part in parts {
         for e in &part.experts {
-            let (entry, ranges) = by_key.entry(e.key.as_str()).or_insert_with(|| {
-                let entry = ExpertEntry {
-                    key: e.key.clone(),
-                    param: e.param.clone(),
-                    stat: e.stat.clone(),
-                    num_experts: 0,
-                    expert_shape: e.expert_shape.clone(),
-                };
-                (entry, Vec::new())
-            });
+            let Coverage { entry, ranges } =
+                by_key.entry(e.key.as_str()).or_insert_with(|| Coverage {
+                    entry: ExpertEntry {
+                        key: e.key.clone(),
+                        param: e.param.clone(),
+                        stat: e.stat.clone(),
+                        num_experts: 0,
+                        expert_shape: e.expert_shape.clone(),
+                    },
+                    ranges: Vec::new(),
+                });
             if entry.expert_shape != e.expert_shape || entry.param != e.param {
                 return Err(ckpt_err(
                     tmp,
@@ -422,7 +434,14 @@ fn expert_table(tmp: &Path, parts: &[PartMarker]) -> Result<Vec<ExpertEntry>> {
         }
     }
     let mut table = Vec::with_capacity(by_key.len());
-    for (key, (mut entry, mut ranges)) in by_key {
+    for (
+        key,
+        Coverage {
+            mut entry,
+            mut ranges,
+        },
+    ) in by_key
+    {
         ranges.sort_unstable();
         let mut next = 0;
         for &(first, num) in &ranges {

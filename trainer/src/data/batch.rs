@@ -23,7 +23,10 @@ impl Batch {
     pub fn cat(parts: &[Batch]) -> Result<Batch> {
         let inputs: Vec<&Tensor> = parts.iter().map(|b| &b.inputs_bt).collect();
         let targets: Vec<&Tensor> = parts.iter().map(|b| &b.targets_bt).collect();
-        Ok(Batch { inputs_bt: Tensor::f_cat(&inputs, 0)?, targets_bt: Tensor::f_cat(&targets, 0)? })
+        Ok(Batch {
+            inputs_bt: Tensor::f_cat(&inputs, 0)?,
+            targets_bt: Tensor::f_cat(&targets, 0)?,
+        })
     }
 }
 

@@ -50,7 +50,11 @@ pub fn load_dataset(cfg: &DataConfig, vocab: i64) -> Result<Arc<Dataset>> {
         cfg.path.clone().ok_or_else(|| {
             TrainError::Data(format!(
                 "data.path is required when data.source is {}",
-                if cfg.source == DataSource::Text { "text" } else { "tokens" }
+                if cfg.source == DataSource::Text {
+                    "text"
+                } else {
+                    "tokens"
+                }
             ))
         })
     };
@@ -58,7 +62,12 @@ pub fn load_dataset(cfg: &DataConfig, vocab: i64) -> Result<Arc<Dataset>> {
         DataSource::Synthetic => {
             let bytes = synthetic::generate(cfg.synthetic_bytes);
             check_byte_vocab(&bytes, vocab, || "the synthetic corpus".to_string())?;
-            Dataset::from_byte_corpus(Origin::Synthetic { bytes: cfg.synthetic_bytes }, bytes)
+            Dataset::from_byte_corpus(
+                Origin::Synthetic {
+                    bytes: cfg.synthetic_bytes,
+                },
+                bytes,
+            )
         }
         DataSource::Text => {
             let path = need_path()?;
@@ -102,7 +111,11 @@ impl Dataset {
     pub fn from_byte_corpus(origin: Origin, mut bytes: Vec<u8>) -> Self {
         let n_train = bytes.len() * 9 / 10;
         let val = bytes.split_off(n_train);
-        Self { origin, train: TokenStore::from_bytes(bytes), val: TokenStore::from_bytes(val) }
+        Self {
+            origin,
+            train: TokenStore::from_bytes(bytes),
+            val: TokenStore::from_bytes(val),
+        }
     }
 
     /// Where the tokens came from.
@@ -135,17 +148,29 @@ impl Dataset {
                 let (what, part, fix) = match &self.origin {
                     Origin::Synthetic { bytes } => (
                         format!("data.synthetic_bytes ({bytes})"),
-                        if split == Split::Train { "the first 90%" } else { "the last 10%" },
+                        if split == Split::Train {
+                            "the first 90%"
+                        } else {
+                            "the last 10%"
+                        },
                         "raise data.synthetic_bytes or lower data.seq_len",
                     ),
                     Origin::Text(p) => (
                         format!("data.path {}", p.display()),
-                        if split == Split::Train { "the first 90%" } else { "the last 10%" },
+                        if split == Split::Train {
+                            "the first 90%"
+                        } else {
+                            "the last 10%"
+                        },
                         "use a longer file or a smaller data.seq_len",
                     ),
                     Origin::Tokens(p) => (
                         format!("data.path {}", p.display()),
-                        if split == Split::Train { "train.bin" } else { "val.bin" },
+                        if split == Split::Train {
+                            "train.bin"
+                        } else {
+                            "val.bin"
+                        },
                         "use a longer file or a smaller data.seq_len",
                     ),
                     Origin::Memory(name) => (format!("corpus {name}"), "", "use more data"),
@@ -184,7 +209,9 @@ impl Dataset {
         }
         // Starts 0..=n-(t+1): every window of t+1 tokens that fits.
         let num_starts = (n - seq_len) as u64;
-        Ok(range.map(|g| window_start(seed, split, index, g as u64, num_starts)).collect())
+        Ok(range
+            .map(|g| window_start(seed, split, index, g as u64, num_starts))
+            .collect())
     }
 
     /// Windows `range` of global batch `index` of `split` (any slice of any global batch:
@@ -216,11 +243,19 @@ impl Dataset {
                 spec.grad_accum
             )));
         }
-        self.sequences(split, index, spec.seed, spec.seq_len, spec.micro_range(micro))
+        self.sequences(
+            split,
+            index,
+            spec.seed,
+            spec.seq_len,
+            spec.micro_range(micro),
+        )
     }
 
     /// All `spec.grad_accum` micro-batches of this rank for global batch `index`, in order.
     pub fn batches(&self, split: Split, index: u64, spec: &SamplerSpec) -> Result<Vec<Batch>> {
-        (0..spec.grad_accum).map(|a| self.batch(split, index, spec, a)).collect()
+        (0..spec.grad_accum)
+            .map(|a| self.batch(split, index, spec, a))
+            .collect()
     }
 }

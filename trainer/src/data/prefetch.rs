@@ -38,7 +38,9 @@ impl Prefetcher {
             .name("moe-prefetch".into())
             .spawn(move || {
                 for step in start_step..end_step {
-                    let item = dataset.batches(Split::Train, step, &spec).map(|b| (step, b));
+                    let item = dataset
+                        .batches(Split::Train, step, &spec)
+                        .map(|b| (step, b));
                     let failed = item.is_err();
                     // A send error means the consumer is gone: nothing left to do.
                     if tx.send(item).is_err() || failed {
@@ -46,8 +48,15 @@ impl Prefetcher {
                     }
                 }
             })
-            .map_err(|e| TrainError::Other(format!("cannot start the data prefetch thread: {e}")))?;
-        Ok(Self { rx: Some(rx), handle: Some(handle), next_step: start_step, end_step })
+            .map_err(|e| {
+                TrainError::Other(format!("cannot start the data prefetch thread: {e}"))
+            })?;
+        Ok(Self {
+            rx: Some(rx),
+            handle: Some(handle),
+            next_step: start_step,
+            end_step,
+        })
     }
 
     /// The next step and this rank's `grad_accum` micro-batches for it. Asking past
@@ -61,7 +70,10 @@ impl Prefetcher {
                 self.next_step, self.end_step
             )));
         }
-        let rx = self.rx.as_ref().ok_or_else(|| TrainError::Data("prefetcher is closed".into()))?;
+        let rx = self
+            .rx
+            .as_ref()
+            .ok_or_else(|| TrainError::Data("prefetcher is closed".into()))?;
         let item = rx.recv().map_err(|_| {
             TrainError::Data(format!(
                 "the data prefetch thread stopped before step {}",

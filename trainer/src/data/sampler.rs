@@ -101,7 +101,10 @@ impl SamplerSpec {
             return bad(format!("world_size ({}) must be positive", self.world_size));
         }
         if !(0..self.world_size).contains(&self.rank) {
-            return bad(format!("rank ({}) must be in 0..{}", self.rank, self.world_size));
+            return bad(format!(
+                "rank ({}) must be in 0..{}",
+                self.rank, self.world_size
+            ));
         }
         if self.grad_accum <= 0 {
             return bad(format!("grad_accum ({}) must be positive", self.grad_accum));

@@ -37,15 +37,29 @@ impl Gen {
 }
 
 const DETS: &[&str] = &["the", "a", "every", "one", "that"];
-const ADJS: &[&str] = &["small", "red", "quick", "lazy", "old", "bright", "quiet", "happy"];
-const NOUNS: &[&str] = &["cat", "dog", "bird", "child", "river", "robot", "teacher", "garden"];
-const VERBS: &[&str] = &["sees", "likes", "follows", "finds", "helps", "watches", "paints"];
-const PLACES: &[&str] = &["in the park", "near the house", "at night", "by the sea", "today"];
+const ADJS: &[&str] = &[
+    "small", "red", "quick", "lazy", "old", "bright", "quiet", "happy",
+];
+const NOUNS: &[&str] = &[
+    "cat", "dog", "bird", "child", "river", "robot", "teacher", "garden",
+];
+const VERBS: &[&str] = &[
+    "sees", "likes", "follows", "finds", "helps", "watches", "paints",
+];
+const PLACES: &[&str] = &[
+    "in the park",
+    "near the house",
+    "at night",
+    "by the sea",
+    "today",
+];
 const NAMES: &[&str] = &["alpha", "beta", "gamma", "delta", "omega", "sigma"];
 const HOSTS: &[&str] = &["localhost", "db1", "cache", "worker7", "gateway"];
 const SECTIONS: &[&str] = &["server", "database", "logging", "cache", "auth"];
 const IDENTS: &[&str] = &["x", "y", "total", "count", "value", "size", "idx"];
-const WORDS: &[&str] = &["cat", "moon", "river", "stone", "apple", "train", "light", "sugar"];
+const WORDS: &[&str] = &[
+    "cat", "moon", "river", "stone", "apple", "train", "light", "sugar",
+];
 
 /// The first `bytes` bytes of the corpus: printable ASCII and `\n` only.
 pub fn generate(bytes: usize) -> Vec<u8> {
@@ -86,20 +100,24 @@ fn arithmetic(g: &mut Gen) -> String {
 }
 
 fn sentence(g: &mut Gen) -> String {
-    let s = format!(
-        "{} {} {} {} {} {} {}",
-        g.pick(DETS),
-        g.pick(ADJS),
-        g.pick(NOUNS),
-        g.pick(VERBS),
-        g.pick(DETS),
-        g.pick(ADJS),
-        g.pick(NOUNS)
-    );
+    let subject = noun_phrase(g);
+    let verb = g.pick(VERBS);
+    let s = format!("{subject} {verb} {}", noun_phrase(g));
     match g.below(3) {
         0 => format!("{s} {}.", g.pick(PLACES)),
         _ => format!("{s}."),
     }
+}
+
+/// `the red cat`, with `an` before a vowel: one more rule to learn.
+fn noun_phrase(g: &mut Gen) -> String {
+    let (det, adj, noun) = (g.pick(DETS), g.pick(ADJS), g.pick(NOUNS));
+    let det = if det == "a" && adj.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        det
+    };
+    format!("{det} {adj} {noun}")
 }
 
 fn config_line(g: &mut Gen) -> String {
@@ -129,7 +147,10 @@ fn pattern(g: &mut Gen) -> String {
     match g.below(3) {
         0 => {
             let start = g.below(90);
-            (start..start + 8).map(|i| i.to_string()).collect::<Vec<_>>().join(" ")
+            (start..start + 8)
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
         }
         1 => {
             let start = g.below(18) as u8;

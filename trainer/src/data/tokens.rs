@@ -8,7 +8,10 @@ use std::path::Path;
 /// Reads `dir/train.bin` and `dir/val.bin` as raw little-endian bytes after checking each is
 /// present, non-empty, of even length and holds only ids `< vocab`. Errors name the file.
 pub fn read_token_dir(dir: &Path, vocab: i64) -> Result<(Vec<u8>, Vec<u8>)> {
-    let err = |msg: &str| TrainError::File { path: dir.to_path_buf(), msg: msg.into() };
+    let err = |msg: &str| TrainError::File {
+        path: dir.to_path_buf(),
+        msg: msg.into(),
+    };
     if !dir.exists() {
         return Err(err(
             "does not exist (data.path; data.source tokens expects a directory holding \
@@ -21,11 +24,17 @@ pub fn read_token_dir(dir: &Path, vocab: i64) -> Result<(Vec<u8>, Vec<u8>)> {
              val.bin (a UTF-8 file is data.source text)",
         ));
     }
-    Ok((read_bin(&dir.join("train.bin"), vocab)?, read_bin(&dir.join("val.bin"), vocab)?))
+    Ok((
+        read_bin(&dir.join("train.bin"), vocab)?,
+        read_bin(&dir.join("val.bin"), vocab)?,
+    ))
 }
 
 fn read_bin(path: &Path, vocab: i64) -> Result<Vec<u8>> {
-    let err = |msg: String| TrainError::File { path: path.to_path_buf(), msg };
+    let err = |msg: String| TrainError::File {
+        path: path.to_path_buf(),
+        msg,
+    };
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
         ErrorKind::NotFound => err(
             "does not exist; data.source tokens needs train.bin and val.bin in data.path".into(),
@@ -33,7 +42,9 @@ fn read_bin(path: &Path, vocab: i64) -> Result<Vec<u8>> {
         _ => err(format!("cannot be read: {e}")),
     })?;
     if bytes.is_empty() {
-        return Err(err("is empty; expected little-endian uint16 token ids".into()));
+        return Err(err(
+            "is empty; expected little-endian uint16 token ids".into()
+        ));
     }
     if bytes.len() % 2 != 0 {
         return Err(err(format!(

@@ -69,13 +69,12 @@ pub fn global(fx: Fx) -> Vec<(String, Tensor, bool, bool)> {
     ]
 }
 
+/// Named tensors (buffers, optimizer state).
+pub type Named = Vec<(String, Tensor)>;
+
 /// Rank `ep_rank`'s params, buffers and AdamW-style optimizer state
 /// (`exp_avg = 0.5 w`, `exp_avg_sq = w^2`).
-pub fn rank_state(
-    fx: Fx,
-    ep_rank: i64,
-    ep_size: i64,
-) -> (Vec<Param>, Vec<(String, Tensor)>, Vec<(String, Tensor)>) {
+pub fn rank_state(fx: Fx, ep_rank: i64, ep_size: i64) -> (Vec<Param>, Named, Named) {
     let num_local = fx.e / ep_size;
     let first = ep_rank * num_local;
     let (mut params, mut buffers, mut optim) = (Vec::new(), Vec::new(), Vec::new());
