@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod fault;
 pub mod grad_sync;
 pub mod metrics;
 pub mod optim;

@@ -219,6 +219,7 @@ impl Rank<'_> {
             t.max_steps,
             cfg.data.prefetch,
         )?;
+        let faults = crate::fault::from_env()?;
         let mut progress = Progress::new(t.max_steps);
         let mut bad_in_a_row = 0u64;
         let run_start = Instant::now();
@@ -233,7 +234,8 @@ impl Rank<'_> {
                 )));
             }
             let lr = lr_at(step, t);
-            let (local, layer_stats) = self.forward_backward(&micro, step)?;
+            let inject_nan = crate::fault::trigger(&faults, self.groups.world_rank, step + 1)?;
+            let (local, layer_stats) = self.forward_backward(&micro, step, inject_nan)?;
             let mut local = local;
             local.stop = f64::from(u8::from(self.opts.stop.load(Ordering::SeqCst)));
             let global = self.reduce_stats(&local)?;
@@ -367,7 +369,12 @@ impl Rank<'_> {
     /// Forward and backward over the step's micro-batches. Returns this rank's statistics
     /// (losses averaged over micro-batches) and the per-layer router statistics summed over
     /// micro-batches.
-    fn forward_backward(&mut self, micro: &[Batch], step: u64) -> Result<(StepStats, Vec<(i64, MoeStats)>)> {
+    fn forward_backward(
+        &mut self,
+        micro: &[Batch],
+        step: u64,
+        inject_nan: bool,
+    ) -> Result<(StepStats, Vec<(i64, MoeStats)>)> {
         let n_micro = micro.len() as f64;
         let mut stats = StepStats::default();
         let mut layers: Vec<(i64, MoeStats)> = Vec::new();
@@ -383,7 +390,12 @@ impl Rank<'_> {
             };
             let out = self.model.forward(&inputs, &ctx)?;
             let lm_loss = lm_loss(&out.logits_btv, &targets)?;
-            let loss = lm_loss.f_add(&out.aux_loss)?.f_add(&out.z_loss)?;
+            let mut loss = lm_loss.f_add(&out.aux_loss)?.f_add(&out.z_loss)?;
+            let mut lm_loss = lm_loss;
+            if inject_nan {
+                lm_loss = lm_loss.f_mul_scalar(f64::NAN)?;
+                loss = loss.f_mul_scalar(f64::NAN)?;
+            }
             let lm = lm_loss.f_double_value(&[])?;
             let aux = out.aux_loss.f_double_value(&[])?;
             let z = out.z_loss.f_double_value(&[])?;

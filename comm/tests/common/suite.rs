@@ -79,8 +79,7 @@ fn check_a2a_large(comm: &mut dyn Communicator) -> Check {
     };
     let fill = |s: usize, d: usize, rows: i64| {
         let b = Tensor::full([rows, COLS], (s * 8 + d) as f64, (Kind::Float, Device::Cpu));
-        let _ = b
-            .narrow(1, 0, 1)
+        b.narrow(1, 0, 1)
             .copy_(&Tensor::arange(rows, (Kind::Float, Device::Cpu)).unsqueeze(1));
         b
     };
