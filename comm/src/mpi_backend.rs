@@ -95,6 +95,43 @@ impl MpiRuntime {
     pub fn abort(&self, code: i32) -> ! {
         self.universe.world().abort(code)
     }
+
+    /// Makes a panic on any thread of this process abort the whole job (`MPI_Abort`, exit
+    /// code 101 as for an unwinding panic), after printing `rank r of n: panic: ...` and
+    /// running the previous hook (message and backtrace).
+    ///
+    /// Without it a panicking rank unwinds, drops its communicators and blocks in
+    /// `MPI_Finalize`, while its peers block in their next collective: the job hangs.
+    pub fn abort_on_panic(&self) {
+        let (rank, size) = (self.world_rank, self.world_size);
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(non-string payload)".into());
+            let at = info
+                .location()
+                .map(|l| format!(" at {}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            let live = mpi::environment::is_initialized() && !mpi::environment::is_finalized();
+            let then = if live { "; aborting the job" } else { "" };
+            eprintln!("rank {rank} of {size}: panic: {msg}{at}{then}");
+            previous(info);
+            if !live {
+                return; // MPI is over: nothing to abort, the process unwinds as usual.
+            }
+            // SAFETY: MPI is initialised and not finalised (checked above); MPI_Abort may be
+            // called from any thread under MPI_THREAD_MULTIPLE and does not return. The raw
+            // world handle is used because the hook must be 'static and must not keep the
+            // `Universe` (and so MPI) alive.
+            unsafe {
+                mpi::ffi::MPI_Abort(mpi::ffi::RSMPI_COMM_WORLD, 101);
+            }
+        }));
+    }
 }
 
 fn to_usize(x: i32) -> usize {

@@ -102,7 +102,7 @@ fn forward_error_is_returned() {
     let comm = shared(Box::new(moe_comm::LocalComm));
     let x = Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let res = autograd::all_to_all(&comm, &x, vec![3], vec![3]);
-    let msg = res.err().expect("bad splits must fail").to_string();
+    let msg = res.expect_err("bad splits must fail").to_string();
     assert!(msg.contains("send"), "{msg}");
     assert_eq!(Arc::strong_count(&comm), 1);
 }

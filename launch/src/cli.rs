@@ -215,6 +215,60 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also append the results, as a Markdown section with the machine, command and date, to
+    /// this file (e.g. BENCHMARKS.md).
+    #[arg(long, value_name = "FILE")]
+    pub markdown: Option<PathBuf>,
+    /// layer: routed experts E of each shape (comma list; the E, k, d and h lists are zipped,
+    /// a single value applies to every shape).
+    #[arg(long, value_delimiter = ',', default_values_t = [8i64, 64, 256])]
+    pub experts: Vec<i64>,
+    /// layer: experts per token k of each shape.
+    #[arg(long, value_delimiter = ',', default_values_t = [2i64, 2, 8])]
+    pub top_k: Vec<i64>,
+    /// layer: model width d of each shape.
+    #[arg(long, value_delimiter = ',', default_values_t = [256i64])]
+    pub d_model: Vec<i64>,
+    /// layer: expert hidden width h of each shape.
+    #[arg(long, value_delimiter = ',', default_values_t = [512i64, 512, 128])]
+    pub expert_hidden: Vec<i64>,
+    /// layer: tokens N per call (comma list; every shape runs at every N).
+    #[arg(long, value_delimiter = ',', default_values_t = [4096i64])]
+    pub tokens: Vec<i64>,
+    /// layer, train: torch intra-op threads (comma list; every shape runs at each).
+    #[arg(long, value_delimiter = ',', default_values_t = [1i32, 2])]
+    pub threads: Vec<i32>,
+    /// layer: skip the per-variant peak-memory child processes.
+    #[arg(long)]
+    pub no_memory: bool,
+    /// a2a: `threads` (in-process ranks) or `mpi` (run under mpirun; also measures the raw
+    /// MPI_Alltoallv ceiling and, on rank 0, the threads backend at the same rank count).
+    #[arg(long, value_enum, default_value_t = BenchBackend::Threads)]
+    pub backend: BenchBackend,
+    /// a2a over threads: rank counts (comma list).
+    #[arg(long, value_delimiter = ',', default_values_t = [2usize, 4])]
+    pub ranks: Vec<usize>,
+    /// a2a: smallest message (bytes each rank sends per all-to-all, split evenly over peers).
+    #[arg(long, default_value_t = 1024)]
+    pub min_bytes: u64,
+    /// a2a: largest message; sizes go up by 4x from --min-bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_bytes: u64,
+    /// train: skip the peak-RSS run of `moe train` in a child process.
+    #[arg(long)]
+    pub no_rss: bool,
+    /// Internal: measure one variant's peak memory in this (child) process and print JSON.
+    #[arg(long, hide = true, value_name = "VARIANT")]
+    pub memory_child: Option<String>,
+}
+
+/// Communication backend of `moe bench a2a`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchBackend {
+    /// In-process ranks over channels.
+    Threads,
+    /// MPI processes (under mpirun).
+    Mpi,
 }
 
 #[cfg(test)]

@@ -4,15 +4,21 @@
 //! `mpirun --np 4 [--allow-run-as-root] [--oversubscribe] [--hostfile H] --bind-to none
 //! --tag-output -x ... <this exe> train --config C` (flags as documented in OpenMPI 4.1's
 //! mpirun(1)). Each output line of rank r is printed as `[rank r] ...` on the stream the rank
-//! wrote it to; SIGINT/SIGTERM are forwarded to mpirun, which forwards them to the ranks; the
-//! result is mpirun's exit status, which is that of the first rank that failed.
+//! wrote it to (a carriage return, as in rank 0's progress line, also ends a line); the result
+//! is mpirun's exit status, which is that of the first rank that failed.
+//!
+//! Signals: the first SIGINT/SIGTERM is forwarded to mpirun as SIGUSR1, which mpirun relays
+//! to every rank as is (OpenMPI's `ess_base_forward_signals` default) and `moe train` treats
+//! as "finish the step, checkpoint, exit 0". mpirun's own SIGTERM handling would not do:
+//! it sends the ranks SIGTERM and SIGKILL one second later (`odls_base_sigkill_timeout`).
+//! A second signal is forwarded as SIGTERM: stop now.
 
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Environment variable naming the `mpirun` to use instead of the one on `PATH`.
@@ -94,7 +100,7 @@ pub fn exported_env_names<I: IntoIterator<Item = String>>(names: I) -> Vec<Strin
 }
 
 /// The stream a line of mpirun's output belongs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stream {
     /// Our stdout.
     Stdout,
@@ -102,43 +108,218 @@ pub enum Stream {
     Stderr,
 }
 
-/// Rewrites one line of `mpirun --tag-output` output: `[1,3]<stdout>:text` becomes
-/// `[rank 3] text` on stdout, `<stderr>` and `<stddiag>` lines go to stderr. Lines without a
-/// tag (mpirun's own messages) pass through unchanged on `default`, the pipe they came from.
-pub fn retag_line(line: &[u8], default: Stream) -> (Stream, Vec<u8>) {
-    match parse_tag(line) {
-        Some((rank, stream, rest)) => {
-            let mut out = format!("[rank {rank}] ").into_bytes();
-            out.extend_from_slice(rest);
-            (stream, out)
+/// Whose text a byte belongs to: a rank's stream (from its `--tag-output` tag), or mpirun's
+/// own untagged messages.
+type Source = Option<(String, Stream)>;
+
+/// Rewrites the byte stream of one of mpirun's pipes under `--tag-output` into whole lines:
+/// `[1,3]<stdout>:text` becomes `[rank 3] text` on stdout, `<stderr>` and `<stddiag>` text
+/// goes to stderr, untagged text (mpirun's own messages) stays on `default`, the pipe it
+/// came from.
+///
+/// mpirun tags every chunk a rank writes, not every line: a progress line redrawn with
+/// `\r` and no newline arrives as `[1,0]<stdout>:\r\x1b[2Kstep 1 ...[1,0]<stdout>:\r...`.
+/// So tags may appear mid-line, `\r` ends a line as `\n` does, the terminal's erase-line
+/// escape is dropped, and text is buffered per source until its line ends (or
+/// [`Retagger::flush`] is called when the pipe has been idle).
+#[derive(Debug)]
+pub struct Retagger {
+    default: Stream,
+    /// Bytes not yet parsed: the start of a tag split across two reads.
+    held: Vec<u8>,
+    current: Source,
+    partial: std::collections::BTreeMap<Source, Vec<u8>>,
+}
+
+/// What a terminal's progress line sends before redrawing: erase the whole line.
+const ERASE_LINE: &[u8] = b"\x1b[2K";
+
+impl Retagger {
+    /// A retagger for the pipe whose untagged text goes to `default`.
+    pub fn new(default: Stream) -> Self {
+        Self {
+            default,
+            held: Vec::new(),
+            current: None,
+            partial: Default::default(),
         }
-        None => (default, line.to_vec()),
+    }
+
+    /// Parses `bytes` and returns the lines they complete, in order.
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<(Stream, Vec<u8>)> {
+        let mut buf = std::mem::take(&mut self.held);
+        buf.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < buf.len() {
+            let rest = &buf[i..];
+            if rest[0] == b'[' {
+                match parse_tag(rest) {
+                    Tag::Complete { rank, stream, len } => {
+                        self.current = Some((rank, stream));
+                        i += len;
+                        continue;
+                    }
+                    Tag::Incomplete => {
+                        self.held = rest.to_vec();
+                        break;
+                    }
+                    Tag::No => {}
+                }
+            }
+            match rest[0] {
+                b'\n' => {
+                    let src = self.current.take();
+                    let text = self.partial.remove(&src).unwrap_or_default();
+                    out.push(self.line(src, text));
+                }
+                b'\r' => {
+                    let src = self.current.clone();
+                    if let Some(text) = self.partial.remove(&src) {
+                        out.extend(self.nonempty_line(src, text));
+                    }
+                }
+                c => self
+                    .partial
+                    .entry(self.current.clone())
+                    .or_default()
+                    .push(c),
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// Ends every unfinished line (the pipe is idle or closed) and returns them.
+    pub fn flush(&mut self) -> Vec<(Stream, Vec<u8>)> {
+        let held = std::mem::take(&mut self.held);
+        if !held.is_empty() {
+            self.partial
+                .entry(self.current.clone())
+                .or_default()
+                .extend_from_slice(&held);
+        }
+        let partial = std::mem::take(&mut self.partial);
+        partial
+            .into_iter()
+            .filter_map(|(src, text)| self.nonempty_line(src, text))
+            .collect()
+    }
+
+    /// The line of `text` from `src`, unless it is blank (what a `\r` redraw leaves).
+    fn nonempty_line(&self, src: Source, text: Vec<u8>) -> Option<(Stream, Vec<u8>)> {
+        let text = strip(&text, ERASE_LINE);
+        if text.iter().all(u8::is_ascii_whitespace) {
+            return None;
+        }
+        Some(self.line(src, text))
+    }
+
+    /// The output line (with its newline) of `text` from `src`.
+    fn line(&self, src: Source, text: Vec<u8>) -> (Stream, Vec<u8>) {
+        let mut text = strip(&text, ERASE_LINE);
+        text.push(b'\n');
+        match src {
+            Some((rank, stream)) => {
+                let mut out = format!("[rank {rank}] ").into_bytes();
+                out.extend_from_slice(&text);
+                (stream, out)
+            }
+            None => (self.default, text),
+        }
     }
 }
 
-/// `[<job>,<rank>]<name>:rest` -> (rank, stream of name, rest).
-fn parse_tag(line: &[u8]) -> Option<(&str, Stream, &[u8])> {
-    let s = line.strip_prefix(b"[")?;
-    let close = s.iter().position(|&c| c == b']')?;
-    let inner = std::str::from_utf8(&s[..close]).ok()?;
-    let (job, rank) = inner.split_once(',')?;
-    let all_digits = |t: &str| !t.is_empty() && t.bytes().all(|c| c.is_ascii_digit());
-    if !all_digits(job) || !all_digits(rank) {
-        return None;
+/// `text` without any occurrence of `pat`.
+fn strip(text: &[u8], pat: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while i < text.len() {
+        if text[i..].starts_with(pat) {
+            i += pat.len();
+        } else {
+            out.push(text[i]);
+            i += 1;
+        }
     }
-    let s = s[close + 1..].strip_prefix(b"<")?;
-    let gt = s.iter().position(|&c| c == b'>')?;
-    let stream = match &s[..gt] {
-        b"stdout" => Stream::Stdout,
-        b"stderr" | b"stddiag" => Stream::Stderr,
-        _ => return None,
+    out
+}
+
+/// What the bytes at a `[` are.
+#[derive(Debug, PartialEq)]
+enum Tag {
+    /// A whole `[<job>,<rank>]<name>:` tag of `len` bytes.
+    Complete {
+        rank: String,
+        stream: Stream,
+        len: usize,
+    },
+    /// The bytes end before the tag could be told from text: wait for more.
+    Incomplete,
+    /// Not a tag: text.
+    No,
+}
+
+/// Parses `[<job>,<rank>]<stdout|stderr|stddiag>:` at the start of `s`.
+fn parse_tag(s: &[u8]) -> Tag {
+    // The longest tag: `[` + two 10-digit numbers + `,` + `]<stddiag>:`.
+    const MAX_TAG: usize = 1 + 10 + 1 + 10 + 11;
+    let mut i = 1;
+    let digits = |i: &mut usize| -> usize {
+        let start = *i;
+        while *i < s.len() && s[*i].is_ascii_digit() {
+            *i += 1;
+        }
+        *i - start
     };
-    let rest = s[gt + 1..].strip_prefix(b":")?;
-    Some((rank, stream, rest))
+    let n_job = digits(&mut i);
+    if i == s.len() {
+        return if i < MAX_TAG {
+            Tag::Incomplete
+        } else {
+            Tag::No
+        };
+    }
+    if n_job == 0 || s[i] != b',' {
+        return Tag::No;
+    }
+    i += 1;
+    let rank_start = i;
+    let n_rank = digits(&mut i);
+    if i == s.len() {
+        return if i < MAX_TAG {
+            Tag::Incomplete
+        } else {
+            Tag::No
+        };
+    }
+    if n_rank == 0 || s[i] != b']' {
+        return Tag::No;
+    }
+    let rank = String::from_utf8_lossy(&s[rank_start..i]).into_owned();
+    i += 1;
+    let rest = &s[i..];
+    for (name, stream) in [
+        (&b"<stdout>:"[..], Stream::Stdout),
+        (b"<stderr>:", Stream::Stderr),
+        (b"<stddiag>:", Stream::Stderr),
+    ] {
+        if rest.starts_with(name) {
+            return Tag::Complete {
+                rank,
+                stream,
+                len: i + name.len(),
+            };
+        }
+        if name.starts_with(rest) {
+            return Tag::Incomplete;
+        }
+    }
+    Tag::No
 }
 
 /// Runs `np` ranks of this binary with `moe_args` under mpirun, streams their output with
-/// `[rank r]` prefixes, forwards SIGINT/SIGTERM, and returns mpirun's exit code (128 + n when
+/// `[rank r]` prefixes, turns SIGINT/SIGTERM into a graceful stop, and returns mpirun's exit code (128 + n when
 /// mpirun itself died of signal n).
 pub fn run_launch(np: usize, hostfile: Option<&Path>, moe_args: &[String]) -> Result<i32> {
     if np == 0 {
@@ -219,11 +400,12 @@ async fn supervise(mpirun: &Path, args: &[String]) -> Result<i32> {
         pumps.spawn(pump(err, Stream::Stderr));
     }
 
+    let mut signals_seen = 0u32;
     let status = loop {
         tokio::select! {
             st = child.wait() => break st.context("waiting for mpirun")?,
-            _ = sigint.recv() => forward(pid, libc::SIGINT),
-            _ = sigterm.recv() => forward(pid, libc::SIGTERM),
+            _ = sigint.recv() => on_signal(pid, "SIGINT", &mut signals_seen),
+            _ = sigterm.recv() => on_signal(pid, "SIGTERM", &mut signals_seen),
         }
     };
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
@@ -243,6 +425,22 @@ async fn supervise(mpirun: &Path, args: &[String]) -> Result<i32> {
     Ok(exit_code(status))
 }
 
+/// The first stop signal asks the ranks for a graceful stop (SIGUSR1, relayed by mpirun as
+/// is); any later one stops the job now (SIGTERM: mpirun signals the ranks, then kills them).
+fn on_signal(pid: u32, name: &str, seen: &mut u32) {
+    *seen += 1;
+    if *seen == 1 {
+        eprintln!(
+            "moe launch: {name}: asking the ranks to finish their step, checkpoint and exit \
+             (send it again to stop at once)"
+        );
+        forward(pid, libc::SIGUSR1);
+    } else {
+        eprintln!("moe launch: {name} again: stopping the job now");
+        forward(pid, libc::SIGTERM);
+    }
+}
+
 /// Sends `sig` to mpirun, which relays it to every rank.
 fn forward(pid: u32, sig: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
@@ -259,24 +457,38 @@ fn forward(pid: u32, sig: libc::c_int) {
     }
 }
 
-/// Reads lines from one of mpirun's pipes and writes them, retagged, to our own streams.
-async fn pump<R: AsyncRead + Unpin>(pipe: R, from: Stream) -> std::io::Result<()> {
-    let mut reader = BufReader::new(pipe);
-    let mut line = Vec::new();
+/// How long a pipe may be silent before a line without its end (rank 0's progress line,
+/// redrawn with `\r`) is printed anyway.
+const IDLE_FLUSH: Duration = Duration::from_millis(200);
+
+/// Reads one of mpirun's pipes and writes its lines, retagged, to our own streams.
+async fn pump<R: AsyncRead + Unpin>(mut pipe: R, from: Stream) -> std::io::Result<()> {
+    let mut retagger = Retagger::new(from);
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line).await? == 0 {
-            return Ok(());
-        }
-        let (to, mut out) = retag_line(&line, from);
-        if !out.ends_with(b"\n") {
-            out.push(b'\n');
-        }
-        // Whole lines through the locked std handles, so that lines of the two pumps never
-        // interleave mid-line.
+        let lines = match tokio::time::timeout(IDLE_FLUSH, pipe.read(&mut buf)).await {
+            Ok(Ok(0)) => {
+                write_lines(retagger.flush())?;
+                return Ok(());
+            }
+            Ok(Ok(n)) => retagger.feed(&buf[..n]),
+            Ok(Err(e)) => return Err(e),
+            Err(_idle) => retagger.flush(),
+        };
+        write_lines(lines)?;
+    }
+}
+
+/// Writes whole lines through the locked std handles, so that lines of the two pumps never
+/// interleave mid-line.
+fn write_lines(lines: Vec<(Stream, Vec<u8>)>) -> std::io::Result<()> {
+    for (to, line) in lines {
         let res = match to {
-            Stream::Stdout => std::io::stdout().lock().write_all(&out),
-            Stream::Stderr => std::io::stderr().lock().write_all(&out),
+            Stream::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&line).and_then(|()| out.flush())
+            }
+            Stream::Stderr => std::io::stderr().lock().write_all(&line),
         };
         if let Err(e) = res {
             // A closed stdout (`moe launch ... | head`) must not stop the job.
@@ -285,6 +497,7 @@ async fn pump<R: AsyncRead + Unpin>(pipe: R, from: Stream) -> std::io::Result<()
             }
         }
     }
+    Ok(())
 }
 
 /// mpirun's exit code, or 128 + n when it was killed by signal n (the shell's convention).
@@ -411,41 +624,104 @@ mod tests {
         );
     }
 
+    fn feed_all(chunks: &[&[u8]], default: Stream) -> Vec<(Stream, String)> {
+        let mut r = Retagger::new(default);
+        let mut out: Vec<_> = chunks.iter().flat_map(|c| r.feed(c)).collect();
+        out.extend(r.flush());
+        out.into_iter()
+            .map(|(s, l)| (s, String::from_utf8_lossy(&l).into_owned()))
+            .collect()
+    }
+
+    fn o(text: &str) -> (Stream, String) {
+        (Stream::Stdout, text.to_string())
+    }
+
+    fn e(text: &str) -> (Stream, String) {
+        (Stream::Stderr, text.to_string())
+    }
+
     #[test]
     fn retags_rank_lines() {
         assert_eq!(
-            retag_line(b"[1,0]<stdout>:step 1 loss 2.5\n", Stream::Stderr),
-            (Stream::Stdout, b"[rank 0] step 1 loss 2.5\n".to_vec())
+            feed_all(&[b"[1,0]<stdout>:step 1 loss 2.5\n"], Stream::Stderr),
+            vec![o("[rank 0] step 1 loss 2.5\n")]
         );
         assert_eq!(
-            retag_line(b"[12,13]<stderr>:boom", Stream::Stdout),
-            (Stream::Stderr, b"[rank 13] boom".to_vec())
+            feed_all(&[b"[12,13]<stderr>:boom"], Stream::Stdout),
+            vec![e("[rank 13] boom\n")]
         );
         assert_eq!(
-            retag_line(b"[1,2]<stddiag>:[1,2]<x>:y\n", Stream::Stdout),
-            (Stream::Stderr, b"[rank 2] [1,2]<x>:y\n".to_vec())
+            feed_all(&[b"[1,2]<stddiag>:x [1,a]<y>:z\n"], Stream::Stdout),
+            vec![e("[rank 2] x [1,a]<y>:z\n")]
         );
         // Non-UTF-8 payloads are passed through byte for byte.
+        let mut r = Retagger::new(Stream::Stdout);
         assert_eq!(
-            retag_line(b"[1,1]<stdout>:\xff\xfe\n", Stream::Stdout).1,
-            b"[rank 1] \xff\xfe\n".to_vec()
+            r.feed(b"[1,1]<stdout>:\xff\xfe\n"),
+            vec![(Stream::Stdout, b"[rank 1] \xff\xfe\n".to_vec())]
         );
     }
 
     #[test]
     fn untagged_lines_pass_through_on_their_pipe() {
         for line in [
-            &b"mpirun noticed that process rank 1 ... exited on signal 9\n"[..],
-            b"[1,a]<stdout>:x",
-            b"[1,0]<other>:x",
-            b"[1,0]<stdout>x",
-            b"[,0]<stdout>:x",
-            b"",
+            "mpirun noticed that process rank 1 ... exited on signal 9\n",
+            "[1,a]<stdout>:x\n",
+            "[1,0]<other>:x\n",
+            "[1,0]<stdout>x\n",
+            "[,0]<stdout>:x\n",
+            "\n",
         ] {
             assert_eq!(
-                retag_line(line, Stream::Stderr),
-                (Stream::Stderr, line.to_vec())
+                feed_all(&[line.as_bytes()], Stream::Stderr),
+                vec![e(line)],
+                "{line:?}"
             );
         }
+    }
+
+    /// A progress line redrawn with `\r` and no newline, as mpirun relays it: one tag per
+    /// write, tags mid-line, the erase-line escape, another rank's line in between.
+    #[test]
+    fn carriage_returns_and_mid_line_tags_split_lines() {
+        let got = feed_all(
+            &[
+                b"[1,0]<stdout>:\r\x1b[2Kstep 1/3 | loss 5.5",
+                b"[1,0]<stdout>:\r\x1b[2Kstep 2/3 | loss 5.4[1,1]<stderr>:warn\n",
+                b"[1,0]<stdout>:\r\x1b[2Kdone\n",
+            ],
+            Stream::Stdout,
+        );
+        assert_eq!(
+            got,
+            vec![
+                o("[rank 0] step 1/3 | loss 5.5\n"),
+                e("[rank 1] warn\n"),
+                o("[rank 0] step 2/3 | loss 5.4\n"),
+                o("[rank 0] done\n"),
+            ]
+        );
+    }
+
+    /// A tag cut by a pipe read is held until the rest arrives; text that only looks like
+    /// the start of a tag is released by `flush`.
+    #[test]
+    fn tags_split_across_reads() {
+        assert_eq!(
+            feed_all(&[b"[1,", b"3]<std", b"err>:hi\n"], Stream::Stdout),
+            vec![e("[rank 3] hi\n")]
+        );
+        assert_eq!(
+            feed_all(&[b"text [1,2"], Stream::Stdout),
+            vec![o("text [1,2\n")]
+        );
+        let mut r = Retagger::new(Stream::Stdout);
+        assert_eq!(r.feed(b"[1,0]<stdout>:partial"), vec![]);
+        assert_eq!(
+            r.flush(),
+            vec![(Stream::Stdout, b"[rank 0] partial\n".to_vec())]
+        );
+        assert_eq!(r.flush(), vec![]);
     }
 }

@@ -1,11 +1,15 @@
 //! `moe`: parse the command line, load the config, dispatch. Errors print as
 //! `error: <paragraph>`; exit 2 for bad input, 1 for a failed run.
 
+mod bench;
 mod cli;
 mod config_load;
 mod config_reference;
 mod device;
+mod eval_cmd;
 mod exit_code;
+mod generate_cmd;
+mod inspect_cmd;
 mod launch_cmd;
 mod overrides;
 mod signals;
@@ -17,7 +21,6 @@ mod yaml_tree;
 
 use clap::Parser;
 use cli::{Cli, Command};
-use exit_code::BadInput;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -61,17 +64,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", config_reference::render()?);
             Ok(())
         }
-        Command::Eval(_) => not_yet("eval"),
-        Command::Generate(_) => not_yet("generate"),
-        Command::Inspect(_) => not_yet("inspect"),
+        Command::Eval(a) => eval_cmd::run_eval(&a.checkpoint, a.config.as_deref(), &a.set),
+        Command::Generate(a) => generate_cmd::run_generate(&a),
+        Command::Inspect(a) => inspect_cmd::run_inspect(&a),
         Command::Launch(a) => {
             let code = launch_cmd::run_launch(a.np as usize, a.hostfile.as_deref(), &a.args)?;
             std::process::exit(code)
         }
-        Command::Bench(_) => not_yet("bench"),
+        Command::Bench(a) => bench::run(a),
     }
-}
-
-fn not_yet(cmd: &str) -> anyhow::Result<()> {
-    Err(BadInput(format!("`moe {cmd}` is not implemented yet")).into())
 }

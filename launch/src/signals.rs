@@ -1,5 +1,10 @@
-//! SIGINT/SIGTERM (a cluster's preemption): the first one asks the trainer to finish its step,
-//! write a checkpoint and exit 0; a second one exits at once.
+//! SIGINT/SIGTERM (a cluster's preemption) and SIGUSR1: the first one asks the trainer to
+//! finish its step, write a checkpoint and exit 0; a second one exits at once.
+//!
+//! SIGUSR1 is the graceful stop under mpirun: mpirun turns its own SIGTERM into SIGTERM then,
+//! 1 s later, SIGKILL to every rank (too soon to finish a step and checkpoint), but forwards
+//! SIGUSR1 untouched (OpenMPI's `ess_base_forward_signals` default), so `moe launch` sends
+//! SIGUSR1 first.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,6 +28,7 @@ pub fn install(flag: Arc<AtomicBool>) {
     unsafe {
         libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);
+        libc::signal(libc::SIGUSR1, handler);
     }
     let spawned = std::thread::Builder::new().name("signal-watch".into()).spawn(move || loop {
         if SIGNALLED.load(Ordering::SeqCst) {
@@ -32,6 +38,6 @@ pub fn install(flag: Arc<AtomicBool>) {
         std::thread::sleep(Duration::from_millis(50));
     });
     if let Err(e) = spawned {
-        eprintln!("warning: no signal watcher ({e}); SIGINT/SIGTERM will not checkpoint");
+        eprintln!("warning: no signal watcher ({e}); SIGINT/SIGTERM/SIGUSR1 will not checkpoint");
     }
 }

@@ -9,7 +9,7 @@ use moe_comm::{threads::threads_world, ProcessGroups};
 use moe_trainer::checkpoint::find_latest_intact;
 use moe_trainer::config::{Backend, ExperimentConfig};
 use moe_trainer::train_loop::{train, RunOptions, TrainSummary};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,11 +42,19 @@ pub fn run_train(cfg: ExperimentConfig, opts: TrainOpts) -> anyhow::Result<()> {
     }
     let resume = prepare_out_dir(&cfg, &opts)?;
     let device = resolve_device(&cfg.trainer.device, 0)?;
+    if cfg.parallel.backend == Backend::Nccl && !device.is_cuda() {
+        bail!(
+            "parallel.backend is nccl, which needs CUDA tensors, but trainer.device {} resolved \
+             to {device:?}; use parallel.backend local (or auto) on a CPU",
+            cfg.trainer.device
+        );
+    }
     set_threads(cfg.trainer.threads, 1);
-    announce(&cfg, &opts, device, 1);
-    let run = RunOptions { debug: false, resume, stop, ..RunOptions::default() };
+    announce(&cfg, &opts, device);
+    let config_yaml = Some(crate::config_load::to_yaml(&cfg)?);
+    let run = RunOptions { debug: false, resume, stop, config_yaml, ..RunOptions::default() };
     let summary = train(&cfg, ProcessGroups::single(), device, &run).map_err(|e| anyhow!("{e}"))?;
-    report(&cfg, &summary);
+    report(&cfg, &opts, &summary);
     Ok(())
 }
 
@@ -56,12 +64,13 @@ fn run_threads(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) ->
     let resume = prepare_out_dir(&cfg, &opts)?;
     let device = resolve_device(&cfg.trainer.device, 0)?;
     set_threads(cfg.trainer.threads, p);
-    announce(&cfg, &opts, device, p);
+    announce(&cfg, &opts, device);
     if opts.debug {
         println!(
             "debug mode: {p} expert-parallel rank(s) in one process on {device:?} (threads backend); routing invariants checked after every step"
         );
     }
+    let config_yaml = Some(crate::config_load::to_yaml(&cfg)?);
     let comms = threads_world(p, Duration::from_secs(cfg.parallel.timeout_s));
     let cfg = Arc::new(cfg);
     let handles: Vec<_> = comms
@@ -74,6 +83,7 @@ fn run_threads(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) ->
                 resume: resume.clone(),
                 stop: stop.clone(),
                 quiet: rank != 0,
+                config_yaml: config_yaml.clone(),
                 ..RunOptions::default()
             };
             std::thread::Builder::new()
@@ -97,7 +107,7 @@ fn run_threads(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) ->
             Ok(Err(e)) => {
                 // Peers of a failed rank fail with "peer gone": report the root cause first.
                 let peer = e.to_string().contains("is gone");
-                if first_err.as_ref().map_or(true, |(_, p, _)| *p && !peer) {
+                if first_err.as_ref().is_none_or(|(_, p, _)| *p && !peer) {
                     first_err = Some((rank, peer, e));
                 }
             }
@@ -112,7 +122,7 @@ fn run_threads(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) ->
         bail!("rank {rank} failed: {e:#}");
     }
     if let Some(s) = rank0 {
-        report(&cfg, &s);
+        report(&cfg, &opts, &s);
     }
     Ok(())
 }
@@ -120,6 +130,7 @@ fn run_threads(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) ->
 /// One MPI rank under mpirun.
 fn run_mpi(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let runtime = moe_comm::mpi_backend::MpiRuntime::init().map_err(|e| anyhow!("{e}"))?;
+    runtime.abort_on_panic();
     let world = runtime.world();
     let (rank, size) = (world.rank(), world.size());
     let errs = cfg.validate(size as i64);
@@ -136,16 +147,19 @@ fn run_mpi(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> any
         let device = resolve_device(&cfg.trainer.device, local_rank)?;
         set_threads(cfg.trainer.threads, runtime.local_size());
         if rank == 0 {
-            announce(&cfg, &opts, device, size);
+            announce(&cfg, &opts, device);
         }
+        let world = world_comm(&cfg, device, world)?;
         let groups = ProcessGroups::new(world, cfg.parallel.ep_size as usize).map_err(|e| anyhow!("{e}"))?;
-        let run = RunOptions { debug: false, resume, stop, quiet: rank != 0, ..RunOptions::default() };
+        let config_yaml = if rank == 0 { Some(crate::config_load::to_yaml(&cfg)?) } else { None };
+        let run =
+            RunOptions { debug: false, resume, stop, quiet: rank != 0, config_yaml, ..RunOptions::default() };
         train(&cfg, groups, device, &run).map_err(|e| anyhow!("{e}"))
     })();
     match result {
         Ok(s) => {
             if rank == 0 {
-                report(&cfg, &s);
+                report(&cfg, &opts, &s);
             }
             Ok(())
         }
@@ -157,7 +171,52 @@ fn run_mpi(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> any
     }
 }
 
-/// Checks the output directory and resolves `--resume`, then writes `config.yaml` there.
+/// The world communicator of an MPI rank: NCCL (bootstrapped over the MPI world) for CUDA
+/// tensors when the backend is `nccl`, or `auto` and libnccl loads; MPI for CPU tensors.
+///
+/// Not exercised on a CPU-only machine beyond the error paths: NCCL needs CUDA devices.
+fn world_comm(
+    cfg: &ExperimentConfig,
+    device: tch::Device,
+    mut mpi_world: Box<dyn moe_comm::Communicator>,
+) -> anyhow::Result<Box<dyn moe_comm::Communicator>> {
+    use moe_comm::nccl::{probe, NcclComm};
+    let backend = cfg.parallel.backend;
+    let tch::Device::Cuda(index) = device else {
+        if backend == Backend::Nccl {
+            bail!(
+                "parallel.backend is nccl, which needs CUDA tensors, but this rank runs on {device:?} \
+                 (trainer.device {}); use parallel.backend mpi (or auto) on CPUs",
+                cfg.trainer.device
+            );
+        }
+        return Ok(mpi_world);
+    };
+    match backend {
+        Backend::Nccl => {}
+        Backend::Auto => {
+            if let Err(e) = probe() {
+                bail!(
+                    "parallel.backend auto on {device:?} needs NCCL (the mpi backend moves CPU \
+                     tensors only): {e}"
+                );
+            }
+        }
+        _ => bail!(
+            "parallel.backend {} moves CPU tensors, but this rank runs on {device:?}; \
+             use parallel.backend nccl (or auto), or trainer.device cpu",
+            format!("{backend:?}").to_lowercase()
+        ),
+    }
+    // Collective over the MPI world: rank 0 makes the NCCL unique id and broadcasts it.
+    let nccl = NcclComm::new(mpi_world.as_mut(), index)
+        .map_err(|e| anyhow!("creating the NCCL communicator on {device:?}: {e}"))?;
+    Ok(Box::new(nccl))
+}
+
+/// Checks the output directory and resolves `--resume`. Nothing is written here: the trainer
+/// writes `config.yaml` once the data and checkpoint have loaded, so a run that fails on
+/// them leaves `out_dir` as it was.
 fn prepare_out_dir(cfg: &ExperimentConfig, opts: &TrainOpts) -> anyhow::Result<Option<PathBuf>> {
     prepare_out_dir_for(cfg, opts, true)
 }
@@ -168,7 +227,7 @@ fn prepare_out_dir(cfg: &ExperimentConfig, opts: &TrainOpts) -> anyhow::Result<O
 fn prepare_out_dir_for(
     cfg: &ExperimentConfig,
     opts: &TrainOpts,
-    write_config: bool,
+    is_rank0: bool,
 ) -> anyhow::Result<Option<PathBuf>> {
     let out = &cfg.run.out_dir;
     let ckpt_dir = cfg.checkpoint.dir.clone().unwrap_or_else(|| out.join("checkpoints"));
@@ -198,7 +257,7 @@ fn prepare_out_dir_for(
                 Some(path)
             }
             None => {
-                if write_config {
+                if is_rank0 {
                     eprintln!(
                         "--resume auto: no checkpoint in {}; starting from step 0",
                         ckpt_dir.display()
@@ -208,27 +267,17 @@ fn prepare_out_dir_for(
             }
         },
     };
-    if write_config {
-        std::fs::create_dir_all(out).with_context(|| format!("creating run.out_dir {}", out.display()))?;
-        write_atomic(&out.join("config.yaml"), &crate::config_load::to_yaml(cfg)?)?;
-    }
     Ok(resume)
 }
 
-fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("yaml.tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
-}
-
 /// One line saying what runs where.
-fn announce(cfg: &ExperimentConfig, opts: &TrainOpts, device: tch::Device, ranks: usize) {
+fn announce(cfg: &ExperimentConfig, opts: &TrainOpts, device: tch::Device) {
     println!(
-        "moe train: {} ({}{}) on {ranks} rank(s), ep_size {}, device {device:?}, out_dir {}",
+        "moe train: {} ({}{}) on {} rank(s), ep_size {}, device {device:?}, out_dir {}",
         cfg.run.name,
         opts.config_path.display(),
         if opts.overrides.is_empty() { String::new() } else { format!(" {}", opts.overrides.join(" ")) },
+        opts.world_size,
         cfg.parallel.ep_size,
         cfg.run.out_dir.display()
     );
@@ -253,17 +302,38 @@ fn install_stop_flag() -> Arc<AtomicBool> {
     flag
 }
 
-fn report(cfg: &ExperimentConfig, s: &TrainSummary) {
+fn report(cfg: &ExperimentConfig, opts: &TrainOpts, s: &TrainSummary) {
     if let Some(last) = s.records.last() {
         println!(
-            "done: {} steps, final loss {:.4}{}; metrics in {}",
+            "{}: {} steps, final loss {:.4}{}; metrics in {}",
+            if s.interrupted { "stopped" } else { "done" },
             last.step,
             last.loss,
             s.evals.last().map(|e| format!(", val_loss {:.4}", e.val_loss)).unwrap_or_default(),
             cfg.run.out_dir.join("metrics.jsonl").display()
         );
     }
+    if s.bad_steps > 0 {
+        println!("skipped {} step(s) with non-finite values (see the log above)", s.bad_steps);
+    }
     if let Some(c) = &s.last_checkpoint {
         println!("checkpoint: {}", c.display());
+    }
+    if s.interrupted {
+        let sets: String = opts.overrides.iter().map(|o| format!(" --set {}", shell_quote(o))).collect();
+        println!(
+            "to resume: moe train --config {}{sets} --resume auto",
+            shell_quote(&opts.config_path.display().to_string())
+        );
+    }
+}
+
+/// `s` as one shell word: as is when it is made of safe characters, else single-quoted.
+fn shell_quote(s: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }

@@ -60,3 +60,22 @@ fn config_reference_is_up_to_date() {
          cargo run --release -p moe-launch -- config-reference > docs/config-reference.md"
     );
 }
+
+/// README embeds the same reference (headings one level down), so a user reading README sees
+/// every key, its default and meaning, and it cannot drift from the schema either.
+#[test]
+fn readme_embeds_the_config_reference() {
+    let (code, out, err) = moe(&["config-reference"]);
+    assert_eq!(code, 0, "{err}");
+    let body: String = out
+        .lines()
+        .skip_while(|l| l.starts_with("# "))
+        .map(|l| if l.starts_with("## ") { format!("#{l}\n") } else { format!("{l}\n") })
+        .collect();
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap_or_default();
+    assert!(
+        readme.contains(body.trim()),
+        "README.md's config reference is stale: paste the output of `moe config-reference` \
+         (without its title, headings demoted by one level) into README's Config reference section"
+    );
+}

@@ -9,6 +9,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod count;
 pub mod dispatcher;
 pub mod error;
 pub mod experts;

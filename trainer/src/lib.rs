@@ -6,6 +6,7 @@ pub mod data;
 pub mod error;
 pub mod fault;
 pub mod grad_sync;
+pub mod inference;
 pub mod metrics;
 pub mod optim;
 pub mod progress;

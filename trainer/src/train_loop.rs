@@ -10,7 +10,7 @@
 
 use crate::checkpoint::{load_for_rank, Checkpointer, ExpertSlot, Snapshot};
 use crate::config::ExperimentConfig;
-use crate::data::{self, Batch, Dataset, Prefetcher, Split};
+use crate::data::{self, Batch, Dataset, Prefetcher};
 use crate::grad_sync::{clip_grad_norm, sync_gradients};
 use crate::metrics::{EvalRecord, MetricsWriter, TrainRecord};
 use crate::optim::AdamW;
@@ -23,7 +23,7 @@ use moe_model::dispatcher::Dispatcher;
 use moe_model::moe_layer::MoeStats;
 use moe_model::transformer::{LmForward, ParallelInfo, TransformerLm};
 use moe_model::Param;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -44,6 +44,10 @@ pub struct RunOptions {
     pub capacity_groups: i64,
     /// Print nothing (tests).
     pub quiet: bool,
+    /// The resolved config as YAML (the launcher's rendering), written to
+    /// `<out_dir>/config.yaml` by world rank 0 only once the data has loaded, so that a run
+    /// failing on its data or checkpoint leaves nothing in `out_dir`.
+    pub config_yaml: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -54,6 +58,7 @@ impl Default for RunOptions {
             stop: Arc::new(AtomicBool::new(false)),
             capacity_groups: 1,
             quiet: false,
+            config_yaml: None,
         }
     }
 }
@@ -189,6 +194,12 @@ impl Rank<'_> {
             let text = serde_json::to_string_pretty(cfg)
                 .map_err(|e| TrainError::Other(format!("serialising the config: {e}")))?;
             std::fs::write(&cfg_path, text).map_err(|e| TrainError::io(&cfg_path, e))?;
+            if let Some(yaml) = &self.opts.config_yaml {
+                write_atomic(&out_dir.join("config.yaml"), yaml)?;
+            }
+            if start_step > 0 {
+                truncate_metrics(&out_dir.join(crate::metrics::METRICS_FILE), start_step)?;
+            }
             metrics = Some(MetricsWriter::open(&out_dir, start_step > 0)?);
             tb = Some(TbWriter::new(&out_dir)?);
         }
@@ -239,6 +250,12 @@ impl Rank<'_> {
             let mut local = local;
             local.stop = f64::from(u8::from(self.opts.stop.load(Ordering::SeqCst)));
             let global = self.reduce_stats(&local)?;
+            if self.opts.debug {
+                // Before the skip-bad-step path, which would otherwise swallow a non-finite
+                // loss; the loss flag is global so every rank stops at the same step.
+                let n = t.batch_size * cfg.data.seq_len * t.grad_accum;
+                check_invariants(step, n, cfg.moe.top_k, &layer_stats, global.non_finite == 0.0)?;
+            }
 
             // One collective decision for every rank: a non-finite value anywhere skips the step.
             let mut grad_norm = f64::NAN;
@@ -250,16 +267,15 @@ impl Rank<'_> {
             if bad || !grad_norm.is_finite() {
                 summary.bad_steps += 1;
                 bad_in_a_row += 1;
-                let culprit = self.non_finite_culprit();
                 if self.printing {
                     eprintln!(
                         "step {}: non-finite {} (skipped; {bad_in_a_row} in a row){}",
                         step + 1,
                         if bad { "loss" } else { "gradient norm" },
-                        culprit.map(|c| format!("; first non-finite gradient: {c}")).unwrap_or_default()
+                        self.non_finite_diagnostic(&local, &layer_stats)
                     );
                 }
-                self.zero_grads();
+                self.zero_grads()?;
                 if bad_in_a_row >= t.max_bad_steps {
                     let path = self.checkpoint_now(&mut checkpointer, &optimizer, step, "diverged")?;
                     return Err(TrainError::Diverged(format!(
@@ -272,12 +288,8 @@ impl Rank<'_> {
             }
             bad_in_a_row = 0;
             optimizer.step(&self.params, lr)?;
-            self.zero_grads();
+            self.zero_grads()?;
             self.update_biases(&layer_stats)?;
-
-            if self.opts.debug {
-                self.check_invariants(step, &local, &layer_stats)?;
-            }
 
             window_tokens += tokens_per_step;
             let done = step + 1;
@@ -345,12 +357,13 @@ impl Rank<'_> {
                 summary.interrupted = done < t.max_steps;
                 if self.printing {
                     progress.message(&format!(
-                        "stopped by signal after step {done}; resume with: moe train --config <config> --resume {}",
+                        "stopped by signal after step {done} of {}; checkpoint: {} (continue with --resume auto)",
+                        t.max_steps,
                         summary
                             .last_checkpoint
                             .as_ref()
                             .map(|p| p.display().to_string())
-                            .unwrap_or_else(|| "auto".into())
+                            .unwrap_or_else(|| "none".into())
                     ));
                 }
                 break;
@@ -430,28 +443,62 @@ impl Rank<'_> {
         Ok(g)
     }
 
-    fn zero_grads(&self) {
+    fn zero_grads(&self) -> Result<()> {
         for p in &self.params {
-            let mut g = p.tensor.grad();
+            let mut g = p.tensor.f_grad()?;
             if g.defined() {
-                let _ = g.zero_();
+                g.f_zero_()?;
             }
         }
+        Ok(())
     }
 
-    /// The first parameter whose gradient is not finite (local), for the diagnostic.
-    fn non_finite_culprit(&self) -> Option<String> {
-        self.params.iter().find_map(|p| {
-            let g = p.tensor.grad();
-            if !g.defined() {
-                return None;
+    /// Where this rank saw non-finite values: which loss terms (per MoE layer for aux and z),
+    /// and which gradients. The first bad parameter in model order is usually the embedding
+    /// (a NaN loss poisons every gradient), so the first bad MoE parameter is named too: a
+    /// router or expert blow-up shows there first.
+    fn non_finite_diagnostic(&self, local: &StepStats, layers: &[(i64, MoeStats)]) -> String {
+        let mut parts = Vec::new();
+        if !local.lm_loss.is_finite() {
+            parts.push(format!("lm_loss {}", local.lm_loss));
+        }
+        for (layer, s) in layers {
+            for (what, t) in [("aux_loss", &s.aux_loss), ("z_loss", &s.z_loss)] {
+                if let Ok(v) = t.f_double_value(&[]) {
+                    if !v.is_finite() {
+                        parts.push(format!("layer {layer} {what} {v}"));
+                    }
+                }
             }
-            let finite = g.f_isfinite().and_then(|f| f.f_all()).and_then(|a| a.f_int64_value(&[]));
-            match finite {
-                Ok(1) => None,
-                _ => Some(p.name.clone()),
-            }
-        })
+        }
+        let bad: Vec<&str> = self
+            .params
+            .iter()
+            .filter(|p| {
+                let finite = p.tensor.f_grad().and_then(|g| {
+                    if !g.defined() {
+                        return Ok(1);
+                    }
+                    g.f_isfinite()?.f_all()?.f_int64_value(&[])
+                });
+                !matches!(finite, Ok(1))
+            })
+            .map(|p| p.name.as_str())
+            .collect();
+        if let Some(first) = bad.first() {
+            let moe = bad.iter().find(|n| n.contains(".moe."));
+            parts.push(format!(
+                "non-finite gradients in {} of {} parameters, first: {first}{}",
+                bad.len(),
+                self.params.len(),
+                moe.filter(|m| *m != first).map(|m| format!(", first MoE: {m}")).unwrap_or_default()
+            ));
+        }
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" on rank {}: {}", self.groups.world_rank, parts.join("; "))
+        }
     }
 
     /// Aux-loss-free balancing: each MoE layer's bias moves towards the mean load, from the
@@ -468,36 +515,21 @@ impl Rank<'_> {
         Ok(())
     }
 
-    /// Mean validation loss over `eval_iters` global batches of the validation split.
+    /// Mean validation loss over `eval_iters` global batches of the validation split: each
+    /// rank's mean ([`crate::inference::rank_val_loss`], shared with `moe eval`), averaged
+    /// over ranks.
     fn evaluate(&mut self, dataset: &Arc<Dataset>, step: u64) -> Result<f64> {
-        let t = &self.cfg.trainer;
-        let _guard = tch::no_grad_guard();
-        let spec = data::SamplerSpec {
-            seed: self.cfg.run.seed,
-            seq_len: self.cfg.data.seq_len,
-            batch_size: t.batch_size,
-            world_size: self.groups.world_size as i64,
-            rank: self.groups.world_rank as i64,
-            grad_accum: 1,
+        let m = crate::inference::EvalModel {
+            model: &self.model,
+            dispatcher: &self.dispatcher,
+            device: self.device,
+            compute_kind: self.compute_kind,
+            capacity_groups: self.opts.capacity_groups,
         };
-        let mut total = 0.0;
-        for i in 0..t.eval_iters {
-            let micro = dataset.batches(Split::Val, i, &spec)?;
-            for batch in &micro {
-                let inputs = batch.inputs_bt.f_to_device(self.device)?;
-                let targets = batch.targets_bt.f_to_device(self.device)?;
-                let ctx = LmForward {
-                    train: false,
-                    dispatcher: &self.dispatcher,
-                    capacity_groups: self.opts.capacity_groups,
-                    compute_kind: self.compute_kind,
-                    step,
-                };
-                let out = self.model.forward(&inputs, &ctx)?;
-                total += lm_loss(&out.logits_btv, &targets)?.f_double_value(&[])?;
-            }
-        }
-        let local = Tensor::f_from_slice(&[total / t.eval_iters as f64])?;
+        let world = self.groups.world_size as i64;
+        let rank = self.groups.world_rank as i64;
+        let local = crate::inference::rank_val_loss(&m, dataset, self.cfg, world, rank, step)?;
+        let local = Tensor::f_from_slice(&[local])?;
         let summed = lock(&self.groups.world)?.all_reduce_sum(&local)?;
         Ok(summed.f_double_value(&[0])? / self.groups.world_size as f64)
     }
@@ -545,37 +577,6 @@ impl Rank<'_> {
         Ok(())
     }
 
-    /// Debug mode: the routing invariants of every layer and a finite loss, after every step.
-    fn check_invariants(&self, step: u64, local: &StepStats, layers: &[(i64, MoeStats)]) -> Result<()> {
-        let t = &self.cfg.trainer;
-        let n = t.batch_size * self.cfg.data.seq_len * t.grad_accum;
-        for (layer, s) in layers {
-            let expected = n * self.cfg.moe.top_k;
-            if s.num_kept + s.num_dropped != expected {
-                return Err(TrainError::Model(moe_model::ModelError::Invariant {
-                    layer: *layer,
-                    msg: format!(
-                        "step {}: kept ({}) + dropped ({}) assignments != N*k ({n}*{} = {expected})",
-                        step + 1,
-                        s.num_kept,
-                        s.num_dropped,
-                        self.cfg.moe.top_k
-                    ),
-                }));
-            }
-            if !s.probs_sum_ok {
-                return Err(TrainError::Model(moe_model::ModelError::Invariant {
-                    layer: *layer,
-                    msg: format!("step {}: routing weights not finite or not normalised as configured", step + 1),
-                }));
-            }
-        }
-        if !(local.lm_loss.is_finite() && local.aux_loss.is_finite() && local.z_loss.is_finite()) {
-            return Err(TrainError::Diverged(format!("step {}: loss is not finite", step + 1)));
-        }
-        Ok(())
-    }
-
     /// Copies the state to host memory and hands it to the background writer.
     fn checkpoint_now(
         &self,
@@ -605,6 +606,76 @@ impl Rank<'_> {
         optimizer.load_state(&loaded.optim, loaded.optim_step)?;
         Ok(loaded.step)
     }
+}
+
+/// Debug mode's per-step invariants (DESIGN.md, Modes): in every MoE layer each of the
+/// rank's `num_tokens` tokens (over all micro-batches) has `top_k` assignments, each kept or
+/// counted dropped; routing weights are finite and sum as configured; the loss is finite.
+pub fn check_invariants(
+    step: u64,
+    num_tokens: i64,
+    top_k: i64,
+    layers: &[(i64, MoeStats)],
+    loss_finite: bool,
+) -> Result<()> {
+    let invariant = |layer: i64, msg: String| {
+        TrainError::Model(moe_model::ModelError::Invariant { layer, msg })
+    };
+    for (layer, s) in layers {
+        let expected = num_tokens * top_k;
+        if s.num_kept + s.num_dropped != expected {
+            return Err(invariant(
+                *layer,
+                format!(
+                    "step {}: kept ({}) + dropped ({}) assignments != N*k ({num_tokens}*{top_k} = {expected})",
+                    step + 1,
+                    s.num_kept,
+                    s.num_dropped,
+                ),
+            ));
+        }
+        if !s.probs_sum_ok {
+            return Err(invariant(
+                *layer,
+                format!("step {}: routing weights not finite or not normalised as configured", step + 1),
+            ));
+        }
+    }
+    if !loss_finite {
+        return Err(TrainError::Diverged(format!("step {}: loss is not finite (debug mode stops at the first non-finite step)", step + 1)));
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path` through a temp file and a rename, so a reader never sees half.
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| TrainError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
+/// A resumed run re-logs the steps after its checkpoint: drop the lines the interrupted run
+/// wrote beyond `step` (and a torn last line of a killed writer), so each step appears once.
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(TrainError::io(path, e)),
+    };
+    let kept: String = text
+        .split_inclusive('\n')
+        .filter(|line| line.ends_with('\n'))
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    if kept.len() != text.len() {
+        write_atomic(path, &kept)?;
+    }
+    Ok(())
 }
 
 /// Mean token cross-entropy in float32.

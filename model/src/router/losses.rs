@@ -1,7 +1,7 @@
 //! Router losses: the global load-balancing loss (Switch/GShard as Megatron-Core computes it),
 //! its per-sequence variant (DeepSeek-V2 `seq_aux_loss`) and the z-loss (ST-MoE, eq. 5).
 
-use super::select::{indices_to_map, topk_indices};
+use super::select::topk_mask;
 use crate::config::{AuxLossKind, MoeConfig};
 use crate::Result;
 use tch::Tensor;
@@ -31,7 +31,7 @@ fn zero_like(like: &Tensor) -> Result<Tensor> {
 /// `logits_ne` `[N, E]` -> `s_ne` `[N, E]`, `map_ne` bool `[N, E]`.
 pub(crate) fn aux_scores(logits_ne: &Tensor, top_k: i64) -> Result<(Tensor, Tensor)> {
     let s_ne = logits_ne.f_softmax(1, logits_ne.kind())?;
-    let map_ne = indices_to_map(&topk_indices(&s_ne, top_k)?, logits_ne.size()[1])?;
+    let map_ne = topk_mask(&s_ne, top_k)?;
     Ok((s_ne, map_ne))
 }
 

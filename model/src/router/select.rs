@@ -8,13 +8,44 @@ use tch::{Kind, Tensor};
 /// sigmoid scores that all underflow give zeros instead of NaN.
 const RENORM_EPS: f64 = 1e-20;
 
-/// Indices `[N, k]` of the k largest entries of each row, ties to the lower column index.
+/// Bool `[N, E]`: the k largest entries of each row, ties to the lower column index.
 ///
-/// `torch.topk` leaves the order of ties unspecified (and CPU and CUDA differ); a stable
-/// descending sort keeps equal entries in index order, so routing is reproducible everywhere.
+/// `torch.topk` leaves the order of ties unspecified (and CPU and CUDA differ), so only its
+/// k-th value is used: every entry above it is selected, and of the entries equal to it the
+/// lowest-indexed ones fill the remaining places. A full stable sort gives the same set but
+/// costs 4x more at E=256 (measured with `moe bench layer`). No host synchronisation.
+pub(crate) fn topk_mask(scores_ne: &Tensor, k: i64) -> Result<Tensor> {
+    let s_ne = scores_ne.f_detach()?;
+    let (top_nk, _) = s_ne.f_topk(k, 1, true, false)?;
+    let kth_n1 = top_nk.f_amin([1].as_slice(), true)?;
+    let above_ne = s_ne.f_gt_tensor(&kth_n1)?;
+    let tied_ne = s_ne.f_eq_tensor(&kth_n1)?;
+    let free_n1 = above_ne
+        .f_sum_dim_intlist(1, true, Kind::Int64)?
+        .f_neg()?
+        .f_add_scalar(k)?;
+    let tie_rank_ne = tied_ne.f_cumsum(1, Kind::Int64)?;
+    Ok(above_ne.f_logical_or(&tied_ne.f_logical_and(&tie_rank_ne.f_le_tensor(&free_n1)?)?)?)
+}
+
+/// Indices `[N, k]` of the k largest entries of each row, in descending order, ties to the
+/// lower column index (the set of [`topk_mask`], ordered by a stable sort of only k columns).
+///
+/// Rows holding NaN may select fewer than k entries; their indices are then meaningless (the
+/// step's loss is NaN and the trainer skips it), but always in range.
 pub(crate) fn topk_indices(scores_ne: &Tensor, k: i64) -> Result<Tensor> {
-    let (_, order_ne) = scores_ne.f_detach()?.f_sort_stable(true, 1, true)?;
-    Ok(order_ne.f_narrow(1, 0, k)?)
+    let s_ne = scores_ne.f_detach()?;
+    let n = s_ne.size().first().copied().unwrap_or(0);
+    // Row-major `nonzero` lists each row's k columns in ascending order; the static size keeps
+    // it free of a host synchronisation on GPUs.
+    let cols_nk = topk_mask(&s_ne, k)?
+        .f_nonzero_static(n * k, 0)?
+        .f_select(1, 1)?
+        .f_reshape([n, k])?;
+    let (_, order_nk) = s_ne
+        .f_gather(1, &cols_nk, false)?
+        .f_sort_stable(true, 1, true)?;
+    Ok(cols_nk.f_gather(1, &order_nk, false)?)
 }
 
 /// Bool `[N, E]` map with `true` at each selected `(n, idx_nk[n, j])`.

@@ -1,0 +1,112 @@
+//! `moe bench`: measurements, not tests. Each bench runs its variants side by side in one
+//! process (interleaved iteration by iteration, so the noise of a shared 2-core machine hits
+//! every variant alike), reports medians, and can append its tables to a Markdown file
+//! together with the machine, the command line and the date (`--markdown BENCHMARKS.md`).
+
+mod a2a;
+mod layer;
+mod prof;
+mod report;
+mod train;
+
+use crate::cli::{BenchArgs, BenchKind};
+
+/// Runs `moe bench <what>`.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if std::env::var_os("MOE_PROF").is_some() {
+        prof::prof();
+        return Ok(());
+    }
+    keep_freed_memory();
+    let report = match args.what {
+        BenchKind::Layer => match &args.memory_child {
+            Some(variant) => return layer::memory_child(&args, variant),
+            None => layer::run(&args)?,
+        },
+        BenchKind::A2a => match a2a::run(&args)? {
+            Some(r) => r,
+            // Ranks other than 0 of an MPI run report nothing.
+            None => return Ok(()),
+        },
+        BenchKind::Train => train::run(&args)?,
+    };
+    report.emit(args.json, args.markdown.as_deref())
+}
+
+/// glibc's malloc returns every large block (>= 128 KiB, rising to 32 MiB) to the kernel on
+/// free, so each large tensor of every iteration is page-faulted in again: measured 5x slower
+/// on a 32 MiB `index_select` / elementwise op on this machine. The bench keeps freed memory
+/// in the heap instead (as a caching allocator would); `moe train` children get the same
+/// setting through glibc's environment variables. Peak RSS is unchanged (freed blocks are
+/// reused, not added).
+pub fn keep_freed_memory() {
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread runs.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
+/// The environment that gives a child process [`keep_freed_memory`]'s allocator setting.
+pub const KEEP_FREED_MEMORY_ENV: [(&str, &str); 2] = [
+    ("MALLOC_MMAP_THRESHOLD_", "1073741824"),
+    ("MALLOC_TRIM_THRESHOLD_", "2147483647"),
+];
+
+/// Median of `xs` (the mean of the two middle values for an even count); NaN when empty.
+pub fn median(xs: &[f64]) -> f64 {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        0.5 * (v[m - 1] + v[m])
+    }
+}
+
+/// A `kB` field of `/proc/self/status` (`VmHWM`: peak resident set, `VmRSS`: current), in MiB.
+pub fn proc_status_mib(field: &str) -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kib| kib / 1024.0)
+}
+
+/// Peak resident set of the waited-for children of this process (`getrusage`), in MiB.
+pub fn children_max_rss_mib() -> Option<f64> {
+    // SAFETY: getrusage only writes the struct we pass; a zeroed rusage is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_CHILDREN is a valid `who`, `ru` is a valid, writable rusage.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    (rc == 0).then(|| ru.ru_maxrss as f64 / 1024.0)
+}
+
+/// Sets torch's intra-op thread count (and inter-op to match, once per process).
+pub fn set_threads(n: i32) {
+    tch::set_num_threads(n.max(1));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_even_and_nan() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[f64::NAN, 5.0]), 5.0);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn reads_own_peak_rss() {
+        let hwm = proc_status_mib("VmHWM").unwrap();
+        let rss = proc_status_mib("VmRSS").unwrap();
+        assert!(hwm > 0.0 && hwm >= rss * 0.999, "VmHWM {hwm} VmRSS {rss}");
+    }
+}

@@ -1,0 +1,361 @@
+//! `moe bench train`: end-to-end training steps of three models built from one config (the
+//! quickstart by default): the config itself, a dense model with the same active parameters
+//! (`num_experts: 1`, `ffn_hidden = top_k * expert_hidden`) and a larger MoE (2x width, 4x
+//! experts, 2x expert width). Steps of the three are interleaved.
+//!
+//! - tokens/s and MFU: model FLOPs per token (`moe inspect`'s `flops_per_token.train`) times
+//!   tokens/s, over the float32 matmul peak measured in the same run (a square `matmul`).
+//! - per-phase time: data (the batch read, synchronous here; the trainer prefetches it),
+//!   forward+backward, optimizer (clipping, AdamW, zeroing); and, measured standalone on the
+//!   same shapes, attention and FFN (MoE or dense) forward+backward times the layer count.
+//! - peak RSS of a real `moe train` run (child process, `getrusage`) against `moe inspect`'s
+//!   weights+gradients+AdamW+activations estimate plus the resident size of an idle `moe`
+//!   process (libtorch's code and allocator pools, which no parameter count includes).
+
+use super::report::{Report, Table};
+use super::{children_max_rss_mib, median, proc_status_mib, set_threads};
+use crate::cli::BenchArgs;
+use crate::config_load;
+use anyhow::{anyhow, bail, Context};
+use moe_comm::ProcessGroups;
+use moe_model::dispatcher::Dispatcher;
+use moe_model::moe_layer::{MoeForward, MoeLayer};
+use moe_model::transformer::{LmForward, ParallelInfo, TransformerLm};
+use moe_model::{attention::Attention, mlp::SwiGlu, rope::Rope};
+use moe_trainer::config::ExperimentConfig;
+use moe_trainer::data::{load_dataset, Dataset, SamplerSpec, Split};
+use moe_trainer::grad_sync::clip_grad_norm;
+use moe_trainer::optim::AdamW;
+use moe_trainer::train_loop::lm_loss;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// What `moe inspect --json` says about one model.
+struct Inspect {
+    active_params: f64,
+    total_params: f64,
+    flops_train: f64,
+    state_bytes: f64,
+    activation_bytes: f64,
+}
+
+fn inspect(config: &Path, sets: &[String]) -> anyhow::Result<Inspect> {
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["inspect", "--json", "--config"]).arg(config);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().context("running moe inspect")?;
+    if !out.status.success() {
+        bail!("moe inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let num = |ptr: &str| {
+        v.pointer(ptr)
+            .and_then(|x| x.as_f64())
+            .ok_or_else(|| anyhow!("moe inspect --json has no {ptr}"))
+    };
+    Ok(Inspect {
+        active_params: num("/active_params")?,
+        total_params: num("/total_params")?,
+        flops_train: num("/flops_per_token/train")?,
+        state_bytes: num("/per_rank/total_bytes")?,
+        activation_bytes: num("/activations/bytes")?,
+    })
+}
+
+/// One model under test.
+struct Model {
+    name: String,
+    sets: Vec<String>,
+    cfg: ExperimentConfig,
+    info: Inspect,
+    lm: TransformerLm,
+    opt: AdamW,
+    data: Arc<Dataset>,
+    samples: [Vec<f64>; 3],
+}
+
+impl Model {
+    fn new(name: &str, config: &Path, sets: Vec<String>) -> anyhow::Result<Self> {
+        let cfg = config_load::load(config, &sets)?.config;
+        let errs = cfg.validate(1);
+        if !errs.is_empty() {
+            bail!("{name}: {}", errs.join("; "));
+        }
+        let info = inspect(config, &sets)?;
+        let lm = TransformerLm::new(&cfg.model, &cfg.moe, ParallelInfo::single(), cfg.run.seed, Device::Cpu)?;
+        let opt = AdamW::new(&lm.params(), &cfg.trainer)?;
+        let data = load_dataset(&cfg.data, cfg.model.vocab_size)?;
+        Ok(Self { name: name.into(), sets, cfg, info, lm, opt, data, samples: Default::default() })
+    }
+
+    fn tokens_per_step(&self) -> i64 {
+        self.cfg.trainer.batch_size * self.cfg.data.seq_len
+    }
+
+    /// One optimizer step; returns seconds of (data, forward+backward, optimizer).
+    fn step(&mut self, step: u64) -> anyhow::Result<[f64; 3]> {
+        let t = &self.cfg.trainer;
+        let spec = SamplerSpec {
+            seed: self.cfg.run.seed,
+            seq_len: self.cfg.data.seq_len,
+            batch_size: t.batch_size,
+            world_size: 1,
+            rank: 0,
+            grad_accum: 1,
+        };
+        let t0 = Instant::now();
+        let batch = self.data.batch(Split::Train, step, &spec, 0)?;
+        let t1 = Instant::now();
+        let dispatcher = Dispatcher::Local;
+        let ctx = LmForward { train: true, dispatcher: &dispatcher, capacity_groups: 1, compute_kind: Kind::Float, step };
+        let out = self.lm.forward(&batch.inputs_bt, &ctx)?;
+        let loss = lm_loss(&out.logits_btv, &batch.targets_bt)?.f_add(&out.aux_loss)?.f_add(&out.z_loss)?;
+        loss.f_backward()?;
+        let t2 = Instant::now();
+        let params = self.lm.params();
+        clip_grad_norm(&params, &ProcessGroups::single(), t.grad_clip)?;
+        self.opt.step(&params, t.lr)?;
+        for p in &params {
+            let mut g = p.tensor.grad();
+            if g.defined() {
+                let _ = g.f_zero_()?;
+            }
+        }
+        let t3 = Instant::now();
+        Ok([(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64()])
+    }
+
+    /// Standalone forward+backward of one attention block and one FFN (MoE or dense) on this
+    /// model's shapes, times the number of such layers: `(attention s, ffn s)`.
+    fn components(&self, reps: u64) -> anyhow::Result<(f64, f64)> {
+        let (m, moe) = (&self.cfg.model, &self.cfg.moe);
+        let (b, t, d) = (self.cfg.trainer.batch_size, self.cfg.data.seq_len, m.d_model);
+        let rope = Rope::new(m.head_dim(), m.max_seq_len, m.rope_theta, Device::Cpu)?;
+        let attn = Attention::new(m, "bench.attn", 1, Device::Cpu)?;
+        let is_moe = moe.num_experts > 1 || moe.num_shared_experts > 0;
+        let moe_layer = if is_moe { Some(MoeLayer::new(m, moe, "bench.moe", 0, 1, 1, Device::Cpu)?) } else { None };
+        let dense = SwiGlu::new("bench.ffn", d, m.ffn_hidden, m.init_std, m.num_layers, 1, Device::Cpu)?;
+        let moe_layers = (0..m.num_layers).filter(|&i| is_moe && moe.is_moe_layer(i)).count() as f64;
+        let dense_layers = m.num_layers as f64 - moe_layers;
+        let x = Tensor::f_randn([b, t, d], (Kind::Float, Device::Cpu))?.f_set_requires_grad(true)?;
+        let (mut sa, mut sf, mut sd) = (Vec::new(), Vec::new(), Vec::new());
+        let dispatcher = Dispatcher::Local;
+        for _ in 0..reps + 1 {
+            let s = Instant::now();
+            attn.forward(&x, &rope, Kind::Float)?.f_sum(Kind::Float)?.f_backward()?;
+            sa.push(s.elapsed().as_secs_f64());
+            if let Some(layer) = &moe_layer {
+                let s = Instant::now();
+                let ctx = MoeForward { train: true, seq_len: t, capacity_groups: 1, dispatcher: &dispatcher, jitter_seed: 0 };
+                let (y, st) = layer.forward(&x.f_view([b * t, d])?, &ctx)?;
+                y.f_sum(Kind::Float)?.f_add(&st.aux_loss)?.f_add(&st.z_loss)?.f_backward()?;
+                sf.push(s.elapsed().as_secs_f64());
+            }
+            if dense_layers > 0.0 {
+                let s = Instant::now();
+                dense.forward(&x)?.f_sum(Kind::Float)?.f_backward()?;
+                sd.push(s.elapsed().as_secs_f64());
+            }
+        }
+        let med = |v: &[f64]| if v.len() > 1 { median(&v[1..]) } else { 0.0 };
+        Ok((med(&sa) * m.num_layers as f64, med(&sf) * moe_layers + med(&sd) * dense_layers))
+    }
+}
+
+/// Median float32 matmul throughput (FLOP/s) of an n x n x n product at the current threads.
+fn matmul_peak(n: i64, reps: usize) -> anyhow::Result<f64> {
+    let a = Tensor::f_randn([n, n], (Kind::Float, Device::Cpu))?;
+    let b = Tensor::f_randn([n, n], (Kind::Float, Device::Cpu))?;
+    let mut s = Vec::new();
+    for i in 0..reps + 1 {
+        let t = Instant::now();
+        let _ = a.f_matmul(&b)?;
+        if i > 0 {
+            s.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(2.0 * (n * n * n) as f64 / median(&s))
+}
+
+/// Peak RSS (MiB) of `moe train` on the base config for `steps` steps, in a child process,
+/// and its last reported tokens/s.
+fn train_child_rss(config: &Path, sets: &[String], steps: u64, threads: i32) -> anyhow::Result<(f64, Option<f64>)> {
+    let out_dir: PathBuf = std::env::temp_dir().join(format!("moe-bench-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["train", "--config"]).arg(config).envs(super::KEEP_FREED_MEMORY_ENV);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let extra = [
+        format!("run.out_dir={}", out_dir.display()),
+        format!("trainer.max_steps={steps}"),
+        format!("trainer.threads={threads}"),
+        "trainer.eval_every=0".into(),
+        "checkpoint.every=0".into(),
+        format!("trainer.log_every={}", steps.max(1)),
+    ];
+    for s in &extra {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().context("running moe train")?;
+    let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&out_dir);
+    if !out.status.success() {
+        bail!("moe train failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let tok_s = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "train")
+        .filter_map(|v| v["tokens_per_s"].as_f64())
+        .last();
+    Ok((children_max_rss_mib().ok_or_else(|| anyhow!("getrusage failed"))?, tok_s))
+}
+
+/// Runs `moe bench train`.
+pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
+    let config = args.config.clone().unwrap_or_else(|| PathBuf::from("configs/quickstart.yaml"));
+    set_threads(1);
+    // An idle `moe` process: libtorch loaded, a few ops run, no model yet.
+    let _ = Tensor::f_ones([8, 8], (Kind::Float, Device::Cpu))?.f_matmul(&Tensor::f_ones([8, 8], (Kind::Float, Device::Cpu))?)?;
+    let idle_rss = proc_status_mib("VmRSS").unwrap_or(f64::NAN);
+    let mut report = Report::new("moe bench train: end-to-end training steps (CPU, float32)");
+    let base = config_load::load(&config, &args.set)?.config;
+    let (m, moe) = (&base.model, &base.moe);
+    let with = |extra: &[String]| -> Vec<String> { args.set.iter().cloned().chain(extra.iter().cloned()).collect() };
+
+    // Peak RSS first: getrusage reports the largest child so far.
+    let steps = args.warmup + args.iters;
+    let threads_max = args.threads.iter().copied().max().unwrap_or(1);
+    let rss = if args.no_rss { None } else { Some(train_child_rss(&config, &args.set, steps.max(2), threads_max)?) };
+
+    let mut models = vec![
+        Model::new("quickstart MoE", &config, with(&[]))?,
+        Model::new(
+            "dense, same active params",
+            &config,
+            with(&[
+                "moe.num_experts=1".into(),
+                "moe.top_k=1".into(),
+                "moe.num_shared_experts=0".into(),
+                format!("model.ffn_hidden={}", moe.top_k * moe.expert_hidden),
+            ]),
+        )?,
+        Model::new(
+            "larger MoE",
+            &config,
+            with(&[
+                format!("model.d_model={}", 2 * m.d_model),
+                format!("model.num_heads={}", 2 * m.num_heads),
+                format!("model.num_kv_heads={}", 2 * m.num_kv_heads),
+                format!("moe.num_experts={}", 4 * moe.num_experts),
+                format!("moe.expert_hidden={}", 2 * moe.expert_hidden),
+            ]),
+        )?,
+    ];
+
+    let mut table = Table::new(
+        "Training throughput (median per step; MFU against the matmul peak of the same run)",
+        &[
+            "model", "params (active)", "threads", "tokens/s", "step ms", "MFU", "data ms", "fwd+bwd ms",
+            "optimizer ms", "attention ms", "FFN/MoE ms", "other fwd+bwd ms",
+        ],
+    );
+    let mut notes = Vec::new();
+    for &threads in &args.threads {
+        set_threads(threads);
+        let peak = matmul_peak(1024, 5)?;
+        for mdl in models.iter_mut() {
+            mdl.samples = Default::default();
+        }
+        for step in 0..steps {
+            for mdl in models.iter_mut() {
+                let s = mdl.step(step)?;
+                if step >= args.warmup {
+                    for (i, x) in s.iter().enumerate() {
+                        mdl.samples[i].push(*x);
+                    }
+                }
+            }
+        }
+        let mut tok_s = Vec::new();
+        for mdl in &models {
+            let [data, fb, opt] = mdl.samples.clone().map(|v| median(&v));
+            let step_s = data + fb + opt;
+            let tps = mdl.tokens_per_step() as f64 / step_s;
+            tok_s.push(tps);
+            let (attn, ffn) = mdl.components(args.iters.clamp(1, 10))?;
+            table.row(vec![
+                mdl.name.clone(),
+                format!("{:.2}M ({:.2}M)", mdl.info.total_params / 1e6, mdl.info.active_params / 1e6),
+                threads.to_string(),
+                format!("{tps:.0}"),
+                format!("{:.0}", step_s * 1e3),
+                format!("{:.1}%", 100.0 * tps * mdl.info.flops_train / peak),
+                format!("{:.1}", data * 1e3),
+                format!("{:.0}", fb * 1e3),
+                format!("{:.1}", opt * 1e3),
+                format!("{:.0}", attn * 1e3),
+                format!("{:.0}", ffn * 1e3),
+                format!("{:.0}", (fb - attn - ffn) * 1e3),
+            ]);
+        }
+        let ratio = tok_s[0] / tok_s[1];
+        notes.push(format!(
+            "threads {threads}: matmul peak {:.1} GFLOP/s (1024^3 float32); MoE quickstart / dense tokens/s = {ratio:.2} \
+             (target >= 0.7: {})",
+            peak / 1e9,
+            if ratio >= 0.7 { "met" } else { "MISSED" }
+        ));
+    }
+    report.tables.push(table);
+
+    if let Some((peak_rss, child_tok_s)) = rss {
+        let q = &models[0].info;
+        let estimate = (q.state_bytes + q.activation_bytes) / (1 << 20) as f64;
+        let mut t = Table::new(
+            "Peak RSS of `moe train` on the config (child process, getrusage)",
+            &[
+                "steps", "threads", "peak RSS MiB", "idle moe RSS MiB", "peak - idle", "estimate MiB", "(peak - idle) / estimate",
+                "target", "peak / (estimate + idle)", "moe train tokens/s",
+            ],
+        );
+        let r = (peak_rss - idle_rss) / estimate;
+        t.row(vec![
+            steps.max(2).to_string(),
+            threads_max.to_string(),
+            format!("{peak_rss:.0}"),
+            format!("{idle_rss:.0}"),
+            format!("{:.0}", peak_rss - idle_rss),
+            format!("{estimate:.1}"),
+            format!("{r:.2}"),
+            format!("<= 1.5 {}", if r <= 1.5 { "met" } else { "MISSED" }),
+            format!("{:.2}", peak_rss / (estimate + idle_rss)),
+            child_tok_s.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into()),
+        ]);
+        report.tables.push(t);
+        notes.push(
+            "estimate = `moe inspect --json`: per_rank.total_bytes (weights + grads + AdamW, 16 B/param) + activations.bytes; \
+             idle moe RSS = this bench process after loading libtorch and one tiny matmul"
+                .into(),
+        );
+    }
+    notes.push(format!(
+        "medians of {} steps after {} warmup, models interleaved step by step; data = synchronous batch read \
+         (the trainer prefetches on a thread); attention and FFN/MoE measured standalone (forward+backward of one \
+         layer on the model's [B*T, d], times the layer count); other = fwd+bwd - attention - FFN (embedding, norms, \
+         LM head, loss); MFU = tokens/s x moe inspect's flops_per_token.train / matmul peak",
+        args.iters, args.warmup
+    ));
+    for mdl in &models {
+        notes.push(format!("{}: --set {}", mdl.name, if mdl.sets.is_empty() { "(none)".into() } else { mdl.sets.join(" --set ") }));
+    }
+    report.notes.extend(notes);
+    Ok(report)
+}

@@ -1,0 +1,204 @@
+//! `moe eval`: the validation loss and perplexity of a checkpoint, computed in one process
+//! exactly as the training loop's periodic eval computes them (same batches, same code:
+//! `moe_trainer::inference::rank_val_loss`), so the number equals the run's last `eval`
+//! record in metrics.jsonl.
+//!
+//! Also home of what `moe generate` shares: finding the checkpoint and its config.
+
+use crate::config_load;
+use crate::device::resolve_device;
+use crate::exit_code::BadInput;
+use crate::{overrides, tree_de, yaml_tree};
+use anyhow::{anyhow, Context};
+use moe_model::dispatcher::Dispatcher;
+use moe_trainer::checkpoint::{find_latest_intact, read_manifest, Manifest};
+use moe_trainer::config::{Backend, ExperimentConfig};
+use moe_trainer::data::load_dataset;
+use moe_trainer::inference::{compute_kind, load_single, rank_val_loss, EvalModel};
+use moe_trainer::TrainError;
+use std::path::{Path, PathBuf};
+
+/// A checkpoint and the config to use it with.
+pub struct CheckpointSetup {
+    /// The checkpoint directory (`.../step-00000100`).
+    pub path: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// The config: the one stored in the checkpoint, or `--config`, with `--set` applied.
+    pub config: ExperimentConfig,
+}
+
+/// Resolves `checkpoint` (a checkpoint directory, or a directory of them, or a run's out_dir:
+/// the newest intact checkpoint), reads its manifest and the config to use: `config` if
+/// given, else the one the run stored in the manifest; `sets` apply to either. The config is
+/// validated for one process (the parallel section does not matter: the model is built at
+/// EP size 1 and checkpoints store experts by global id).
+pub fn setup(
+    checkpoint: &Path,
+    config: Option<&Path>,
+    sets: &[String],
+) -> anyhow::Result<CheckpointSetup> {
+    let path = resolve_checkpoint(checkpoint)?;
+    let manifest = read_manifest(&path).map_err(bad_checkpoint)?;
+    let mut cfg = match config {
+        Some(file) => {
+            let mut loaded = config_load::load(file, sets)?;
+            single_process(&mut loaded.config);
+            loaded.validate(1, Vec::new())?;
+            return Ok(CheckpointSetup {
+                path,
+                manifest,
+                config: loaded.config,
+            });
+        }
+        None => stored_config(&path, &manifest, sets)?,
+    };
+    single_process(&mut cfg);
+    let errs = cfg.validate(1);
+    if !errs.is_empty() {
+        return Err(BadInput(format!(
+            "the config stored in {} is invalid:\n  {}",
+            path.join("manifest.json").display(),
+            errs.join("\n  ")
+        ))
+        .into());
+    }
+    Ok(CheckpointSetup {
+        path,
+        manifest,
+        config: cfg,
+    })
+}
+
+/// One process, one rank: the model is built at EP size 1 whatever the run used.
+fn single_process(cfg: &mut ExperimentConfig) {
+    cfg.parallel.ep_size = 1;
+    cfg.parallel.backend = Backend::Local;
+}
+
+/// A checkpoint directory (has manifest.json), else the newest intact checkpoint under the
+/// directory or under its `checkpoints/` (a run's out_dir).
+fn resolve_checkpoint(p: &Path) -> anyhow::Result<PathBuf> {
+    if p.join("manifest.json").is_file() {
+        return Ok(p.to_path_buf());
+    }
+    if !p.is_dir() {
+        return Err(BadInput(format!(
+            "--checkpoint {}: no such checkpoint directory",
+            p.display()
+        ))
+        .into());
+    }
+    for dir in [p.to_path_buf(), p.join("checkpoints")] {
+        if let Some((found, warnings)) = find_latest_intact(&dir).map_err(bad_checkpoint)? {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            return Ok(found);
+        }
+    }
+    Err(BadInput(format!(
+        "--checkpoint {}: not a checkpoint directory (no manifest.json) and holds no \
+         checkpoints (step-N/ directories) itself or under checkpoints/",
+        p.display()
+    ))
+    .into())
+}
+
+/// The config the run stored in the manifest (JSON text of the resolved config), with the
+/// `--set` overrides applied through the same tree as a config file's.
+fn stored_config(
+    path: &Path,
+    manifest: &Manifest,
+    sets: &[String],
+) -> anyhow::Result<ExperimentConfig> {
+    let where_ = path.join("manifest.json");
+    let cfg: ExperimentConfig = serde_json::from_str(&manifest.config_yaml).map_err(|e| {
+        BadInput(format!(
+            "{}: the stored config (config_yaml) does not fit this build's schema: {e}; pass \
+             --config FILE",
+            where_.display()
+        ))
+    })?;
+    if sets.is_empty() {
+        return Ok(cfg);
+    }
+    let yaml = config_load::to_yaml(&cfg)?;
+    let mut tree = yaml_tree::parse(&yaml, None)
+        .map_err(|e| anyhow!("re-reading the stored config: {e:?}"))?;
+    for raw in sets {
+        let ov =
+            overrides::parse_override(raw).map_err(|m| BadInput(format!("--set {raw}: {m}")))?;
+        overrides::apply(&mut tree, &ov).map_err(|m| BadInput(format!("--set {raw}: {m}")))?;
+    }
+    tree_de::from_tree(&tree).map_err(|e| {
+        BadInput(format!(
+            "the config stored in {} with the --set overrides: {e}",
+            where_.display()
+        ))
+        .into()
+    })
+}
+
+/// Checkpoint problems (missing, damaged, not fitting the config) are input to fix: exit 2.
+pub fn bad_checkpoint(e: TrainError) -> anyhow::Error {
+    match e {
+        TrainError::Checkpoint { .. } | TrainError::File { .. } => BadInput(e.to_string()).into(),
+        other => anyhow!("{other}"),
+    }
+}
+
+/// Torch intra-op threads: the configured number, else every core.
+pub fn set_threads(configured: i64) {
+    let n = if configured > 0 {
+        configured
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get()) as i64
+    };
+    tch::set_num_threads(n as i32);
+}
+
+/// Runs `moe eval`: prints `val_loss X  ppl Y  (N tokens, checkpoint step S)`.
+///
+/// The run's world size W decides which validation windows each rank read; the W ranks'
+/// batches are evaluated one after another here and averaged like the loop's all-reduce.
+/// Expert capacity applies per rank's batch as in training (each rank's batch is one
+/// forward), so dropping matches too.
+pub fn run_eval(checkpoint: &Path, config: Option<&Path>, sets: &[String]) -> anyhow::Result<()> {
+    let s = setup(checkpoint, config, sets)?;
+    let cfg = &s.config;
+    let device = resolve_device(&cfg.trainer.device, 0)?;
+    set_threads(cfg.trainer.threads);
+    let (model, loaded) = load_single(cfg, &s.path, device).map_err(bad_checkpoint)?;
+    let dataset = load_dataset(&cfg.data, cfg.model.vocab_size)
+        .map_err(|e| anyhow!("{e}"))
+        .context("loading the validation data")?;
+    let dispatcher = Dispatcher::Local;
+    let m = EvalModel {
+        model: &model,
+        dispatcher: &dispatcher,
+        device,
+        compute_kind: compute_kind(&cfg.trainer.precision),
+        capacity_groups: 1,
+    };
+    let world = s.manifest.world_size.max(1);
+    let iters = cfg.trainer.eval_iters.max(1);
+    let mut sum = 0.0;
+    for rank in 0..world {
+        sum += rank_val_loss(&m, &dataset, cfg, world, rank, loaded.step)
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    let val_loss = sum / world as f64;
+    let tokens = world as u64 * iters * cfg.trainer.batch_size as u64 * cfg.data.seq_len as u64;
+    let ranks = if world > 1 {
+        format!(", the batches of {world} ranks")
+    } else {
+        String::new()
+    };
+    println!(
+        "val_loss {val_loss:.6}  ppl {:.4}  ({tokens} tokens{ranks}, checkpoint step {})",
+        val_loss.exp(),
+        loaded.step
+    );
+    Ok(())
+}

@@ -1,0 +1,342 @@
+//! `moe inspect`: a config's model from the config alone (no tensor is allocated, so
+//! full-size configs answer instantly): parameter counts per component, total and active per
+//! token ([`moe_model::count`]), what one rank holds at EP size P, an activation-memory
+//! estimate, the all-to-all volume per step, and FLOPs per token.
+//!
+//! Formulas (b = bytes of the matmul kind: 4 for fp32, 2 for bf16):
+//! - memory per rank: weights, gradients and AdamW's exp_avg + exp_avg_sq, all float32
+//!   (4 + 4 + 8 bytes per parameter), for the replicated parameters plus E/P of the routed
+//!   experts.
+//! - activations, the tensors autograd keeps for backward in one micro-batch of
+//!   n = batch_size * seq_len tokens (an estimate: the exact set depends on kernels):
+//!   n * [ L * (16 d + b (4 q + 2 kv))                       residual/norms f32, q, k, v,
+//!                                                           GQA-expanded k, v, attention out
+//!         + dense layers * b (d + 3 f)                      input, gate, up, gate*up
+//!         + MoE layers * (4 (d + 3 E) + b (k (2 d + 3 h) + 3 s))
+//!                                                           router f32 input, logits,
+//!                                                           scores, weights; routed rows,
+//!                                                           their gate, up, product, output;
+//!                                                           shared experts' hidden
+//!         + 8 v + b d ]                                     logits and their softmax (f32)
+//!   with q = heads * head_dim, kv = kv_heads * head_dim, f = ffn_hidden, h = expert_hidden,
+//!   s = num_shared * shared_hidden.
+//! - all-to-all bytes per rank per step: T * k * d * b * 2 (dispatch + combine) * (P-1)/P
+//!   * 2 (forward + backward) * MoE layers, with T = batch_size * seq_len * grad_accum
+//!   tokens per rank per step; the (P-1)/P is the share of rows leaving the rank under
+//!   balanced routing.
+//! - FLOPs per token: forward 2 * (matmul parameters active per token) + 2 * L * seq_len * q
+//!   (causal attention scores and values, half the square); training 3x forward (Kaplan et
+//!   al. 2020, "Scaling Laws for Neural Language Models", §2.1).
+
+use crate::cli::InspectArgs;
+use crate::config_load;
+use crate::exit_code::BadInput;
+use moe_model::count::{count_params, ParamCount, Sharding};
+use moe_trainer::config::{ExperimentConfig, Precision};
+use serde_json::json;
+
+/// Bytes per parameter of weights, gradients and AdamW state (all float32).
+const WEIGHT_BYTES: u64 = 4;
+const GRAD_BYTES: u64 = 4;
+const ADAM_BYTES: u64 = 8;
+
+/// Everything `moe inspect` reports.
+struct Report {
+    count: ParamCount,
+    ep_size: u64,
+    per_rank_params: u64,
+    activation_tokens: u64,
+    activation_bytes: u64,
+    a2a_bytes: u64,
+    flops_forward: u64,
+    flops_train: u64,
+}
+
+fn analyse(cfg: &ExperimentConfig, ep_size: i64) -> anyhow::Result<Report> {
+    let count = count_params(&cfg.model, &cfg.moe).map_err(|e| BadInput(e.to_string()))?;
+    let e = cfg.moe.num_experts;
+    if ep_size <= 0 || e % ep_size != 0 {
+        return Err(BadInput(format!(
+            "--ep-size / parallel.ep_size ({ep_size}) must be positive and divide moe.num_experts ({e})"
+        ))
+        .into());
+    }
+    let p = ep_size as u64;
+    let (m, moe, t) = (&cfg.model, &cfg.moe, &cfg.trainer);
+    let u = |v: i64| v.max(0) as u64;
+    let b: u64 = match t.precision {
+        Precision::Fp32 => 4,
+        Precision::Bf16 => 2,
+    };
+    let (d, l, v) = (u(m.d_model), u(m.num_layers), u(m.vocab_size));
+    let q = u(m.num_heads * m.head_dim());
+    let kv = u(m.num_kv_heads * m.head_dim());
+    let (k, h, f) = (u(moe.top_k), u(moe.expert_hidden), u(m.ffn_hidden));
+    let s = u(moe.num_shared_experts * moe.shared_hidden());
+    let seq = u(cfg.data.seq_len);
+
+    let n = u(t.batch_size) * seq;
+    let per_token = l * (16 * d + b * (4 * q + 2 * kv))
+        + count.dense_layers * b * (d + 3 * f)
+        + count.moe_layers * (4 * (d + 3 * u(e)) + b * (k * (2 * d + 3 * h) + 3 * s))
+        + 8 * v
+        + b * d;
+    let step_tokens = n * u(t.grad_accum);
+    let a2a = step_tokens * k * d * b * 2 * 2 * count.moe_layers * (p - 1) / p;
+    let norms = count.get("norms").map_or(0, |c| c.params);
+    let embedding = count.get("embedding").map_or(0, |c| c.params);
+    // The embedding is a lookup, not a matmul; a tied head multiplies by it all the same.
+    let head_tied = if m.tie_embeddings { embedding } else { 0 };
+    let matmul_active = count.active() - embedding - norms + head_tied;
+    let flops_forward = 2 * matmul_active + 2 * l * seq * q;
+    Ok(Report {
+        per_rank_params: count.replicated() + count.expert_per_rank(p),
+        count,
+        ep_size: p,
+        activation_tokens: n,
+        activation_bytes: n * per_token,
+        a2a_bytes: a2a,
+        flops_forward,
+        flops_train: 3 * flops_forward,
+    })
+}
+
+/// Runs `moe inspect`.
+pub fn run_inspect(a: &InspectArgs) -> anyhow::Result<()> {
+    let loaded = config_load::load(&a.config.config, &a.config.set)?;
+    let cfg = &loaded.config;
+    let ep_size = a.ep_size.unwrap_or(cfg.parallel.ep_size);
+    let r = analyse(cfg, ep_size)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&to_json(cfg, &r))?);
+    } else {
+        print!(
+            "{}",
+            to_table(cfg, &a.config.config.display().to_string(), &r)
+        );
+    }
+    Ok(())
+}
+
+fn to_json(cfg: &ExperimentConfig, r: &Report) -> serde_json::Value {
+    let c = &r.count;
+    let breakdown: serde_json::Map<String, serde_json::Value> = c
+        .components
+        .iter()
+        .map(|x| {
+            (
+                x.name.to_string(),
+                json!({
+                    "params": x.params,
+                    "active_params": x.active,
+                    "sharding": match x.sharding {
+                        Sharding::Replicated => "replicated",
+                        Sharding::Expert => "expert",
+                    },
+                }),
+            )
+        })
+        .collect();
+    let pr = r.per_rank_params;
+    json!({
+        "name": cfg.run.name,
+        "total_params": c.total(),
+        "active_params": c.active(),
+        "breakdown": breakdown,
+        "moe_layers": c.moe_layers,
+        "dense_layers": c.dense_layers,
+        "num_experts": c.num_experts,
+        "ep_size": r.ep_size,
+        "per_rank": {
+            "experts_per_layer": c.num_experts / r.ep_size,
+            "replicated_params": c.replicated(),
+            "expert_params": c.expert_per_rank(r.ep_size),
+            "params": pr,
+            "weights_bytes": pr * WEIGHT_BYTES,
+            "grads_bytes": pr * GRAD_BYTES,
+            "optimizer_bytes": pr * ADAM_BYTES,
+            "total_bytes": pr * (WEIGHT_BYTES + GRAD_BYTES + ADAM_BYTES),
+        },
+        "activations": { "tokens": r.activation_tokens, "bytes": r.activation_bytes },
+        "all_to_all_bytes_per_step": r.a2a_bytes,
+        "flops_per_token": { "forward": r.flops_forward, "train": r.flops_train },
+    })
+}
+
+fn to_table(cfg: &ExperimentConfig, file: &str, r: &Report) -> String {
+    let (m, moe, t) = (&cfg.model, &cfg.moe, &cfg.trainer);
+    let c = &r.count;
+    let mut o = String::new();
+    let mut line = |s: String| {
+        o.push_str(&s);
+        o.push('\n');
+    };
+    line(format!("model {} ({file})", cfg.run.name));
+    line(format!(
+        "  d_model {}, {} layers ({} MoE, {} dense), {} heads / {} kv heads of {}, vocab {}, {} embeddings",
+        m.d_model,
+        m.num_layers,
+        c.moe_layers,
+        c.dense_layers,
+        m.num_heads,
+        m.num_kv_heads,
+        m.head_dim(),
+        m.vocab_size,
+        if m.tie_embeddings { "tied" } else { "untied" }
+    ));
+    if c.moe_layers > 0 {
+        let shared = if moe.num_shared_experts > 0 {
+            format!(
+                ", {} shared of hidden {}",
+                moe.num_shared_experts,
+                moe.shared_hidden()
+            )
+        } else {
+            String::new()
+        };
+        line(format!(
+            "  {} routed experts of hidden {} (top-{}){shared}",
+            moe.num_experts, moe.expert_hidden, moe.top_k
+        ));
+    }
+    line(String::new());
+    line(format!(
+        "  {:<16} {:>18} {:>18}",
+        "parameters", "total", "active per token"
+    ));
+    for x in &c.components {
+        line(format!(
+            "  {:<16} {:>18} {:>18}",
+            x.name,
+            grouped(x.params),
+            grouped(x.active)
+        ));
+    }
+    line(format!(
+        "  {:<16} {:>18} {:>18}",
+        "total",
+        grouped(c.total()),
+        grouped(c.active())
+    ));
+    line(format!(
+        "  {:<16} {:>18} {:>18}",
+        "",
+        short(c.total()),
+        short(c.active())
+    ));
+    line(String::new());
+    let p = r.ep_size;
+    let pr = r.per_rank_params;
+    line(format!(
+        "per rank at ep_size {p} ({} of {} experts per MoE layer): {} replicated + {} expert = {} parameters",
+        c.num_experts / p,
+        c.num_experts,
+        short(c.replicated()),
+        short(c.expert_per_rank(p)),
+        short(pr)
+    ));
+    line(format!(
+        "  weights {} + gradients {} + AdamW state {} = {} (float32)",
+        bytes(pr * WEIGHT_BYTES),
+        bytes(pr * GRAD_BYTES),
+        bytes(pr * ADAM_BYTES),
+        bytes(pr * (WEIGHT_BYTES + GRAD_BYTES + ADAM_BYTES))
+    ));
+    let kind = match t.precision {
+        Precision::Fp32 => "fp32",
+        Precision::Bf16 => "bf16",
+    };
+    line(format!(
+        "  activations (estimate, one micro-batch of {} x {} = {} tokens, {kind} matmuls): {}",
+        t.batch_size,
+        cfg.data.seq_len,
+        r.activation_tokens,
+        bytes(r.activation_bytes)
+    ));
+    line(format!(
+        "  all-to-all per step: {} (tokens * top_k * d * bytes * 2 [dispatch+combine] * (P-1)/P * 2 [fwd+bwd] * MoE layers)",
+        bytes(r.a2a_bytes)
+    ));
+    line(format!(
+        "FLOPs per token: {:.3e} forward, {:.3e} training (3x forward)",
+        r.flops_forward as f64, r.flops_train as f64
+    ));
+    o
+}
+
+/// `46702792704` -> `46,702,792,704`.
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// `46702792704` -> `46.70B`.
+fn short(n: u64) -> String {
+    let x = n as f64;
+    match n {
+        0..1_000 => format!("{n}"),
+        1_000..1_000_000 => format!("{:.2}K", x / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.2}M", x / 1e6),
+        _ => format!("{:.2}B", x / 1e9),
+    }
+}
+
+/// Binary units: `1536` -> `1.50 KiB`.
+fn bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut i = 0;
+    while x >= 1024.0 && i + 1 < units.len() {
+        x /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.2} {}", units[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn number_formats() {
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(grouped(1000), "1,000");
+        assert_eq!(grouped(46_702_792_704), "46,702,792,704");
+        assert_eq!(short(12_879_925_248), "12.88B");
+        assert_eq!(short(1_500), "1.50K");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.50 KiB");
+        assert_eq!(bytes(3 << 30), "3.00 GiB");
+    }
+
+    /// All-to-all volume by hand: T = 2*8*1 = 16 tokens, k 2, d 4, fp32, 1 MoE layer, P 2:
+    /// 16*2*4*4 * 2 * 2 * 1/2 = 1024 bytes; P 1 sends nothing.
+    #[test]
+    fn all_to_all_by_hand() {
+        let mut cfg = ExperimentConfig::default();
+        cfg.model.d_model = 4;
+        cfg.model.num_heads = 2;
+        cfg.model.num_kv_heads = 1;
+        cfg.model.num_layers = 1;
+        cfg.model.max_seq_len = 8;
+        cfg.data.seq_len = 8;
+        cfg.trainer.batch_size = 2;
+        cfg.moe.num_experts = 4;
+        cfg.moe.top_k = 2;
+        assert_eq!(analyse(&cfg, 2).unwrap().a2a_bytes, 1024);
+        assert_eq!(analyse(&cfg, 1).unwrap().a2a_bytes, 0);
+        assert!(analyse(&cfg, 3).is_err());
+    }
+}

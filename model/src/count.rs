@@ -1,0 +1,230 @@
+//! Analytic parameter counts of a [`TransformerLm`](crate::transformer::TransformerLm), from
+//! the config alone (no tensor is allocated, so full-size configs are counted instantly).
+//!
+//! The counts follow the tensors `TransformerLm::new` creates, one component per kind of
+//! tensor; a test in `launch/tests/tools_inspect.rs` checks them against `params()` of built
+//! models. "Active per token" uses the convention of the Mixtral and DeepSeek papers: every
+//! dense parameter (embedding and LM head included, although a token reads one embedding
+//! row), the shared experts, and `top_k / num_experts` of the routed experts.
+
+use crate::config::{ModelConfig, MoeConfig};
+use crate::{ModelError, Result};
+
+/// How a component is laid out over an expert-parallel group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharding {
+    /// Every rank holds all of it.
+    Replicated,
+    /// Routed experts: each of P ranks holds `num_experts / P` of them.
+    Expert,
+}
+
+/// One kind of parameter, summed over the layers that have it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Component {
+    /// Stable name: `embedding`, `attention`, `norms`, `router`, `routed_experts`,
+    /// `shared_experts`, `dense_ffn`, `lm_head`.
+    pub name: &'static str,
+    /// Parameters in the whole model.
+    pub params: u64,
+    /// Parameters one token uses in a forward pass.
+    pub active: u64,
+    /// Replicated or expert-sharded.
+    pub sharding: Sharding,
+}
+
+/// Parameter counts of a model, per component.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamCount {
+    /// In a fixed order (see [`Component::name`]); components a model lacks count 0.
+    pub components: Vec<Component>,
+    /// Blocks whose FFN is an MoE layer.
+    pub moe_layers: u64,
+    /// Blocks whose FFN is a dense SwiGLU.
+    pub dense_layers: u64,
+    /// Routed experts per MoE layer (E).
+    pub num_experts: u64,
+}
+
+impl ParamCount {
+    /// All parameters.
+    pub fn total(&self) -> u64 {
+        self.components.iter().map(|c| c.params).sum()
+    }
+
+    /// Parameters one token uses.
+    pub fn active(&self) -> u64 {
+        self.components.iter().map(|c| c.active).sum()
+    }
+
+    /// Parameters every rank holds.
+    pub fn replicated(&self) -> u64 {
+        self.sum_where(Sharding::Replicated)
+    }
+
+    /// Routed-expert parameters of the whole model.
+    pub fn expert(&self) -> u64 {
+        self.sum_where(Sharding::Expert)
+    }
+
+    /// Expert parameters one rank holds at EP size `ep_size` (which must divide E).
+    pub fn expert_per_rank(&self, ep_size: u64) -> u64 {
+        if ep_size == 0 {
+            return 0;
+        }
+        self.expert() / ep_size
+    }
+
+    /// The component called `name`.
+    pub fn get(&self, name: &str) -> Option<&Component> {
+        self.components.iter().find(|c| c.name == name)
+    }
+
+    fn sum_where(&self, s: Sharding) -> u64 {
+        self.components
+            .iter()
+            .filter(|c| c.sharding == s)
+            .map(|c| c.params)
+            .sum()
+    }
+}
+
+/// Counts the parameters `TransformerLm::new(model, moe, ..)` creates. Errors on a config
+/// it would reject ([`MoeConfig::validate`]).
+pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> {
+    let errs = MoeConfig::validate(model, moe);
+    if !errs.is_empty() {
+        return Err(ModelError::Invalid(errs.join("; ")));
+    }
+    // Validated: every size below is positive, so the casts are exact.
+    let u = |v: i64| v as u64;
+    let (v, d, l) = (u(model.vocab_size), u(model.d_model), u(model.num_layers));
+    let (q, kv) = (
+        u(model.num_heads * model.head_dim()),
+        u(model.num_kv_heads * model.head_dim()),
+    );
+    let (e, k, h) = (u(moe.num_experts), u(moe.top_k), u(moe.expert_hidden));
+    let shared_h = u(moe.num_shared_experts.max(0) * moe.shared_hidden());
+    // The same rule as `TransformerLm::new`: a single routed expert without shared experts is
+    // the dense baseline, whatever `moe_every` says.
+    let has_moe = moe.num_experts > 1 || moe.num_shared_experts > 0;
+    let moe_layers = (0..model.num_layers)
+        .filter(|&i| has_moe && moe.is_moe_layer(i))
+        .count() as u64;
+    let dense_layers = l - moe_layers;
+
+    let swiglu = |hidden: u64| 3 * d * hidden;
+    let both = |name, params, sharding| Component {
+        name,
+        params,
+        active: params,
+        sharding,
+    };
+    let embedding = v * d;
+    let components = vec![
+        both("embedding", embedding, Sharding::Replicated),
+        // wq [d, H*hd], wk and wv [d, KV*hd], wo [H*hd, d].
+        both(
+            "attention",
+            l * (2 * d * q + 2 * d * kv),
+            Sharding::Replicated,
+        ),
+        // Two RMSNorm scales per block plus the final one.
+        both("norms", (2 * l + 1) * d, Sharding::Replicated),
+        both("router", moe_layers * d * e, Sharding::Replicated),
+        Component {
+            name: "routed_experts",
+            params: moe_layers * e * swiglu(h),
+            active: moe_layers * k * swiglu(h),
+            sharding: Sharding::Expert,
+        },
+        both(
+            "shared_experts",
+            if shared_h > 0 {
+                moe_layers * swiglu(shared_h)
+            } else {
+                0
+            },
+            Sharding::Replicated,
+        ),
+        both(
+            "dense_ffn",
+            dense_layers * swiglu(u(model.ffn_hidden)),
+            Sharding::Replicated,
+        ),
+        both(
+            "lm_head",
+            if model.tie_embeddings { 0 } else { embedding },
+            Sharding::Replicated,
+        ),
+    ];
+    Ok(ParamCount {
+        components,
+        moe_layers,
+        dense_layers,
+        num_experts: e,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Mixtral 8x7B by hand (Jiang et al. 2024, Table 1: d 4096, 32 layers, 32 heads, 8 kv
+    /// heads, hidden 14336, 8 experts, top-2, vocab 32000): attention
+    /// 32 * (2*4096*4096 + 2*4096*1024) = 1,342,177,280; experts 32*8*3*4096*14336 =
+    /// 45,097,156,608; router 32*4096*8 = 1,048,576; norms 65*4096 = 266,240; embedding
+    /// and head 2*32000*4096 = 262,144,000. Exact integers: no tolerance.
+    #[test]
+    fn mixtral_by_hand() {
+        let model = ModelConfig {
+            vocab_size: 32000,
+            d_model: 4096,
+            num_layers: 32,
+            num_heads: 32,
+            num_kv_heads: 8,
+            ffn_hidden: 14336,
+            ..ModelConfig::default()
+        };
+        let moe = MoeConfig {
+            num_experts: 8,
+            top_k: 2,
+            expert_hidden: 14336,
+            ..MoeConfig::default()
+        };
+        let c = count_params(&model, &moe).unwrap();
+        assert_eq!(c.get("attention").unwrap().params, 1_342_177_280);
+        assert_eq!(c.get("routed_experts").unwrap().params, 45_097_156_608);
+        assert_eq!(c.get("routed_experts").unwrap().active, 45_097_156_608 / 4);
+        assert_eq!(c.get("router").unwrap().params, 1_048_576);
+        assert_eq!(c.get("norms").unwrap().params, 266_240);
+        assert_eq!(c.get("dense_ffn").unwrap().params, 0);
+        let total = 1_342_177_280 + 45_097_156_608 + 1_048_576 + 266_240 + 262_144_000;
+        assert_eq!(c.total(), total);
+        assert_eq!(c.active(), total - 45_097_156_608 * 3 / 4);
+        assert_eq!(c.expert_per_rank(8), 45_097_156_608 / 8);
+        assert_eq!((c.moe_layers, c.dense_layers), (32, 0));
+    }
+
+    #[test]
+    fn dense_baseline_has_no_moe_layers() {
+        let moe = MoeConfig {
+            num_experts: 1,
+            top_k: 1,
+            ..MoeConfig::default()
+        };
+        let c = count_params(&ModelConfig::default(), &moe).unwrap();
+        assert_eq!((c.moe_layers, c.dense_layers), (0, 4));
+        assert_eq!(c.expert(), 0);
+        assert_eq!(c.total(), c.active());
+    }
+
+    #[test]
+    fn rejects_invalid_configs() {
+        let moe = MoeConfig {
+            top_k: 9,
+            ..MoeConfig::default()
+        };
+        assert!(count_params(&ModelConfig::default(), &moe).is_err());
+    }
+}
