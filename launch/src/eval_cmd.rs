@@ -8,7 +8,9 @@
 use crate::config_load;
 use crate::device::resolve_device;
 use crate::exit_code::BadInput;
-use crate::{overrides, tree_de, yaml_tree};
+use crate::tree_de::{DeError, DeErrorKind};
+use crate::yaml_tree::Origin;
+use crate::{overrides, suggest, tree_de, yaml_tree};
 use anyhow::{anyhow, Context};
 use moe_model::dispatcher::Dispatcher;
 use moe_trainer::checkpoint::{find_latest_intact, read_manifest, Manifest};
@@ -133,11 +135,39 @@ fn stored_config(
     }
     tree_de::from_tree(&tree).map_err(|e| {
         BadInput(format!(
-            "the config stored in {} with the --set overrides: {e}",
-            where_.display()
+            "the config stored in {} with the --set overrides: {}",
+            where_.display(),
+            describe(&e)
         ))
         .into()
     })
+}
+
+/// One sentence for a typing error of an override (the file's own keys typed before).
+fn describe(e: &DeError) -> String {
+    let path = e.path.clone().unwrap_or_default();
+    let origin = match &e.origin {
+        Some(Origin::Override(raw)) => format!("--set {raw}: "),
+        _ => String::new(),
+    };
+    let what = match &e.kind {
+        DeErrorKind::UnknownKey { key, expected } => format!(
+            "unknown key `{path}`{}; the keys there are {}",
+            suggest::closest(key, expected)
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default(),
+            expected.join(", ")
+        ),
+        DeErrorKind::UnknownVariant { value, expected } => format!(
+            "`{path}` must be one of {}, but it is `{value}`",
+            expected.join(", ")
+        ),
+        DeErrorKind::Mismatch { found, expected } => {
+            format!("`{path}` must be {expected}, but it is {found}")
+        }
+        DeErrorKind::Other(msg) => format!("`{path}`: {msg}"),
+    };
+    format!("{origin}{what}")
 }
 
 /// Checkpoint problems (missing, damaged, not fitting the config) are input to fix: exit 2.
@@ -169,7 +199,18 @@ pub fn run_eval(checkpoint: &Path, config: Option<&Path>, sets: &[String]) -> an
     let cfg = &s.config;
     let device = resolve_device(&cfg.trainer.device, 0)?;
     set_threads(cfg.trainer.threads);
-    let (model, loaded) = load_single(cfg, &s.path, device).map_err(bad_checkpoint)?;
+    let (model, loaded) = load_single(cfg, &s.path, device).map_err(|e| {
+        let hint = if config.is_some() {
+            "\n(--config describes another model than the checkpoint holds; without --config, \
+             moe eval uses the config stored in the checkpoint)"
+        } else {
+            ""
+        };
+        match e {
+            TrainError::Checkpoint { .. } => BadInput(format!("{e}{hint}")).into(),
+            other => bad_checkpoint(other),
+        }
+    })?;
     let dataset = load_dataset(&cfg.data, cfg.model.vocab_size)
         .map_err(|e| anyhow!("{e}"))
         .context("loading the validation data")?;

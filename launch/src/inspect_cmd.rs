@@ -7,23 +7,25 @@
 //! - memory per rank: weights, gradients and AdamW's exp_avg + exp_avg_sq, all float32
 //!   (4 + 4 + 8 bytes per parameter), for the replicated parameters plus E/P of the routed
 //!   experts.
-//! - activations, the tensors autograd keeps for backward in one micro-batch of
-//!   n = batch_size * seq_len tokens (an estimate: the exact set depends on kernels):
-//!   n * [ L * (16 d + b (4 q + 2 kv))                       residual/norms f32, q, k, v,
-//!                                                           GQA-expanded k, v, attention out
-//!         + dense layers * b (d + 3 f)                      input, gate, up, gate*up
-//!         + MoE layers * (4 (d + 3 E) + b (k (2 d + 3 h) + 3 s))
-//!                                                           router f32 input, logits,
-//!                                                           scores, weights; routed rows,
-//!                                                           their gate, up, product, output;
-//!                                                           shared experts' hidden
-//!         + 8 v + b d ]                                     logits and their softmax (f32)
-//!   with q = heads * head_dim, kv = kv_heads * head_dim, f = ffn_hidden, h = expert_hidden,
-//!   s = num_shared * shared_hidden.
-//! - all-to-all bytes per rank per step: T * k * d * b * 2 (dispatch + combine) * (P-1)/P
-//!   * 2 (forward + backward) * MoE layers, with T = batch_size * seq_len * grad_accum
-//!   tokens per rank per step; the (P-1)/P is the share of rows leaving the rank under
-//!   balanced routing.
+//! - activations: the tensors autograd keeps for backward in one micro-batch of
+//!   n = batch_size * seq_len tokens (an estimate: the exact set depends on kernels), with
+//!   q = heads * head_dim, kv = kv_heads * head_dim, f = ffn_hidden, h = expert_hidden,
+//!   s = num_shared * shared_hidden:
+//!
+//! ```text
+//! n * [ L * (16 d + b (4 q + 2 kv))            residual and norms (f32); q, k, v, the
+//!                                              GQA-expanded k and v, attention output
+//!     + dense_layers * b (d + 3 f)             FFN input, gate, up, gate * up
+//!     + moe_layers * (4 (d + 3 E)              router input, logits, scores (f32)
+//!                     + b (k (2 d + 3 h)       routed rows, their gate, up, product, output
+//!                          + 3 s))             shared experts' hidden
+//!     + 8 v + b d ]                            logits and their softmax (f32)
+//! ```
+//!
+//! - all-to-all bytes per rank per step:
+//!   `T * k * d * b * 2 (dispatch + combine) * (P-1)/P * 2 (forward + backward) * moe_layers`
+//!   with T = batch_size * seq_len * grad_accum tokens per rank per step; (P-1)/P is the
+//!   share of rows leaving the rank under balanced routing.
 //! - FLOPs per token: forward 2 * (matmul parameters active per token) + 2 * L * seq_len * q
 //!   (causal attention scores and values, half the square); training 3x forward (Kaplan et
 //!   al. 2020, "Scaling Laws for Neural Language Models", §2.1).
@@ -269,7 +271,7 @@ fn grouped(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);

@@ -141,7 +141,7 @@ fn run_mpi(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> any
         runtime.abort(2);
     }
     let result = (|| -> anyhow::Result<TrainSummary> {
-        // Every rank checks the same directory; only rank 0 writes config.yaml.
+        // Every rank checks the same directory; the trainer's rank 0 writes config.yaml.
         let resume = prepare_out_dir_for(&cfg, &opts, rank == 0)?;
         let local_rank = runtime.local_rank();
         let device = resolve_device(&cfg.trainer.device, local_rank)?;

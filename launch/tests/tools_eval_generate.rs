@@ -34,9 +34,8 @@ fn last_eval(out_dir: &Path) -> (u64, f64) {
     let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
     text.lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["kind"] == "eval")
+        .rfind(|v| v["kind"] == "eval")
         .map(|v| (v["step"].as_u64().unwrap(), v["val_loss"].as_f64().unwrap()))
-        .last()
         .expect("no eval record")
 }
 

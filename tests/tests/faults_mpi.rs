@@ -203,11 +203,12 @@ fn external_kill_of_one_rank_ends_the_job() {
     );
     assert!(!timed_out, "the job outlived the kill by 60 s\n{dump}");
     assert_ne!(status.code(), Some(0), "{dump}");
-    let pid = rank1.unwrap_or(0);
+    // OpenMPI 4.1 prints "PID 0" here (a pid it never learned), so only the rank and the
+    // signal are checked.
     assert!(
-        stderr.contains(&format!("process rank 1 with PID {pid} on node"))
+        stderr.contains("process rank 1 with PID")
             && stderr.contains("exited on signal 9 (Killed)"),
-        "mpirun should name rank 1 (pid {pid}) and SIGKILL\n{dump}"
+        "mpirun should name rank 1 and SIGKILL\n{dump}"
     );
     let left = survivors(&tag, Duration::from_secs(10));
     assert!(

@@ -193,11 +193,9 @@ fn ep4_training_on_two_hosts_matches_one_process() {
     let config = std::env::var_os("MOE_MULTINODE_CONFIG")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("configs/ep4.yaml"));
+    // A missing binary or config is a broken checkout, not a reason to skip.
     if let Err(reason) = training_ready(&moe, &config) {
-        return skip(
-            TEST,
-            &format!("NEEDS THE LEAD: `moe train` under mpirun is not ready: {reason}"),
-        );
+        panic!("{TEST}: {reason}");
     }
     let c = match cluster(2) {
         Ok(c) => c,
@@ -219,6 +217,12 @@ fn ep4_training_on_two_hosts_matches_one_process() {
             "trainer.eval_every=0".into(),
             "trainer.device=cpu".into(),
             "trainer.threads=1".into(),
+            // Tiny dims: the point is the wire between the hosts, not the model.
+            "model.d_model=32".into(),
+            "model.ffn_hidden=64".into(),
+            "model.max_seq_len=16".into(),
+            "moe.expert_hidden=32".into(),
+            "data.seq_len=16".into(),
             // Dropless: capacity is per rank's tokens, which one process would group
             // differently (DESIGN.md, capacity_groups).
             "moe.capacity_factor=null".into(),
@@ -250,6 +254,10 @@ fn ep4_training_on_two_hosts_matches_one_process() {
     let multi_dir = tmp.join("ep4");
     let mut multi = Command::new(&moe);
     cluster_env(&mut multi, &c.root);
+    // rsh.sh logs every remote start: the proof that the ranks ran on both hosts.
+    std::fs::create_dir_all(&tmp).unwrap();
+    let rsh_log = tmp.join("rsh.log");
+    multi.env("MOE_NETNS_RSH_LOG", &rsh_log);
     multi.arg("launch").arg("--np").arg(world.to_string());
     multi
         .arg("--hostfile")
@@ -268,6 +276,20 @@ fn ep4_training_on_two_hosts_matches_one_process() {
         f4.status.code(),
         Some(0),
         "EP=4 run on 2 hosts failed\n{}",
+        f4.dump()
+    );
+
+    let log = std::fs::read_to_string(&rsh_log).unwrap_or_default();
+    for ns in ["moe-h0", "moe-h1"] {
+        assert!(
+            log.lines().any(|l| l.contains(&format!(" ns={ns} "))),
+            "no daemon started on {ns}: rsh.sh log:\n{log}\n{}",
+            f4.dump()
+        );
+    }
+    assert!(
+        f4.stdout.contains("on 4 rank(s), ep_size 4"),
+        "{}",
         f4.dump()
     );
 

@@ -97,7 +97,10 @@ pub fn load_single(
     )?;
     let params = model.params();
     let slots = ExpertSlot::from_params(&params, cfg.moe.num_experts);
-    let loaded = load_for_rank(path, &slots)?;
+    let mut loaded = load_for_rank(path, &slots)?;
+    // Inference needs no optimizer state: dropping it frees its memory and keeps a shape
+    // mismatch reported once per tensor rather than again for each AdamW statistic.
+    loaded.optim.clear();
     loaded.copy_into(&params, &model.buffers())?;
     Ok((model, loaded))
 }

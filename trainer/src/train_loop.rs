@@ -447,7 +447,7 @@ impl Rank<'_> {
         for p in &self.params {
             let mut g = p.tensor.f_grad()?;
             if g.defined() {
-                g.f_zero_()?;
+                let _ = g.f_zero_()?;
             }
         }
         Ok(())

@@ -1,7 +1,7 @@
 //! Router losses: the global load-balancing loss (Switch/GShard as Megatron-Core computes it),
 //! its per-sequence variant (DeepSeek-V2 `seq_aux_loss`) and the z-loss (ST-MoE, eq. 5).
 
-use super::select::topk_mask;
+use super::select::{topk_mask, topk_mask_at};
 use crate::config::{AuxLossKind, MoeConfig};
 use crate::Result;
 use tch::Tensor;
@@ -27,11 +27,30 @@ fn zero_like(like: &Tensor) -> Result<Tensor> {
 
 /// `softmax(logits)` and its top-k map, the inputs of both balancing losses.
 ///
+/// `logits_topk_nk`, when given, holds the indices of the top-k LOGITS of each row (the
+/// router's own selection when it selects on the raw logits). Softmax is non-decreasing
+/// within a row, so the k-th largest score is the smallest score at those indices, and the
+/// map follows without a second top-k (which costs as much as the rest of the router at
+/// E=256).
+///
 /// # Shapes
-/// `logits_ne` `[N, E]` -> `s_ne` `[N, E]`, `map_ne` bool `[N, E]`.
-pub(crate) fn aux_scores(logits_ne: &Tensor, top_k: i64) -> Result<(Tensor, Tensor)> {
+/// `logits_ne` `[N, E]`, `logits_topk_nk` i64 `[N, k]` -> `s_ne` `[N, E]`, `map_ne` bool `[N, E]`.
+pub(crate) fn aux_scores(
+    logits_ne: &Tensor,
+    top_k: i64,
+    logits_topk_nk: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     let s_ne = logits_ne.f_softmax(1, logits_ne.kind())?;
-    let map_ne = topk_mask(&s_ne, top_k)?;
+    let map_ne = match logits_topk_nk {
+        Some(idx_nk) => {
+            let kth_n1 = s_ne
+                .f_detach()?
+                .f_gather(1, idx_nk, false)?
+                .f_amin([1].as_slice(), true)?;
+            topk_mask_at(&s_ne, &kth_n1, top_k)?
+        }
+        None => topk_mask(&s_ne, top_k)?,
+    };
     Ok((s_ne, map_ne))
 }
 

@@ -3,7 +3,7 @@
 use super::capacity::apply_capacity;
 use super::losses::{aux_scores, aux_stats, seq_aux_loss, z_loss, AuxStats};
 use super::select::{indices_to_map, select};
-use crate::config::{AuxLossKind, MoeConfig};
+use crate::config::{AuxLossKind, MoeConfig, ScoreFunction};
 use crate::{ModelError, Result};
 use tch::{Kind, Tensor};
 
@@ -135,7 +135,16 @@ pub fn route(cfg: &MoeConfig, input: &RouterInput) -> Result<Routing> {
     let (rows, kept) = rows_and_kept.split_at(e as usize);
     let num_kept: i64 = kept.iter().sum();
 
-    let (s_ne, aux_map_ne) = aux_scores(logits_ne, cfg.top_k)?;
+    // Post-softmax routing without a bias selects on the raw logits: its top-k indices are
+    // the logits' own (see `aux_scores`).
+    let on_raw_logits = cfg.score_function == ScoreFunction::Softmax
+        && !cfg.pre_softmax
+        && input.expert_bias_e.is_none();
+    let (s_ne, aux_map_ne) = aux_scores(
+        logits_ne,
+        cfg.top_k,
+        on_raw_logits.then_some(&selection.idx_nk),
+    )?;
     let seq_aux = match cfg.aux_loss {
         AuxLossKind::SeqAuxLoss => Some(seq_aux_loss(cfg, &s_ne, &aux_map_ne, input.seq_len)?),
         AuxLossKind::AuxLoss | AuxLossKind::None => None,

@@ -17,9 +17,14 @@ const RENORM_EPS: f64 = 1e-20;
 pub(crate) fn topk_mask(scores_ne: &Tensor, k: i64) -> Result<Tensor> {
     let s_ne = scores_ne.f_detach()?;
     let (top_nk, _) = s_ne.f_topk(k, 1, true, false)?;
-    let kth_n1 = top_nk.f_amin([1].as_slice(), true)?;
-    let above_ne = s_ne.f_gt_tensor(&kth_n1)?;
-    let tied_ne = s_ne.f_eq_tensor(&kth_n1)?;
+    topk_mask_at(&s_ne, &top_nk.f_amin([1].as_slice(), true)?, k)
+}
+
+/// [`topk_mask`] given each row's k-th largest value `kth_n1` `[N, 1]`.
+pub(crate) fn topk_mask_at(scores_ne: &Tensor, kth_n1: &Tensor, k: i64) -> Result<Tensor> {
+    let s_ne = scores_ne.f_detach()?;
+    let above_ne = s_ne.f_gt_tensor(kth_n1)?;
+    let tied_ne = s_ne.f_eq_tensor(kth_n1)?;
     let free_n1 = above_ne
         .f_sum_dim_intlist(1, true, Kind::Int64)?
         .f_neg()?
@@ -106,4 +111,41 @@ pub(crate) fn select(
         idx_nk,
         weights_nk: weights_nk.f_mul_scalar(cfg.route_scale)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reference: a full stable descending sort (ties to the lower index).
+    fn sorted_topk(s_ne: &Tensor, k: i64) -> Tensor {
+        s_ne.sort_stable(true, 1, true).1.narrow(1, 0, k)
+    }
+
+    #[test]
+    fn topk_matches_a_stable_sort_with_many_ties() {
+        // Scores from {0, 1, 2, 3}: nearly every row has ties at the k-th value.
+        tch::manual_seed(3);
+        let s_ne = Tensor::randint(4, [64, 16], (Kind::Float, tch::Device::Cpu));
+        for k in [1, 2, 5, 16] {
+            let want = sorted_topk(&s_ne, k);
+            assert!(topk_indices(&s_ne, k).unwrap().equal(&want), "k={k}");
+            let map = indices_to_map(&want, 16).unwrap();
+            assert!(topk_mask(&s_ne, k).unwrap().equal(&map), "k={k}");
+        }
+    }
+
+    #[test]
+    fn mask_at_the_kth_value_of_a_monotone_image_is_its_topk() {
+        // softmax is non-decreasing per row: the top-k of the logits locate the k-th
+        // largest score even where softmax rounds distinct logits to equal scores.
+        tch::manual_seed(4);
+        let logits_ne = Tensor::randint(3, [32, 8], (Kind::Float, tch::Device::Cpu)) * 40.0;
+        let s_ne = logits_ne.softmax(1, Kind::Float);
+        let idx_nk = topk_indices(&logits_ne, 3).unwrap();
+        let kth = s_ne.gather(1, &idx_nk, false).amin([1].as_slice(), true);
+        let got = topk_mask_at(&s_ne, &kth, 3).unwrap();
+        let want = indices_to_map(&sorted_topk(&s_ne, 3), 8).unwrap();
+        assert!(got.equal(&want));
+    }
 }
