@@ -36,6 +36,7 @@ use crate::exit_code::BadInput;
 use moe_model::count::{count_params, ParamCount, Sharding};
 use moe_trainer::config::{ExperimentConfig, Precision};
 use serde_json::json;
+use std::io::Write;
 
 /// Bytes per parameter of weights, gradients and AdamW state (all float32).
 const WEIGHT_BYTES: u64 = 4;
@@ -109,15 +110,16 @@ pub fn run_inspect(a: &InspectArgs) -> anyhow::Result<()> {
     let cfg = &loaded.config;
     let ep_size = a.ep_size.unwrap_or(cfg.parallel.ep_size);
     let r = analyse(cfg, ep_size)?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&to_json(cfg, &r))?);
+    let text = if a.json {
+        serde_json::to_string_pretty(&to_json(cfg, &r))? + "\n"
     } else {
-        print!(
-            "{}",
-            to_table(cfg, &a.config.config.display().to_string(), &r)
-        );
+        to_table(cfg, &a.config.config.display().to_string(), &r)
+    };
+    // `moe inspect .. | head` closes the pipe early: not an error.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 fn to_json(cfg: &ExperimentConfig, r: &Report) -> serde_json::Value {

@@ -5,7 +5,6 @@
 
 mod a2a;
 mod layer;
-mod prof;
 mod report;
 mod train;
 
@@ -13,10 +12,6 @@ use crate::cli::{BenchArgs, BenchKind};
 
 /// Runs `moe bench <what>`.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if std::env::var_os("MOE_PROF").is_some() {
-        prof::prof();
-        return Ok(());
-    }
     keep_freed_memory();
     let report = match args.what {
         BenchKind::Layer => match &args.memory_child {

@@ -195,6 +195,7 @@ fn train_child_rss(config: &Path, sets: &[String], steps: u64, threads: i32) -> 
     let extra = [
         format!("run.out_dir={}", out_dir.display()),
         format!("trainer.max_steps={steps}"),
+        format!("trainer.warmup_steps={}", steps / 2),
         format!("trainer.threads={threads}"),
         "trainer.eval_every=0".into(),
         "checkpoint.every=0".into(),
