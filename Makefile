@@ -13,8 +13,10 @@ setup:
 build: setup
 	@$(ENV) cargo build --release --workspace --bins --examples
 
+# --resume auto: a second `make train` continues (or reports that the run is complete)
+# instead of refusing an out_dir that already holds a run.
 train: build
-	@$(ENV) target/release/moe train --config $(CONFIG)
+	@$(ENV) target/release/moe train --config $(CONFIG) --resume auto
 
 # The whole suite: unit, multi-rank (threads), mpirun, end-to-end and bench smoke tests.
 test: build

@@ -10,9 +10,16 @@ pub enum CommError {
     #[error("peer rank {rank} is gone ({cause}); aborting the collective")]
     PeerGone { rank: usize, cause: String },
     #[error("collective {op} timed out after {secs} s waiting for rank {rank}")]
-    Timeout { op: &'static str, rank: usize, secs: u64 },
+    Timeout {
+        op: &'static str,
+        rank: usize,
+        secs: u64,
+    },
     #[error("backend {backend} is not available: {reason}")]
-    Unavailable { backend: &'static str, reason: String },
+    Unavailable {
+        backend: &'static str,
+        reason: String,
+    },
     #[error("MPI error: {0}")]
     Mpi(String),
     #[error("NCCL error: {0}")]

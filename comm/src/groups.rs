@@ -31,7 +31,9 @@ impl ProcessGroups {
         if ep_size == 0 || size % ep_size != 0 {
             return Err(CommError::InvalidArgument {
                 op: "ProcessGroups::new",
-                msg: format!("world size ({size}) must be divisible by parallel.ep_size ({ep_size})"),
+                msg: format!(
+                    "world size ({size}) must be divisible by parallel.ep_size ({ep_size})"
+                ),
             });
         }
         let ep = world.split(rank / ep_size, rank)?;

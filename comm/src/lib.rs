@@ -6,6 +6,7 @@
 //! Communication is fallible: every collective returns a `Result`, never panics, because
 //! one rank's panic leaves its peers hung inside a collective.
 
+mod args;
 pub mod autograd;
 mod error;
 mod groups;
@@ -42,8 +43,12 @@ pub trait Communicator: Send {
     ///
     /// # Shapes
     /// input `[sum(send_splits), ...]` -> output `[sum(recv_splits), ...]`
-    fn all_to_all(&mut self, input: &Tensor, send_splits: &[i64], recv_splits: &[i64])
-        -> Result<Tensor>;
+    fn all_to_all(
+        &mut self,
+        input: &Tensor,
+        send_splits: &[i64],
+        recv_splits: &[i64],
+    ) -> Result<Tensor>;
 
     /// Element-wise sum over all ranks; returns a new tensor, `input` is untouched.
     fn all_reduce_sum(&mut self, input: &Tensor) -> Result<Tensor>;

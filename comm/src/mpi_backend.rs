@@ -9,7 +9,7 @@
 //! MPI's default error handler aborts the whole job on a failed call; this module checks
 //! every argument it can beforehand and reports those as [`CommError`]s instead.
 
-use crate::threads::check_splits;
+use crate::args::{check_all_to_all, invalid};
 use crate::{CommError, Communicator, Result};
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::datatype::{Equivalence, Partition, PartitionMut};
@@ -163,10 +163,6 @@ impl MpiComm {
     }
 }
 
-fn invalid(op: &'static str, msg: String) -> CommError {
-    CommError::InvalidArgument { op, msg }
-}
-
 fn count(op: &'static str, n: i64) -> Result<Count> {
     Count::try_from(n).map_err(|_| {
         invalid(
@@ -267,14 +263,7 @@ impl Communicator for MpiComm {
     fn all_to_all(&mut self, input: &Tensor, send: &[i64], recv: &[i64]) -> Result<Tensor> {
         const OP: &str = "all_to_all";
         let shape = input.size();
-        let send_total = check_splits(OP, send, self.size, "send_splits")?;
-        let recv_total = check_splits(OP, recv, self.size, "recv_splits")?;
-        if shape.first() != Some(&send_total) {
-            return Err(invalid(
-                OP,
-                format!("input of shape {shape:?} but send_splits {send:?} sum to {send_total}"),
-            ));
-        }
+        let (_, recv_total) = check_all_to_all(OP, &shape, send, recv, self.size)?;
         let x = cpu_contiguous(OP, input)?;
         let row_bytes = (shape[1..].iter().product::<i64>()) * x.kind().elt_size_in_bytes() as i64;
         let layout = |splits: &[i64]| -> Result<(Vec<Count>, Vec<Count>)> {

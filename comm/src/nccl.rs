@@ -12,7 +12,7 @@
 //! all-to-allv), on torch's current CUDA stream of the communicator's device, obtained
 //! through the C++ shim (c10's device-guard interface, no CUDA headers needed).
 
-use crate::threads::check_splits;
+use crate::args::{check_all_to_all, invalid};
 use crate::{CommError, Communicator, Result};
 use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -305,10 +305,6 @@ impl Drop for NcclComm {
     }
 }
 
-fn invalid(op: &'static str, msg: String) -> CommError {
-    CommError::InvalidArgument { op, msg }
-}
-
 fn nccl_type(op: &'static str, kind: Kind) -> Result<ncclDataType_t> {
     Ok(match kind {
         Kind::Float => ncclDataType_t::ncclFloat32,
@@ -341,14 +337,7 @@ impl Communicator for NcclComm {
     fn all_to_all(&mut self, input: &Tensor, send: &[i64], recv: &[i64]) -> Result<Tensor> {
         const OP: &str = "all_to_all";
         let shape = input.size();
-        let send_total = check_splits(OP, send, self.size, "send_splits")?;
-        let recv_total = check_splits(OP, recv, self.size, "recv_splits")?;
-        if shape.first() != Some(&send_total) {
-            return Err(invalid(
-                OP,
-                format!("input of shape {shape:?} but send_splits {send:?} sum to {send_total}"),
-            ));
-        }
+        let (_, recv_total) = check_all_to_all(OP, &shape, send, recv, self.size)?;
         let x = self.check_tensor(OP, input)?;
         let row_bytes = shape[1..].iter().product::<i64>() as usize * x.kind().elt_size_in_bytes();
         let mut out_shape = shape.clone();

@@ -16,6 +16,7 @@
 //! returns only after every receiver acknowledged, so the caller may then modify its input
 //! and the output never aliases it (MPI's `MPI_Alltoallv` semantics).
 
+use crate::args::{check_all_to_all, invalid};
 use crate::{CommError, Communicator, Result};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use std::collections::HashMap;
@@ -118,10 +119,6 @@ pub fn threads_world(size: usize, timeout: Duration) -> Vec<Box<dyn Communicator
         .collect()
 }
 
-fn invalid(op: &'static str, msg: String) -> CommError {
-    CommError::InvalidArgument { op, msg }
-}
-
 fn gone(rank: usize) -> CommError {
     CommError::PeerGone {
         rank,
@@ -218,31 +215,6 @@ impl ThreadComm {
     }
 }
 
-/// Checks split sizes: one per rank, non-negative; returns their sum.
-pub(crate) fn check_splits(
-    op: &'static str,
-    splits: &[i64],
-    size: usize,
-    what: &str,
-) -> Result<i64> {
-    if splits.len() != size {
-        return Err(invalid(
-            op,
-            format!(
-                "{what} has {} entries for a group of {size} ranks",
-                splits.len()
-            ),
-        ));
-    }
-    if let Some(bad) = splits.iter().find(|&&s| s < 0) {
-        return Err(invalid(
-            op,
-            format!("{what} has a negative entry ({bad}): {splits:?}"),
-        ));
-    }
-    Ok(splits.iter().sum())
-}
-
 impl Communicator for ThreadComm {
     fn rank(&self) -> usize {
         self.rank
@@ -257,15 +229,7 @@ impl Communicator for ThreadComm {
     fn all_to_all(&mut self, input: &Tensor, send: &[i64], recv: &[i64]) -> Result<Tensor> {
         const OP: &str = "all_to_all";
         let shape = input.size();
-        let rows = shape.first().copied().unwrap_or(0);
-        let send_total = check_splits(OP, send, self.size, "send_splits")?;
-        let recv_total = check_splits(OP, recv, self.size, "recv_splits")?;
-        if shape.is_empty() || send_total != rows {
-            return Err(invalid(
-                OP,
-                format!("input of shape {shape:?} but send_splits {send:?} sum to {send_total}"),
-            ));
-        }
+        let (_, recv_total) = check_all_to_all(OP, &shape, send, recv, self.size)?;
         let seq = self.begin();
         let x = input.f_detach()?;
         let mut off = 0;

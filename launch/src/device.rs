@@ -24,7 +24,9 @@ pub fn load_cuda() -> Result<(), String> {
             }
             let mut last = String::new();
             for c in candidates {
-                let Ok(name) = CString::new(c.clone()) else { continue };
+                let Ok(name) = CString::new(c.clone()) else {
+                    continue;
+                };
                 // SAFETY: a valid NUL-terminated path; the handle is intentionally never closed
                 // (the library must stay loaded for the process's lifetime).
                 let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
@@ -37,7 +39,9 @@ pub fn load_cuda() -> Result<(), String> {
                     format!("{c}: not loadable")
                 } else {
                     // SAFETY: non-null dlerror result is a valid C string.
-                    unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy().into_owned()
+                    unsafe { std::ffi::CStr::from_ptr(err) }
+                        .to_string_lossy()
+                        .into_owned()
                 };
             }
             Err(last)
@@ -51,14 +55,20 @@ pub fn resolve_device(spec: &str, local_rank: usize) -> anyhow::Result<Device> {
         return Ok(Device::Cpu);
     }
     let loaded = load_cuda();
-    let count = if Cuda::is_available() { Cuda::device_count() as usize } else { 0 };
+    let count = if Cuda::is_available() {
+        Cuda::device_count() as usize
+    } else {
+        0
+    };
     match spec {
         "auto" if count == 0 => Ok(Device::Cpu),
         "auto" | "cuda" => {
             if count == 0 {
                 bail!(
                     "trainer.device is cuda but no CUDA device is available ({})",
-                    loaded.err().unwrap_or_else(|| "libtorch_cuda loaded, no GPU found".into())
+                    loaded
+                        .err()
+                        .unwrap_or_else(|| "libtorch_cuda loaded, no GPU found".into())
                 );
             }
             Ok(Device::Cuda(local_rank % count))
@@ -67,7 +77,9 @@ pub fn resolve_device(spec: &str, local_rank: usize) -> anyhow::Result<Device> {
             let n: usize = other
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
-                .ok_or_else(|| anyhow!("trainer.device ({other:?}) must be auto, cpu, cuda or cuda:N"))?;
+                .ok_or_else(|| {
+                    anyhow!("trainer.device ({other:?}) must be auto, cpu, cuda or cuda:N")
+                })?;
             if n >= count {
                 bail!("trainer.device is {other} but only {count} CUDA device(s) are available");
             }

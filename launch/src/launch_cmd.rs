@@ -53,7 +53,7 @@ pub struct MpirunPlan {
 ///   of capacity and mpirun should report an `np` beyond them rather than overload nodes.
 /// - `--bind-to none`: mpirun binds each rank to one core when np <= 2, which would confine
 ///   all of torch's intra-op threads of a rank to that core.
-/// - `--tag-output`: lines arrive as `[job,rank]<stdout>:...`, see [`retag_line`].
+/// - `--tag-output`: lines arrive as `[job,rank]<stdout>:...`, see [`Retagger`].
 pub fn mpirun_args(plan: &MpirunPlan) -> Vec<String> {
     let mut args = vec!["--np".to_string(), plan.np.to_string()];
     if plan.as_root {
@@ -376,8 +376,9 @@ async fn supervise(mpirun: &Path, args: &[String]) -> Result<i32> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // Its own process group: a terminal's Ctrl-C reaches only us, and we forward it
-        // once (two SIGINTs in a row make mpirun abort without cleaning up its ranks).
+        // Its own process group: a terminal's Ctrl-C reaches only us, and `on_signal` decides
+        // what mpirun gets (two SIGINTs in a row would make mpirun abort without cleaning up
+        // its ranks).
         .process_group(0)
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {

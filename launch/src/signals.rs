@@ -30,13 +30,15 @@ pub fn install(flag: Arc<AtomicBool>) {
         libc::signal(libc::SIGTERM, handler);
         libc::signal(libc::SIGUSR1, handler);
     }
-    let spawned = std::thread::Builder::new().name("signal-watch".into()).spawn(move || loop {
-        if SIGNALLED.load(Ordering::SeqCst) {
-            flag.store(true, Ordering::SeqCst);
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    });
+    let spawned = std::thread::Builder::new()
+        .name("signal-watch".into())
+        .spawn(move || loop {
+            if SIGNALLED.load(Ordering::SeqCst) {
+                flag.store(true, Ordering::SeqCst);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        });
     if let Err(e) = spawned {
         eprintln!("warning: no signal watcher ({e}); SIGINT/SIGTERM/SIGUSR1 will not checkpoint");
     }

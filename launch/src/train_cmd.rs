@@ -52,14 +52,24 @@ pub fn run_train(cfg: ExperimentConfig, opts: TrainOpts) -> anyhow::Result<()> {
     set_threads(cfg.trainer.threads, 1);
     announce(&cfg, &opts, device);
     let config_yaml = Some(crate::config_load::to_yaml(&cfg)?);
-    let run = RunOptions { debug: false, resume, stop, config_yaml, ..RunOptions::default() };
+    let run = RunOptions {
+        debug: false,
+        resume,
+        stop,
+        config_yaml,
+        ..RunOptions::default()
+    };
     let summary = train(&cfg, ProcessGroups::single(), device, &run).map_err(|e| anyhow!("{e}"))?;
     report(&cfg, &opts, &summary);
     Ok(())
 }
 
 /// Debug mode / threads backend: `parallel.ep_size` in-process ranks on one device.
-fn run_threads(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+fn run_threads(
+    cfg: ExperimentConfig,
+    opts: TrainOpts,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
     let p = usize::try_from(cfg.parallel.ep_size).context("parallel.ep_size")?;
     let resume = prepare_out_dir(&cfg, &opts)?;
     let device = resolve_device(&cfg.trainer.device, 0)?;
@@ -136,7 +146,10 @@ fn run_mpi(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> any
     let errs = cfg.validate(size as i64);
     if !errs.is_empty() {
         if rank == 0 {
-            eprintln!("error: invalid config for a world of {size} ranks:\n  {}", errs.join("\n  "));
+            eprintln!(
+                "error: invalid config for a world of {size} ranks:\n  {}",
+                errs.join("\n  ")
+            );
         }
         runtime.abort(2);
     }
@@ -150,10 +163,21 @@ fn run_mpi(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> any
             announce(&cfg, &opts, device);
         }
         let world = world_comm(&cfg, device, world)?;
-        let groups = ProcessGroups::new(world, cfg.parallel.ep_size as usize).map_err(|e| anyhow!("{e}"))?;
-        let config_yaml = if rank == 0 { Some(crate::config_load::to_yaml(&cfg)?) } else { None };
-        let run =
-            RunOptions { debug: false, resume, stop, quiet: rank != 0, config_yaml, ..RunOptions::default() };
+        let groups =
+            ProcessGroups::new(world, cfg.parallel.ep_size as usize).map_err(|e| anyhow!("{e}"))?;
+        let config_yaml = if rank == 0 {
+            Some(crate::config_load::to_yaml(&cfg)?)
+        } else {
+            None
+        };
+        let run = RunOptions {
+            debug: false,
+            resume,
+            stop,
+            quiet: rank != 0,
+            config_yaml,
+            ..RunOptions::default()
+        };
         train(&cfg, groups, device, &run).map_err(|e| anyhow!("{e}"))
     })();
     match result {
@@ -230,7 +254,11 @@ fn prepare_out_dir_for(
     is_rank0: bool,
 ) -> anyhow::Result<Option<PathBuf>> {
     let out = &cfg.run.out_dir;
-    let ckpt_dir = cfg.checkpoint.dir.clone().unwrap_or_else(|| out.join("checkpoints"));
+    let ckpt_dir = cfg
+        .checkpoint
+        .dir
+        .clone()
+        .unwrap_or_else(|| out.join("checkpoints"));
     let resume = match &opts.resume {
         None => {
             let existing = [out.join("metrics.jsonl"), ckpt_dir.clone()];
@@ -245,7 +273,10 @@ fn prepare_out_dir_for(
         }
         Some(Resume::Path(p)) => {
             if !p.join("manifest.json").exists() {
-                bail!("--resume {}: not a checkpoint directory (no manifest.json)", p.display());
+                bail!(
+                    "--resume {}: not a checkpoint directory (no manifest.json)",
+                    p.display()
+                );
             }
             Some(p.clone())
         }
@@ -276,7 +307,11 @@ fn announce(cfg: &ExperimentConfig, opts: &TrainOpts, device: tch::Device) {
         "moe train: {} ({}{}) on {} rank(s), ep_size {}, device {device:?}, out_dir {}",
         cfg.run.name,
         opts.config_path.display(),
-        if opts.overrides.is_empty() { String::new() } else { format!(" {}", opts.overrides.join(" ")) },
+        if opts.overrides.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", opts.overrides.join(" "))
+        },
         opts.world_size,
         cfg.parallel.ep_size,
         cfg.run.out_dir.display()
@@ -289,7 +324,9 @@ fn set_threads(configured: i64, ranks_on_node: usize) {
     let n = if configured > 0 {
         configured
     } else {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         (cores / ranks_on_node.max(1)).max(1) as i64
     };
     tch::set_num_threads(n as i32);
@@ -309,20 +346,41 @@ fn report(cfg: &ExperimentConfig, opts: &TrainOpts, s: &TrainSummary) {
             if s.interrupted { "stopped" } else { "done" },
             last.step,
             last.loss,
-            s.evals.last().map(|e| format!(", val_loss {:.4}", e.val_loss)).unwrap_or_default(),
+            s.evals
+                .last()
+                .map(|e| format!(", val_loss {:.4}", e.val_loss))
+                .unwrap_or_default(),
             cfg.run.out_dir.join("metrics.jsonl").display()
+        );
+    } else if s.bad_steps == 0 && !s.interrupted {
+        println!(
+            "nothing to do: the run in {} already reached trainer.max_steps ({}); raise it with --set trainer.max_steps=N to train on, or pick another run.out_dir",
+            cfg.run.out_dir.display(),
+            cfg.trainer.max_steps
         );
     }
     if s.bad_steps > 0 {
-        println!("skipped {} step(s) with non-finite values (see the log above)", s.bad_steps);
+        println!(
+            "skipped {} step(s) with non-finite values (see the log above)",
+            s.bad_steps
+        );
     }
     if let Some(c) = &s.last_checkpoint {
         println!("checkpoint: {}", c.display());
     }
     if s.interrupted {
-        let sets: String = opts.overrides.iter().map(|o| format!(" --set {}", shell_quote(o))).collect();
+        let sets: String = opts
+            .overrides
+            .iter()
+            .map(|o| format!(" --set {}", shell_quote(o)))
+            .collect();
+        let launcher = if opts.processes > 1 {
+            format!("moe launch --np {} -- ", opts.processes)
+        } else {
+            String::new()
+        };
         println!(
-            "to resume: moe train --config {}{sets} --resume auto",
+            "to resume: {launcher}moe train --config {}{sets} --resume auto",
             shell_quote(&opts.config_path.display().to_string())
         );
     }

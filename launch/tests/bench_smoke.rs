@@ -9,7 +9,10 @@ use std::process::Command;
 
 fn ok(args: &[&str]) -> String {
     let (code, out, err) = moe(args);
-    assert_eq!(code, 0, "moe {args:?} failed:\nstdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(
+        code, 0,
+        "moe {args:?} failed:\nstdout:\n{out}\nstderr:\n{err}"
+    );
     out
 }
 
@@ -19,24 +22,64 @@ fn layer_bench_runs_tiny_and_appends_markdown() {
     let md = scratch.0.join("BENCH.md");
     let md_arg = md.display().to_string();
     let out = ok(&[
-        "bench", "layer", "--experts", "4", "--top-k", "2", "--d-model", "16", "--expert-hidden",
-        "16", "--tokens", "64", "--threads", "1", "--iters", "1", "--warmup", "0", "--markdown",
+        "bench",
+        "layer",
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--d-model",
+        "16",
+        "--expert-hidden",
+        "16",
+        "--tokens",
+        "64",
+        "--threads",
+        "1",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--markdown",
         &md_arg,
     ]);
-    for col in ["dense bound", "textbook", "sequential", "grouped", "fastest / dense", "routing", "unpermute/combine"] {
+    for col in [
+        "dense bound",
+        "textbook",
+        "sequential",
+        "grouped",
+        "fastest / dense",
+        "routing",
+        "unpermute/combine",
+    ] {
         assert!(out.contains(col), "no {col:?} in:\n{out}");
     }
     assert!(out.contains("Peak memory per variant"), "{out}");
     let text = std::fs::read_to_string(&md).unwrap();
-    assert!(text.contains("- command: `target/release/moe bench layer"), "{text}");
+    assert!(
+        text.contains("- command: `target/release/moe bench layer"),
+        "{text}"
+    );
     assert!(text.contains("| 4 | 2 | 16 | 16 | 64 | 1 |"), "{text}");
 }
 
 #[test]
 fn a2a_bench_runs_over_threads_at_1_kib() {
     let out = ok(&[
-        "bench", "a2a", "--backend", "threads", "--ranks", "2", "--min-bytes", "1024", "--max-bytes",
-        "1024", "--iters", "1", "--warmup", "0",
+        "bench",
+        "a2a",
+        "--backend",
+        "threads",
+        "--ranks",
+        "2",
+        "--min-bytes",
+        "1024",
+        "--max-bytes",
+        "1024",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
     ]);
     assert!(out.contains("| 1 KiB |"), "{out}");
     assert!(out.contains("2 ranks: GB/s"), "{out}");
@@ -58,12 +101,25 @@ fn a2a_bench_runs_under_mpirun_at_1_kib() {
     let out = Command::new("mpirun")
         .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
         .arg(env!("CARGO_BIN_EXE_moe"))
-        .args(["bench", "a2a", "--backend", "mpi", "--min-bytes", "1024", "--max-bytes", "1024"])
+        .args([
+            "bench",
+            "a2a",
+            "--backend",
+            "mpi",
+            "--min-bytes",
+            "1024",
+            "--max-bytes",
+            "1024",
+        ])
         .args(["--iters", "1", "--warmup", "0"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("raw MPI_Alltoallv"), "{stdout}");
     assert!(stdout.contains("| 1 KiB |"), "{stdout}");
 }
@@ -71,12 +127,38 @@ fn a2a_bench_runs_under_mpirun_at_1_kib() {
 #[test]
 fn train_bench_runs_two_tiny_steps() {
     let out = ok(&[
-        "bench", "train", "--iters", "2", "--warmup", "0", "--threads", "1",
-        "--set", "model.d_model=32", "--set", "model.num_layers=1", "--set", "model.num_heads=2",
-        "--set", "model.num_kv_heads=1", "--set", "moe.num_experts=4", "--set",
-        "moe.expert_hidden=16", "--set", "trainer.batch_size=2", "--set", "data.seq_len=16",
+        "bench",
+        "train",
+        "--iters",
+        "2",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--set",
+        "model.d_model=32",
+        "--set",
+        "model.num_layers=1",
+        "--set",
+        "model.num_heads=2",
+        "--set",
+        "model.num_kv_heads=1",
+        "--set",
+        "moe.num_experts=4",
+        "--set",
+        "moe.expert_hidden=16",
+        "--set",
+        "trainer.batch_size=2",
+        "--set",
+        "data.seq_len=16",
     ]);
-    for col in ["quickstart MoE", "dense, same active params", "larger MoE", "MFU", "Peak RSS"] {
+    for col in [
+        "quickstart MoE",
+        "dense, same active params",
+        "larger MoE",
+        "MFU",
+        "Peak RSS",
+    ] {
         assert!(out.contains(col), "no {col:?} in:\n{out}");
     }
 }

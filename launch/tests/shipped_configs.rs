@@ -70,7 +70,13 @@ fn readme_embeds_the_config_reference() {
     let body: String = out
         .lines()
         .skip_while(|l| l.starts_with("# "))
-        .map(|l| if l.starts_with("## ") { format!("#{l}\n") } else { format!("{l}\n") })
+        .map(|l| {
+            if l.starts_with("## ") {
+                format!("#{l}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
         .collect();
     let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap_or_default();
     assert!(

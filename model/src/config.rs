@@ -58,7 +58,11 @@ impl Default for ModelConfig {
 impl ModelConfig {
     /// Per-head width.
     pub fn head_dim(&self) -> i64 {
-        self.head_dim.unwrap_or(if self.num_heads > 0 { self.d_model / self.num_heads } else { 0 })
+        self.head_dim.unwrap_or(if self.num_heads > 0 {
+            self.d_model / self.num_heads
+        } else {
+            0
+        })
     }
 }
 
@@ -222,9 +226,14 @@ impl MoeConfig {
         }
         if let Some(h) = model.head_dim {
             if h <= 0 || h % 2 != 0 {
-                errs.push(format!("model.head_dim ({h}) must be positive and even (RoPE rotates pairs)"));
+                errs.push(format!(
+                    "model.head_dim ({h}) must be positive and even (RoPE rotates pairs)"
+                ));
             }
-        } else if model.num_heads > 0 && model.d_model % model.num_heads == 0 && model.head_dim() % 2 != 0 {
+        } else if model.num_heads > 0
+            && model.d_model % model.num_heads == 0
+            && model.head_dim() % 2 != 0
+        {
             errs.push(format!(
                 "model.d_model / model.num_heads ({}) must be even (RoPE rotates pairs)",
                 model.head_dim()
@@ -237,13 +246,22 @@ impl MoeConfig {
             ));
         }
         if model.rope_theta <= 0.0 || !model.rope_theta.is_finite() {
-            errs.push(format!("model.rope_theta ({}) must be positive", model.rope_theta));
+            errs.push(format!(
+                "model.rope_theta ({}) must be positive",
+                model.rope_theta
+            ));
         }
         if model.norm_eps.is_nan() || model.norm_eps <= 0.0 {
-            errs.push(format!("model.norm_eps ({}) must be positive", model.norm_eps));
+            errs.push(format!(
+                "model.norm_eps ({}) must be positive",
+                model.norm_eps
+            ));
         }
         if model.init_std.is_nan() || model.init_std <= 0.0 {
-            errs.push(format!("model.init_std ({}) must be positive", model.init_std));
+            errs.push(format!(
+                "model.init_std ({}) must be positive",
+                model.init_std
+            ));
         }
         if moe.top_k > moe.num_experts {
             errs.push(format!(
@@ -252,10 +270,16 @@ impl MoeConfig {
             ));
         }
         if moe.num_shared_experts < 0 {
-            errs.push(format!("moe.num_shared_experts ({}) must be >= 0", moe.num_shared_experts));
+            errs.push(format!(
+                "moe.num_shared_experts ({}) must be >= 0",
+                moe.num_shared_experts
+            ));
         }
         if moe.shared_hidden() <= 0 {
-            errs.push(format!("moe.shared_expert_hidden ({}) must be positive", moe.shared_hidden()));
+            errs.push(format!(
+                "moe.shared_expert_hidden ({}) must be positive",
+                moe.shared_hidden()
+            ));
         }
         if moe.first_dense_layers < 0 || moe.first_dense_layers > model.num_layers {
             errs.push(format!(
@@ -268,10 +292,15 @@ impl MoeConfig {
         }
         if let Some(cf) = moe.capacity_factor {
             if cf <= 0.0 || !cf.is_finite() {
-                errs.push(format!("moe.capacity_factor ({cf}) must be positive, or null for dropless"));
+                errs.push(format!(
+                    "moe.capacity_factor ({cf}) must be positive, or null for dropless"
+                ));
             }
         } else if moe.pad_to_capacity {
-            errs.push("moe.pad_to_capacity (true) needs moe.capacity_factor, but it is null (dropless)".into());
+            errs.push(
+                "moe.pad_to_capacity (true) needs moe.capacity_factor, but it is null (dropless)"
+                    .into(),
+            );
         }
         for (key, v) in [
             ("moe.aux_loss_coeff", moe.aux_loss_coeff),
@@ -287,7 +316,10 @@ impl MoeConfig {
             errs.push(format!("moe.jitter_eps ({}) must be < 1", moe.jitter_eps));
         }
         if moe.route_scale <= 0.0 || !moe.route_scale.is_finite() {
-            errs.push(format!("moe.route_scale ({}) must be positive", moe.route_scale));
+            errs.push(format!(
+                "moe.route_scale ({}) must be positive",
+                moe.route_scale
+            ));
         }
         errs
     }

@@ -28,13 +28,23 @@ pub fn stream_seed(seed: u64, name: &str, index: i64) -> u64 {
 }
 
 /// Normal(0, std) values of `shape`, a pure function of (seed, name, index).
-pub fn normal(seed: u64, name: &str, index: i64, shape: &[i64], std: f64, device: Device) -> Result<Tensor> {
+pub fn normal(
+    seed: u64,
+    name: &str,
+    index: i64,
+    shape: &[i64],
+    std: f64,
+    device: Device,
+) -> Result<Tensor> {
     let numel: i64 = shape.iter().product();
     let mut rng = ChaCha8Rng::seed_from_u64(stream_seed(seed, name, index));
     let dist = Normal::new(0.0f32, std as f32)
         .map_err(|e| crate::ModelError::Invalid(format!("init std {std} for {name}: {e}")))?;
     let values: Vec<f32> = (0..numel).map(|_| dist.sample(&mut rng)).collect();
-    Ok(Tensor::f_from_slice(&values)?.f_reshape(shape)?.f_to_device(device)?.f_set_requires_grad(true)?)
+    Ok(Tensor::f_from_slice(&values)?
+        .f_reshape(shape)?
+        .f_to_device(device)?
+        .f_set_requires_grad(true)?)
 }
 
 /// Routed-expert weights `[num_local, ...shape]`: slice i is global expert `first_global + i`,
@@ -51,7 +61,9 @@ pub fn normal_experts(
     let slices = (first_global..first_global + num_local)
         .map(|g| normal(seed, name, g, shape, std, Device::Cpu).and_then(|t| Ok(t.f_detach()?)))
         .collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::f_stack(&slices, 0)?.f_to_device(device)?.f_set_requires_grad(true)?)
+    Ok(Tensor::f_stack(&slices, 0)?
+        .f_to_device(device)?
+        .f_set_requires_grad(true)?)
 }
 
 /// A tensor of ones (norm weights), trainable.

@@ -71,7 +71,10 @@ impl MoeStats {
     /// Adds another micro-batch's statistics into these (gradient accumulation): loads and
     /// counts add up, the losses add up detached (they are for logging once backward ran).
     pub fn accumulate(&mut self, other: &MoeStats) -> Result<()> {
-        self.aux_loss = self.aux_loss.f_detach()?.f_add(&other.aux_loss.f_detach()?)?;
+        self.aux_loss = self
+            .aux_loss
+            .f_detach()?
+            .f_add(&other.aux_loss.f_detach()?)?;
         self.z_loss = self.z_loss.f_detach()?.f_add(&other.z_loss.f_detach()?)?;
         self.load_e = self.load_e.f_add(&other.load_e)?;
         self.topk_load_e = self.topk_load_e.f_add(&other.topk_load_e)?;

@@ -61,7 +61,10 @@ pub fn train_threads(cfg: &ExperimentConfig, p: usize, ep_size: usize) -> Vec<Tr
             let cfg = cfg.clone();
             std::thread::spawn(move || {
                 let groups = ProcessGroups::new(comm, ep_size).expect("groups");
-                let opts = RunOptions { quiet: true, ..RunOptions::default() };
+                let opts = RunOptions {
+                    quiet: true,
+                    ..RunOptions::default()
+                };
                 train(&cfg, groups, Device::Cpu, &opts)
             })
         })
@@ -80,7 +83,11 @@ pub fn train_threads(cfg: &ExperimentConfig, p: usize, ep_size: usize) -> Vec<Tr
 /// Runs `cfg` in one process with capacity computed per `capacity_groups` token groups.
 pub fn train_single(cfg: &ExperimentConfig, capacity_groups: i64) -> TrainSummary {
     tch::set_num_threads(1);
-    let opts = RunOptions { quiet: true, capacity_groups, ..RunOptions::default() };
+    let opts = RunOptions {
+        quiet: true,
+        capacity_groups,
+        ..RunOptions::default()
+    };
     train(cfg, ProcessGroups::single(), Device::Cpu, &opts).expect("single-process run")
 }
 
@@ -100,6 +107,11 @@ pub fn read_losses(out_dir: &Path) -> Vec<(u64, f64)> {
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v.get("loss").is_some())
-        .map(|v| (v["step"].as_u64().unwrap_or(0), v["loss"].as_f64().unwrap_or(f64::NAN)))
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap_or(0),
+                v["loss"].as_f64().unwrap_or(f64::NAN),
+            )
+        })
         .collect()
 }

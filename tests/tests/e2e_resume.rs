@@ -118,7 +118,10 @@ fn resume_after_external_sigkill_at_a_random_moment_is_bit_exact() {
     let resumed = run(train_cmd(DEBUG, &b, &sets).args(["--resume", "auto"]), T).ok();
     let from = resumed_step(&resumed.stdout)
         .unwrap_or_else(|| panic!("no resume line\n{}", resumed.dump()));
-    assert!(from >= 10 && from.is_multiple_of(10), "resumed from step {from}");
+    assert!(
+        from >= 10 && from.is_multiple_of(10),
+        "resumed from step {from}"
+    );
     eprintln!(
         "killed {delay:?} after the step-10 checkpoint, {} steps logged; resumed at {from}",
         logged.len()

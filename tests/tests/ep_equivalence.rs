@@ -20,14 +20,38 @@ fn compare(tag: &str, cfg: &ExperimentConfig, world: usize, ep: usize) {
     single_cfg.trainer.batch_size = cfg.trainer.batch_size * world as i64;
     single_cfg.parallel.ep_size = 1;
     let single = train_single(&single_cfg, world as i64);
-    assert_eq!(ranks[0].records.len(), single.records.len(), "{tag}: step counts differ");
+    assert_eq!(
+        ranks[0].records.len(),
+        single.records.len(),
+        "{tag}: step counts differ"
+    );
     for (a, b) in ranks[0].records.iter().zip(&single.records) {
         assert_eq!(a.step, b.step);
         assert_close(&format!("{tag} step {} loss", a.step), a.loss, b.loss, 1e-5);
-        assert_close(&format!("{tag} step {} lm_loss", a.step), a.lm_loss, b.lm_loss, 1e-5);
-        assert_close(&format!("{tag} step {} aux_loss", a.step), a.aux_loss, b.aux_loss, 1e-5);
-        assert_close(&format!("{tag} step {} z_loss", a.step), a.z_loss, b.z_loss, 1e-5);
-        assert_close(&format!("{tag} step {} grad_norm", a.step), a.grad_norm, b.grad_norm, 1e-5);
+        assert_close(
+            &format!("{tag} step {} lm_loss", a.step),
+            a.lm_loss,
+            b.lm_loss,
+            1e-5,
+        );
+        assert_close(
+            &format!("{tag} step {} aux_loss", a.step),
+            a.aux_loss,
+            b.aux_loss,
+            1e-5,
+        );
+        assert_close(
+            &format!("{tag} step {} z_loss", a.step),
+            a.z_loss,
+            b.z_loss,
+            1e-5,
+        );
+        assert_close(
+            &format!("{tag} step {} grad_norm", a.step),
+            a.grad_norm,
+            b.grad_norm,
+            1e-5,
+        );
         assert_close(
             &format!("{tag} step {} dropped_frac", a.step),
             a.dropped_frac,
@@ -38,7 +62,11 @@ fn compare(tag: &str, cfg: &ExperimentConfig, world: usize, ep: usize) {
     // Every rank reports the same global metrics.
     for (r, s) in ranks.iter().enumerate().skip(1) {
         for (a, b) in s.records.iter().zip(&ranks[0].records) {
-            assert_eq!(a.loss, b.loss, "{tag}: rank {r} logged a different loss at step {}", a.step);
+            assert_eq!(
+                a.loss, b.loss,
+                "{tag}: rank {r} logged a different loss at step {}",
+                a.step
+            );
         }
     }
 }

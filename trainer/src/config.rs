@@ -32,7 +32,11 @@ pub struct RunConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { name: "moe".into(), out_dir: PathBuf::from("runs/moe"), seed: 1234 }
+        Self {
+            name: "moe".into(),
+            out_dir: PathBuf::from("runs/moe"),
+            seed: 1234,
+        }
     }
 }
 
@@ -184,7 +188,11 @@ pub struct ParallelConfig {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self { ep_size: 1, backend: Backend::Auto, timeout_s: 60 }
+        Self {
+            ep_size: 1,
+            backend: Backend::Auto,
+            timeout_s: 60,
+        }
     }
 }
 
@@ -202,7 +210,11 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { every: 0, keep: 2, dir: None }
+        Self {
+            every: 0,
+            keep: 2,
+            dir: None,
+        }
     }
 }
 
@@ -253,12 +265,19 @@ impl ExperimentConfig {
         match d.source {
             DataSource::Text | DataSource::Tokens if d.path.is_none() => errs.push(format!(
                 "data.path is required when data.source is {}",
-                if d.source == DataSource::Text { "text" } else { "tokens" }
+                if d.source == DataSource::Text {
+                    "text"
+                } else {
+                    "tokens"
+                }
             )),
             _ => {}
         }
         if d.source == DataSource::Synthetic && d.synthetic_bytes < 4096 {
-            errs.push(format!("data.synthetic_bytes ({}) must be >= 4096", d.synthetic_bytes));
+            errs.push(format!(
+                "data.synthetic_bytes ({}) must be >= 4096",
+                d.synthetic_bytes
+            ));
         }
         if d.prefetch == 0 {
             errs.push("data.prefetch (0) must be >= 1".into());
@@ -267,16 +286,25 @@ impl ExperimentConfig {
             errs.push("trainer.max_steps (0) must be >= 1".into());
         }
         if t.batch_size <= 0 {
-            errs.push(format!("trainer.batch_size ({}) must be positive", t.batch_size));
+            errs.push(format!(
+                "trainer.batch_size ({}) must be positive",
+                t.batch_size
+            ));
         }
         if t.grad_accum <= 0 {
-            errs.push(format!("trainer.grad_accum ({}) must be positive", t.grad_accum));
+            errs.push(format!(
+                "trainer.grad_accum ({}) must be positive",
+                t.grad_accum
+            ));
         }
         if t.lr <= 0.0 || !t.lr.is_finite() {
             errs.push(format!("trainer.lr ({}) must be positive", t.lr));
         }
         if t.min_lr.is_nan() || t.min_lr < 0.0 || t.min_lr > t.lr {
-            errs.push(format!("trainer.min_lr ({}) must be in [0, trainer.lr ({})]", t.min_lr, t.lr));
+            errs.push(format!(
+                "trainer.min_lr ({}) must be in [0, trainer.lr ({})]",
+                t.min_lr, t.lr
+            ));
         }
         if t.warmup_steps > t.max_steps {
             errs.push(format!(
@@ -293,7 +321,10 @@ impl ExperimentConfig {
             errs.push(format!("trainer.eps ({}) must be positive", t.eps));
         }
         if t.weight_decay.is_nan() || t.weight_decay < 0.0 {
-            errs.push(format!("trainer.weight_decay ({}) must be >= 0", t.weight_decay));
+            errs.push(format!(
+                "trainer.weight_decay ({}) must be >= 0",
+                t.weight_decay
+            ));
         }
         if t.grad_clip.is_nan() || t.grad_clip < 0.0 {
             errs.push(format!("trainer.grad_clip ({}) must be >= 0", t.grad_clip));
@@ -307,11 +338,20 @@ impl ExperimentConfig {
         if t.threads < 0 {
             errs.push(format!("trainer.threads ({}) must be >= 0", t.threads));
         }
-        if !(t.device == "auto" || t.device == "cpu" || t.device == "cuda" || parse_cuda_index(&t.device).is_some()) {
-            errs.push(format!("trainer.device ({:?}) must be auto, cpu, cuda or cuda:N", t.device));
+        if !(t.device == "auto"
+            || t.device == "cpu"
+            || t.device == "cuda"
+            || parse_cuda_index(&t.device).is_some())
+        {
+            errs.push(format!(
+                "trainer.device ({:?}) must be auto, cpu, cuda or cuda:N",
+                t.device
+            ));
         }
         if t.precision == Precision::Bf16 && t.device == "cpu" {
-            errs.push("trainer.precision (bf16) needs a CUDA device, but trainer.device is cpu".into());
+            errs.push(
+                "trainer.precision (bf16) needs a CUDA device, but trainer.device is cpu".into(),
+            );
         }
         if self.checkpoint.keep == 0 {
             errs.push("checkpoint.keep (0) must be >= 1".into());

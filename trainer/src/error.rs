@@ -27,7 +27,10 @@ pub enum TrainError {
 impl TrainError {
     /// An I/O error on `path`, with the path in the message.
     pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
-        TrainError::File { path: path.into(), msg: err.to_string() }
+        TrainError::File {
+            path: path.into(),
+            msg: err.to_string(),
+        }
     }
 }
 

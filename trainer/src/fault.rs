@@ -31,7 +31,11 @@ pub fn parse(spec: &str) -> Result<Vec<Fault>> {
     spec.split(',')
         .filter(|s| !s.trim().is_empty())
         .map(|item| {
-            let bad = || TrainError::Other(format!("MOE_FAULT item {item:?} must be <error|nan|exit|kill|panic>@<rank>:<step>"));
+            let bad = || {
+                TrainError::Other(format!(
+                    "MOE_FAULT item {item:?} must be <error|nan|exit|kill|panic>@<rank>:<step>"
+                ))
+            };
             let (kind, at) = item.trim().split_once('@').ok_or_else(bad)?;
             let (rank, step) = at.split_once(':').ok_or_else(bad)?;
             let kind = match kind {
@@ -42,7 +46,11 @@ pub fn parse(spec: &str) -> Result<Vec<Fault>> {
                 "panic" => FaultKind::Panic,
                 _ => return Err(bad()),
             };
-            Ok(Fault { kind, rank: rank.parse().map_err(|_| bad())?, step: step.parse().map_err(|_| bad())? })
+            Ok(Fault {
+                kind,
+                rank: rank.parse().map_err(|_| bad())?,
+                step: step.parse().map_err(|_| bad())?,
+            })
         })
         .collect()
 }
@@ -61,7 +69,9 @@ pub fn trigger(faults: &[Fault], rank: usize, step: u64) -> Result<bool> {
     for f in faults.iter().filter(|f| f.rank == rank && f.step == step) {
         match f.kind {
             FaultKind::Error => {
-                return Err(TrainError::Other(format!("injected fault (MOE_FAULT) on rank {rank} at step {step}")))
+                return Err(TrainError::Other(format!(
+                    "injected fault (MOE_FAULT) on rank {rank} at step {step}"
+                )))
             }
             FaultKind::Nan => nan = true,
             FaultKind::Exit => {
@@ -85,8 +95,22 @@ mod tests {
     #[test]
     fn parses_items_and_rejects_garbage() {
         let f = parse("error@1:3,nan@0:2").unwrap();
-        assert_eq!(f[0], Fault { kind: FaultKind::Error, rank: 1, step: 3 });
-        assert_eq!(f[1], Fault { kind: FaultKind::Nan, rank: 0, step: 2 });
+        assert_eq!(
+            f[0],
+            Fault {
+                kind: FaultKind::Error,
+                rank: 1,
+                step: 3
+            }
+        );
+        assert_eq!(
+            f[1],
+            Fault {
+                kind: FaultKind::Nan,
+                rank: 0,
+                step: 2
+            }
+        );
         assert!(parse("boom@1:3").is_err());
         assert!(parse("error@x:3").is_err());
         assert!(parse("error1:3").is_err());

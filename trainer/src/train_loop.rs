@@ -110,7 +110,10 @@ impl StepStats {
     fn from_tensor(t: &Tensor) -> Result<Self> {
         let v = Vec::<f64>::try_from(t)?;
         if v.len() as i64 != Self::LEN {
-            return Err(TrainError::Other(format!("step stats of length {}", v.len())));
+            return Err(TrainError::Other(format!(
+                "step stats of length {}",
+                v.len()
+            )));
         }
         Ok(Self {
             lm_loss: v[0],
@@ -154,7 +157,10 @@ pub fn train(
     let model = TransformerLm::new(
         &cfg.model,
         &cfg.moe,
-        ParallelInfo { ep_rank: groups.ep_rank as i64, ep_size: groups.ep_size as i64 },
+        ParallelInfo {
+            ep_rank: groups.ep_rank as i64,
+            ep_size: groups.ep_size as i64,
+        },
         cfg.run.seed,
         device,
     )?;
@@ -164,8 +170,17 @@ pub fn train(
         crate::config::Precision::Fp32 => Kind::Float,
         crate::config::Precision::Bf16 => Kind::BFloat16,
     };
-    let mut rank =
-        Rank { cfg, groups, device, compute_kind, model, dispatcher, params, opts, printing };
+    let mut rank = Rank {
+        cfg,
+        groups,
+        device,
+        compute_kind,
+        model,
+        dispatcher,
+        params,
+        opts,
+        printing,
+    };
     rank.run(dataset)
 }
 
@@ -185,7 +200,11 @@ impl Rank<'_> {
         }
 
         let out_dir = cfg.run.out_dir.clone();
-        let ckpt_dir = cfg.checkpoint.dir.clone().unwrap_or_else(|| out_dir.join("checkpoints"));
+        let ckpt_dir = cfg
+            .checkpoint
+            .dir
+            .clone()
+            .unwrap_or_else(|| out_dir.join("checkpoints"));
         let mut metrics = None;
         let mut tb = None;
         if self.groups.world_rank == 0 {
@@ -254,7 +273,13 @@ impl Rank<'_> {
                 // Before the skip-bad-step path, which would otherwise swallow a non-finite
                 // loss; the loss flag is global so every rank stops at the same step.
                 let n = t.batch_size * cfg.data.seq_len * t.grad_accum;
-                check_invariants(step, n, cfg.moe.top_k, &layer_stats, global.non_finite == 0.0)?;
+                check_invariants(
+                    step,
+                    n,
+                    cfg.moe.top_k,
+                    &layer_stats,
+                    global.non_finite == 0.0,
+                )?;
             }
 
             // One collective decision for every rank: a non-finite value anywhere skips the step.
@@ -277,7 +302,8 @@ impl Rank<'_> {
                 }
                 self.zero_grads()?;
                 if bad_in_a_row >= t.max_bad_steps {
-                    let path = self.checkpoint_now(&mut checkpointer, &optimizer, step, "diverged")?;
+                    let path =
+                        self.checkpoint_now(&mut checkpointer, &optimizer, step, "diverged")?;
                     return Err(TrainError::Diverged(format!(
                         "{bad_in_a_row} steps in a row had non-finite values (trainer.max_bad_steps = {}); last checkpoint: {}",
                         t.max_bad_steps,
@@ -323,7 +349,11 @@ impl Rank<'_> {
                     self.log_tensorboard(tb, &record, &layer_stats)?;
                 }
                 if self.printing {
-                    progress.update(&ProgressInfo::from_record(&record, t.max_steps, run_start.elapsed()));
+                    progress.update(&ProgressInfo::from_record(
+                        &record,
+                        t.max_steps,
+                        run_start.elapsed(),
+                    ));
                     if self.opts.debug {
                         self.print_router_stats(&layer_stats)?;
                     }
@@ -333,7 +363,11 @@ impl Rank<'_> {
 
             if t.eval_every > 0 && (done % t.eval_every == 0 || done == t.max_steps) {
                 let val_loss = self.evaluate(&dataset, done)?;
-                let rec = EvalRecord { step: done, val_loss, val_ppl: val_loss.exp() };
+                let rec = EvalRecord {
+                    step: done,
+                    val_loss,
+                    val_ppl: val_loss.exp(),
+                };
                 if let Some(m) = metrics.as_mut() {
                     m.write_eval(&rec)?;
                 }
@@ -342,7 +376,10 @@ impl Rank<'_> {
                     tb.flush()?;
                 }
                 if self.printing {
-                    progress.message(&format!("step {done}: val_loss {val_loss:.4} (ppl {:.2})", val_loss.exp()));
+                    progress.message(&format!(
+                        "step {done}: val_loss {val_loss:.4} (ppl {:.2})",
+                        val_loss.exp()
+                    ));
                 }
                 summary.evals.push(rec);
             }
@@ -491,7 +528,9 @@ impl Rank<'_> {
                 "non-finite gradients in {} of {} parameters, first: {first}{}",
                 bad.len(),
                 self.params.len(),
-                moe.filter(|m| *m != first).map(|m| format!(", first MoE: {m}")).unwrap_or_default()
+                moe.filter(|m| *m != first)
+                    .map(|m| format!(", first MoE: {m}"))
+                    .unwrap_or_default()
             ));
         }
         if parts.is_empty() {
@@ -534,7 +573,12 @@ impl Rank<'_> {
         Ok(summed.f_double_value(&[0])? / self.groups.world_size as f64)
     }
 
-    fn log_tensorboard(&self, tb: &mut TbWriter, r: &TrainRecord, layers: &[(i64, MoeStats)]) -> Result<()> {
+    fn log_tensorboard(
+        &self,
+        tb: &mut TbWriter,
+        r: &TrainRecord,
+        layers: &[(i64, MoeStats)],
+    ) -> Result<()> {
         let s = r.step as i64;
         for (tag, v) in [
             ("train/loss", r.loss),
@@ -553,7 +597,11 @@ impl Rank<'_> {
             let load = Vec::<f64>::try_from(&st.load_e.f_to_kind(Kind::Double)?)?;
             let total: f64 = load.iter().sum::<f64>().max(1.0);
             for (e, l) in load.iter().enumerate() {
-                tb.scalar(&format!("moe/layer{layer:02}/expert_load/e{e:03}"), s, (l / total) as f32)?;
+                tb.scalar(
+                    &format!("moe/layer{layer:02}/expert_load/e{e:03}"),
+                    s,
+                    (l / total) as f32,
+                )?;
             }
         }
         tb.flush()
@@ -637,12 +685,18 @@ pub fn check_invariants(
         if !s.probs_sum_ok {
             return Err(invariant(
                 *layer,
-                format!("step {}: routing weights not finite or not normalised as configured", step + 1),
+                format!(
+                    "step {}: routing weights not finite or not normalised as configured",
+                    step + 1
+                ),
             ));
         }
     }
     if !loss_finite {
-        return Err(TrainError::Diverged(format!("step {}: loss is not finite (debug mode stops at the first non-finite step)", step + 1)));
+        return Err(TrainError::Diverged(format!(
+            "step {}: loss is not finite (debug mode stops at the first non-finite step)",
+            step + 1
+        )));
     }
     Ok(())
 }
@@ -687,7 +741,13 @@ pub fn lm_loss(logits_btv: &Tensor, targets_bt: &Tensor) -> Result<Tensor> {
     Ok(logits_btv
         .f_to_kind(Kind::Float)?
         .f_reshape([-1, v])?
-        .f_cross_entropy_loss::<Tensor>(&targets_bt.f_reshape([-1])?, None, tch::Reduction::Mean, -100, 0.0)?)
+        .f_cross_entropy_loss::<Tensor>(
+            &targets_bt.f_reshape([-1])?,
+            None,
+            tch::Reduction::Mean,
+            -100,
+            0.0,
+        )?)
 }
 
 /// max/mean of the global kept load, over the MoE layers (the worst layer).

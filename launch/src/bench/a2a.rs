@@ -237,14 +237,24 @@ fn run_mpi(args: &BenchArgs, sizes: &[u64]) -> anyhow::Result<Option<Report>> {
     let mut table = Table::new(
         &format!("All-to-all, {p} ranks (median GB/s per rank, rank 0; time in us)"),
         &[
-            "message (per rank)", "moe mpi", "raw MPI_Alltoallv", "mpi / raw", "target (>= 1 MiB)",
-            "moe threads", "threads / raw", "target",
+            "message (per rank)",
+            "moe mpi",
+            "raw MPI_Alltoallv",
+            "mpi / raw",
+            "target (>= 1 MiB)",
+            "moe threads",
+            "threads / raw",
+            "target",
         ],
     );
     let mut misses = Vec::new();
     for (i, &bytes) in sizes.iter().enumerate() {
         let sent = sent_bytes(bytes, p);
-        let (m, r, t) = (gbps(sent, moe_s[i]), gbps(sent, raw_s[i]), gbps(sent, threads_s[i]));
+        let (m, r, t) = (
+            gbps(sent, moe_s[i]),
+            gbps(sent, raw_s[i]),
+            gbps(sent, threads_s[i]),
+        );
         let big = bytes >= 1 << 20;
         let mpi_ok = m / r >= 0.9;
         let thr_ok = t >= r;
@@ -254,7 +264,15 @@ fn run_mpi(args: &BenchArgs, sizes: &[u64]) -> anyhow::Result<Option<Report>> {
         if big && !thr_ok {
             misses.push(format!("threads {} at {:.2} of raw", human(bytes), t / r));
         }
-        let verdict = |ok: bool| if !big { "-" } else if ok { "met" } else { "MISSED" };
+        let verdict = |ok: bool| {
+            if !big {
+                "-"
+            } else if ok {
+                "met"
+            } else {
+                "MISSED"
+            }
+        };
         table.row(vec![
             human(bytes),
             format!("{m:.2} ({:.0})", moe_s[i] * 1e6),
@@ -275,7 +293,9 @@ fn run_mpi(args: &BenchArgs, sizes: &[u64]) -> anyhow::Result<Option<Report>> {
     if misses.is_empty() {
         report.notes.push("targets at >= 1 MiB: all met".into());
     } else {
-        report.notes.push(format!("targets missed: {}", misses.join("; ")));
+        report
+            .notes
+            .push(format!("targets missed: {}", misses.join("; ")));
     }
     Ok(Some(report))
 }

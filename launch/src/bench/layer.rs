@@ -69,7 +69,12 @@ impl Variant {
 /// The shapes of the command line: E, k, d, h lists zipped (length-1 lists broadcast), each
 /// at every N.
 pub fn shapes(args: &BenchArgs) -> anyhow::Result<Vec<Shape>> {
-    let lists = [&args.experts, &args.top_k, &args.d_model, &args.expert_hidden];
+    let lists = [
+        &args.experts,
+        &args.top_k,
+        &args.d_model,
+        &args.expert_hidden,
+    ];
     let len = lists.iter().map(|l| l.len()).max().unwrap_or(0);
     if lists.iter().any(|l| l.len() != 1 && l.len() != len) || len == 0 {
         bail!(
@@ -215,7 +220,9 @@ impl Setup {
     fn leaves(&self) -> Vec<Tensor> {
         let mut v = vec![self.x_nd.shallow_clone()];
         if let Some(dn) = &self.dense {
-            v.extend([&dn.x_rd, &dn.w_gate_dh, &dn.w_up_dh, &dn.w_down_hd].map(|t| t.shallow_clone()));
+            v.extend(
+                [&dn.x_rd, &dn.w_gate_dh, &dn.w_up_dh, &dn.w_down_hd].map(|t| t.shallow_clone()),
+            );
         }
         if let Some(tb) = &self.textbook {
             v.push(tb.w_router_de.shallow_clone());
@@ -295,7 +302,8 @@ impl Setup {
                 .f_mul(&mask_nk.f_to_kind(Kind::Float)?)?
                 .f_sum_dim_intlist(1, false, Kind::Float)?
                 .f_index_select(0, &tok)?;
-            let out = swiglu(&x.f_index_select(0, &tok)?, wg, wu, wd)?.f_mul(&w_t.f_unsqueeze(1)?)?;
+            let out =
+                swiglu(&x.f_index_select(0, &tok)?, wg, wu, wd)?.f_mul(&w_t.f_unsqueeze(1)?)?;
             y_nd = y_nd.f_index_add(0, &tok, &out)?;
         }
         y_nd.f_mul(&self.dy_nd)?.f_sum(Kind::Float)?.f_backward()?;
@@ -315,12 +323,10 @@ impl Setup {
         let layer = layer.as_ref().ok_or_else(missing)?;
         let cfg = &self.moe_cfg;
         let dispatcher = Dispatcher::Local;
-        let detached_leaf = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.f_detach()?.f_set_requires_grad(true)?)
-        };
-        let grad_dot = |y: &Tensor, g: &Tensor| -> Result<Tensor> {
-            Ok(y.f_mul(g)?.f_sum(Kind::Float)?)
-        };
+        let detached_leaf =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_set_requires_grad(true)?) };
+        let grad_dot =
+            |y: &Tensor, g: &Tensor| -> Result<Tensor> { Ok(y.f_mul(g)?.f_sum(Kind::Float)?) };
         let mut f = [0.0; 4];
         let mut b = [0.0; 4];
 
@@ -341,8 +347,12 @@ impl Setup {
         f[0] = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
-        let (x_md, rows, meta) =
-            dispatcher.dispatch_map(&self.x_nd, &probs_leaf, &routing.routing_map_ne, cfg.num_experts)?;
+        let (x_md, rows, meta) = dispatcher.dispatch_map(
+            &self.x_nd,
+            &probs_leaf,
+            &routing.routing_map_ne,
+            cfg.num_experts,
+        )?;
         let x_md_leaf = detached_leaf(&x_md)?;
         f[1] = t.elapsed().as_secs_f64();
 
@@ -442,7 +452,12 @@ fn memory_of(shape: Shape, v: Variant) -> anyhow::Result<MemoryResult> {
     let exe = std::env::current_exe().context("locating the moe binary")?;
     let out = std::process::Command::new(exe)
         .args(["bench", "layer", "--memory-child", v.name(), "--iters", "2"])
-        .args(["--experts", &shape.e.to_string(), "--top-k", &shape.k.to_string()])
+        .args([
+            "--experts",
+            &shape.e.to_string(),
+            "--top-k",
+            &shape.k.to_string(),
+        ])
         .args(["--d-model", &shape.d.to_string()])
         .args(["--expert-hidden", &shape.h.to_string()])
         .args(["--tokens", &shape.n.to_string(), "--threads", "1"])
@@ -457,7 +472,8 @@ fn memory_of(shape: Shape, v: Variant) -> anyhow::Result<MemoryResult> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().unwrap_or_default();
-    serde_json::from_str(line).with_context(|| format!("parsing the memory child's output {line:?}"))
+    serde_json::from_str(line)
+        .with_context(|| format!("parsing the memory child's output {line:?}"))
 }
 
 fn f1(x: f64) -> String {
@@ -471,12 +487,25 @@ fn f2(x: f64) -> String {
 /// Runs `moe bench layer`.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let shapes = shapes(args)?;
-    let mut report = Report::new("moe bench layer: one MoE layer, forward + backward (CPU, float32)");
+    let mut report =
+        Report::new("moe bench layer: one MoE layer, forward + backward (CPU, float32)");
     let mut main = Table::new(
         "Layer time (median ms per forward+backward; tokens/s of the fastest project path)",
         &[
-            "E", "k", "d", "h", "N", "threads", "dense bound", "textbook", "sequential",
-            "grouped", "fastest tok/s", "fastest / dense", "target", "fastest vs textbook",
+            "E",
+            "k",
+            "d",
+            "h",
+            "N",
+            "threads",
+            "dense bound",
+            "textbook",
+            "sequential",
+            "grouped",
+            "fastest tok/s",
+            "fastest / dense",
+            "target",
+            "fastest vs textbook",
         ],
     );
     let mut split = Table::new(
@@ -507,18 +536,37 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
                 ));
             }
             main.row(vec![
-                e.to_string(), k.to_string(), d.to_string(), h.to_string(), n.to_string(),
-                threads.to_string(), f1(dense), f1(textbook), f1(t.ms[2]), f1(t.ms[3]),
-                format!("{:.0}", n as f64 / (fastest / 1e3)), f2(ratio),
-                format!(">= {target} {}", if ratio >= target { "met" } else { "MISSED" }),
+                e.to_string(),
+                k.to_string(),
+                d.to_string(),
+                h.to_string(),
+                n.to_string(),
+                threads.to_string(),
+                f1(dense),
+                f1(textbook),
+                f1(t.ms[2]),
+                f1(t.ms[3]),
+                format!("{:.0}", n as f64 / (fastest / 1e3)),
+                f2(ratio),
+                format!(
+                    ">= {target} {}",
+                    if ratio >= target { "met" } else { "MISSED" }
+                ),
                 format!("{:.1}x", textbook / fastest),
             ]);
             for (j, name) in ["sequential", "grouped"].iter().enumerate() {
                 let p = t.phases_ms[j];
                 let total: f64 = p.iter().sum();
                 split.row(vec![
-                    e.to_string(), k.to_string(), n.to_string(), threads.to_string(),
-                    name.to_string(), f2(p[0]), f2(p[1]), f2(p[2]), f2(p[3]),
+                    e.to_string(),
+                    k.to_string(),
+                    n.to_string(),
+                    threads.to_string(),
+                    name.to_string(),
+                    f2(p[0]),
+                    f2(p[1]),
+                    f2(p[2]),
+                    f2(p[3]),
                     format!("{:.1}%", 100.0 * (p[0] + p[1] + p[3]) / total),
                 ]);
             }
@@ -526,8 +574,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         drop(setup);
         if !args.no_memory {
             let mut cells = vec![
-                shape.e.to_string(), shape.k.to_string(), shape.d.to_string(),
-                shape.h.to_string(), shape.n.to_string(),
+                shape.e.to_string(),
+                shape.k.to_string(),
+                shape.d.to_string(),
+                shape.h.to_string(),
+                shape.n.to_string(),
             ];
             for v in VARIANTS {
                 let m = memory_of(*shape, v)?;
@@ -551,9 +602,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         args.iters, args.warmup
     ));
     if misses.is_empty() {
-        report.notes.push("fastest path / dense bound: every target met".into());
+        report
+            .notes
+            .push("fastest path / dense bound: every target met".into());
     } else {
-        report.notes.push(format!("targets missed: {}", misses.join("; ")));
+        report
+            .notes
+            .push(format!("targets missed: {}", misses.join("; ")));
     }
     Ok(report)
 }

@@ -50,7 +50,10 @@ fn inspect(config: &Path, sets: &[String]) -> anyhow::Result<Inspect> {
     }
     let out = cmd.output().context("running moe inspect")?;
     if !out.status.success() {
-        bail!("moe inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "moe inspect failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let num = |ptr: &str| {
@@ -87,10 +90,25 @@ impl Model {
             bail!("{name}: {}", errs.join("; "));
         }
         let info = inspect(config, &sets)?;
-        let lm = TransformerLm::new(&cfg.model, &cfg.moe, ParallelInfo::single(), cfg.run.seed, Device::Cpu)?;
+        let lm = TransformerLm::new(
+            &cfg.model,
+            &cfg.moe,
+            ParallelInfo::single(),
+            cfg.run.seed,
+            Device::Cpu,
+        )?;
         let opt = AdamW::new(&lm.params(), &cfg.trainer)?;
         let data = load_dataset(&cfg.data, cfg.model.vocab_size)?;
-        Ok(Self { name: name.into(), sets, cfg, info, lm, opt, data, samples: Default::default() })
+        Ok(Self {
+            name: name.into(),
+            sets,
+            cfg,
+            info,
+            lm,
+            opt,
+            data,
+            samples: Default::default(),
+        })
     }
 
     fn tokens_per_step(&self) -> i64 {
@@ -112,9 +130,17 @@ impl Model {
         let batch = self.data.batch(Split::Train, step, &spec, 0)?;
         let t1 = Instant::now();
         let dispatcher = Dispatcher::Local;
-        let ctx = LmForward { train: true, dispatcher: &dispatcher, capacity_groups: 1, compute_kind: Kind::Float, step };
+        let ctx = LmForward {
+            train: true,
+            dispatcher: &dispatcher,
+            capacity_groups: 1,
+            compute_kind: Kind::Float,
+            step,
+        };
         let out = self.lm.forward(&batch.inputs_bt, &ctx)?;
-        let loss = lm_loss(&out.logits_btv, &batch.targets_bt)?.f_add(&out.aux_loss)?.f_add(&out.z_loss)?;
+        let loss = lm_loss(&out.logits_btv, &batch.targets_bt)?
+            .f_add(&out.aux_loss)?
+            .f_add(&out.z_loss)?;
         loss.f_backward()?;
         let t2 = Instant::now();
         let params = self.lm.params();
@@ -127,33 +153,67 @@ impl Model {
             }
         }
         let t3 = Instant::now();
-        Ok([(t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), (t3 - t2).as_secs_f64()])
+        Ok([
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            (t3 - t2).as_secs_f64(),
+        ])
     }
 
     /// Standalone forward+backward of one attention block and one FFN (MoE or dense) on this
     /// model's shapes, times the number of such layers: `(attention s, ffn s)`.
     fn components(&self, reps: u64) -> anyhow::Result<(f64, f64)> {
         let (m, moe) = (&self.cfg.model, &self.cfg.moe);
-        let (b, t, d) = (self.cfg.trainer.batch_size, self.cfg.data.seq_len, m.d_model);
+        let (b, t, d) = (
+            self.cfg.trainer.batch_size,
+            self.cfg.data.seq_len,
+            m.d_model,
+        );
         let rope = Rope::new(m.head_dim(), m.max_seq_len, m.rope_theta, Device::Cpu)?;
         let attn = Attention::new(m, "bench.attn", 1, Device::Cpu)?;
         let is_moe = moe.num_experts > 1 || moe.num_shared_experts > 0;
-        let moe_layer = if is_moe { Some(MoeLayer::new(m, moe, "bench.moe", 0, 1, 1, Device::Cpu)?) } else { None };
-        let dense = SwiGlu::new("bench.ffn", d, m.ffn_hidden, m.init_std, m.num_layers, 1, Device::Cpu)?;
-        let moe_layers = (0..m.num_layers).filter(|&i| is_moe && moe.is_moe_layer(i)).count() as f64;
+        let moe_layer = if is_moe {
+            Some(MoeLayer::new(m, moe, "bench.moe", 0, 1, 1, Device::Cpu)?)
+        } else {
+            None
+        };
+        let dense = SwiGlu::new(
+            "bench.ffn",
+            d,
+            m.ffn_hidden,
+            m.init_std,
+            m.num_layers,
+            1,
+            Device::Cpu,
+        )?;
+        let moe_layers = (0..m.num_layers)
+            .filter(|&i| is_moe && moe.is_moe_layer(i))
+            .count() as f64;
         let dense_layers = m.num_layers as f64 - moe_layers;
-        let x = Tensor::f_randn([b, t, d], (Kind::Float, Device::Cpu))?.f_set_requires_grad(true)?;
+        let x =
+            Tensor::f_randn([b, t, d], (Kind::Float, Device::Cpu))?.f_set_requires_grad(true)?;
         let (mut sa, mut sf, mut sd) = (Vec::new(), Vec::new(), Vec::new());
         let dispatcher = Dispatcher::Local;
         for _ in 0..reps + 1 {
             let s = Instant::now();
-            attn.forward(&x, &rope, Kind::Float)?.f_sum(Kind::Float)?.f_backward()?;
+            attn.forward(&x, &rope, Kind::Float)?
+                .f_sum(Kind::Float)?
+                .f_backward()?;
             sa.push(s.elapsed().as_secs_f64());
             if let Some(layer) = &moe_layer {
                 let s = Instant::now();
-                let ctx = MoeForward { train: true, seq_len: t, capacity_groups: 1, dispatcher: &dispatcher, jitter_seed: 0 };
+                let ctx = MoeForward {
+                    train: true,
+                    seq_len: t,
+                    capacity_groups: 1,
+                    dispatcher: &dispatcher,
+                    jitter_seed: 0,
+                };
                 let (y, st) = layer.forward(&x.f_view([b * t, d])?, &ctx)?;
-                y.f_sum(Kind::Float)?.f_add(&st.aux_loss)?.f_add(&st.z_loss)?.f_backward()?;
+                y.f_sum(Kind::Float)?
+                    .f_add(&st.aux_loss)?
+                    .f_add(&st.z_loss)?
+                    .f_backward()?;
                 sf.push(s.elapsed().as_secs_f64());
             }
             if dense_layers > 0.0 {
@@ -163,7 +223,10 @@ impl Model {
             }
         }
         let med = |v: &[f64]| if v.len() > 1 { median(&v[1..]) } else { 0.0 };
-        Ok((med(&sa) * m.num_layers as f64, med(&sf) * moe_layers + med(&sd) * dense_layers))
+        Ok((
+            med(&sa) * m.num_layers as f64,
+            med(&sf) * moe_layers + med(&sd) * dense_layers,
+        ))
     }
 }
 
@@ -184,11 +247,19 @@ fn matmul_peak(n: i64, reps: usize) -> anyhow::Result<f64> {
 
 /// Peak RSS (MiB) of `moe train` on the base config for `steps` steps, in a child process,
 /// and its last reported tokens/s.
-fn train_child_rss(config: &Path, sets: &[String], steps: u64, threads: i32) -> anyhow::Result<(f64, Option<f64>)> {
-    let out_dir: PathBuf = std::env::temp_dir().join(format!("moe-bench-train-{}", std::process::id()));
+fn train_child_rss(
+    config: &Path,
+    sets: &[String],
+    steps: u64,
+    threads: i32,
+) -> anyhow::Result<(f64, Option<f64>)> {
+    let out_dir: PathBuf =
+        std::env::temp_dir().join(format!("moe-bench-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out_dir);
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["train", "--config"]).arg(config).envs(super::KEEP_FREED_MEMORY_ENV);
+    cmd.args(["train", "--config"])
+        .arg(config)
+        .envs(super::KEEP_FREED_MEMORY_ENV);
     for s in sets {
         cmd.args(["--set", s]);
     }
@@ -216,25 +287,47 @@ fn train_child_rss(config: &Path, sets: &[String], steps: u64, threads: i32) -> 
         .filter(|v| v["kind"] == "train")
         .filter_map(|v| v["tokens_per_s"].as_f64())
         .last();
-    Ok((children_max_rss_mib().ok_or_else(|| anyhow!("getrusage failed"))?, tok_s))
+    Ok((
+        children_max_rss_mib().ok_or_else(|| anyhow!("getrusage failed"))?,
+        tok_s,
+    ))
 }
 
 /// Runs `moe bench train`.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
-    let config = args.config.clone().unwrap_or_else(|| PathBuf::from("configs/quickstart.yaml"));
+    let config = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("configs/quickstart.yaml"));
     set_threads(1);
     // An idle `moe` process: libtorch loaded, a few ops run, no model yet.
-    let _ = Tensor::f_ones([8, 8], (Kind::Float, Device::Cpu))?.f_matmul(&Tensor::f_ones([8, 8], (Kind::Float, Device::Cpu))?)?;
+    let _ = Tensor::f_ones([8, 8], (Kind::Float, Device::Cpu))?
+        .f_matmul(&Tensor::f_ones([8, 8], (Kind::Float, Device::Cpu))?)?;
     let idle_rss = proc_status_mib("VmRSS").unwrap_or(f64::NAN);
     let mut report = Report::new("moe bench train: end-to-end training steps (CPU, float32)");
     let base = config_load::load(&config, &args.set)?.config;
     let (m, moe) = (&base.model, &base.moe);
-    let with = |extra: &[String]| -> Vec<String> { args.set.iter().cloned().chain(extra.iter().cloned()).collect() };
+    let with = |extra: &[String]| -> Vec<String> {
+        args.set
+            .iter()
+            .cloned()
+            .chain(extra.iter().cloned())
+            .collect()
+    };
 
     // Peak RSS first: getrusage reports the largest child so far.
     let steps = args.warmup + args.iters;
     let threads_max = args.threads.iter().copied().max().unwrap_or(1);
-    let rss = if args.no_rss { None } else { Some(train_child_rss(&config, &args.set, steps.max(2), threads_max)?) };
+    let rss = if args.no_rss {
+        None
+    } else {
+        Some(train_child_rss(
+            &config,
+            &args.set,
+            steps.max(2),
+            threads_max,
+        )?)
+    };
 
     let mut models = vec![
         Model::new("quickstart MoE", &config, with(&[]))?,
@@ -264,8 +357,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let mut table = Table::new(
         "Training throughput (median per step; MFU against the matmul peak of the same run)",
         &[
-            "model", "params (active)", "threads", "tokens/s", "step ms", "MFU", "data ms", "fwd+bwd ms",
-            "optimizer ms", "attention ms", "FFN/MoE ms", "other fwd+bwd ms",
+            "model",
+            "params (active)",
+            "threads",
+            "tokens/s",
+            "step ms",
+            "MFU",
+            "data ms",
+            "fwd+bwd ms",
+            "optimizer ms",
+            "attention ms",
+            "FFN/MoE ms",
+            "other fwd+bwd ms",
         ],
     );
     let mut notes = Vec::new();
@@ -294,7 +397,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             let (attn, ffn) = mdl.components(args.iters.clamp(1, 10))?;
             table.row(vec![
                 mdl.name.clone(),
-                format!("{:.2}M ({:.2}M)", mdl.info.total_params / 1e6, mdl.info.active_params / 1e6),
+                format!(
+                    "{:.2}M ({:.2}M)",
+                    mdl.info.total_params / 1e6,
+                    mdl.info.active_params / 1e6
+                ),
                 threads.to_string(),
                 format!("{tps:.0}"),
                 format!("{:.0}", step_s * 1e3),
@@ -323,8 +430,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         let mut t = Table::new(
             "Peak RSS of `moe train` on the config (child process, getrusage)",
             &[
-                "steps", "threads", "peak RSS MiB", "idle moe RSS MiB", "peak - idle", "estimate MiB", "(peak - idle) / estimate",
-                "target", "peak / (estimate + idle)", "moe train tokens/s",
+                "steps",
+                "threads",
+                "peak RSS MiB",
+                "idle moe RSS MiB",
+                "peak - idle",
+                "estimate MiB",
+                "(peak - idle) / estimate",
+                "target",
+                "peak / (estimate + idle)",
+                "moe train tokens/s",
             ],
         );
         let r = (peak_rss - idle_rss) / estimate;
@@ -338,7 +453,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             format!("{r:.2}"),
             format!("<= 1.5 {}", if r <= 1.5 { "met" } else { "MISSED" }),
             format!("{:.2}", peak_rss / (estimate + idle_rss)),
-            child_tok_s.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into()),
+            child_tok_s
+                .map(|x| format!("{x:.0}"))
+                .unwrap_or_else(|| "-".into()),
         ]);
         report.tables.push(t);
         notes.push(
@@ -355,7 +472,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         args.iters, args.warmup
     ));
     for mdl in &models {
-        notes.push(format!("{}: --set {}", mdl.name, if mdl.sets.is_empty() { "(none)".into() } else { mdl.sets.join(" --set ") }));
+        notes.push(format!(
+            "{}: --set {}",
+            mdl.name,
+            if mdl.sets.is_empty() {
+                "(none)".into()
+            } else {
+                mdl.sets.join(" --set ")
+            }
+        ));
     }
     report.notes.extend(notes);
     Ok(report)
