@@ -57,7 +57,7 @@ pub enum Command {
         Example:\n  moe launch --np 2 -- train --config configs/ep2.yaml")]
     Launch(LaunchArgs),
     /// Measure the MoE layer, the all-to-all or a training step.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Print the config reference (docs/config-reference.md) generated from the schema.
     #[command(hide = true)]
     ConfigReference,

@@ -209,10 +209,6 @@ impl Rank<'_> {
         let mut tb = None;
         if self.groups.world_rank == 0 {
             std::fs::create_dir_all(&out_dir).map_err(|e| TrainError::io(&out_dir, e))?;
-            let cfg_path = out_dir.join("config.json");
-            let text = serde_json::to_string_pretty(cfg)
-                .map_err(|e| TrainError::Other(format!("serialising the config: {e}")))?;
-            std::fs::write(&cfg_path, text).map_err(|e| TrainError::io(&cfg_path, e))?;
             if let Some(yaml) = &self.opts.config_yaml {
                 write_atomic(&out_dir.join("config.yaml"), yaml)?;
             }

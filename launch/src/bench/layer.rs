@@ -554,6 +554,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
                 ),
                 format!("{:.1}x", textbook / fastest),
             ]);
+            eprintln!(
+                "layer: {}",
+                main.rows.last().map(|r| r.join(" | ")).unwrap_or_default()
+            );
             for (j, name) in ["sequential", "grouped"].iter().enumerate() {
                 let p = t.phases_ms[j];
                 let total: f64 = p.iter().sum();
@@ -581,13 +585,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
                 shape.n.to_string(),
             ];
             for v in VARIANTS {
-                let m = memory_of(*shape, v)?;
-                cells.push(format!(
-                    "{:.0} (peak RSS {:.0})",
-                    m.peak_rss_mib - m.setup_rss_mib,
-                    m.peak_rss_mib
-                ));
+                cells.push(match memory_of(*shape, v) {
+                    Ok(m) => format!(
+                        "{:.0} (peak RSS {:.0})",
+                        m.peak_rss_mib - m.setup_rss_mib,
+                        m.peak_rss_mib
+                    ),
+                    Err(e) => {
+                        eprintln!("peak memory of {}: {e:#}", v.name());
+                        "failed".into()
+                    }
+                });
             }
+            eprintln!("memory: {}", cells.join(" | "));
             mem.row(cells);
         }
     }

@@ -286,7 +286,7 @@ fn train_child_rss(
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["kind"] == "train")
         .filter_map(|v| v["tokens_per_s"].as_f64())
-        .last();
+        .next_back();
     Ok((
         children_max_rss_mib().ok_or_else(|| anyhow!("getrusage failed"))?,
         tok_s,
