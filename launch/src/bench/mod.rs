@@ -106,8 +106,10 @@ mod tests {
 
     #[test]
     fn reads_own_peak_rss() {
-        let hwm = proc_status_mib("VmHWM").unwrap();
+        // RSS first: the high-water mark read afterwards covers every earlier RSS, even while
+        // other test threads allocate in between.
         let rss = proc_status_mib("VmRSS").unwrap();
+        let hwm = proc_status_mib("VmHWM").unwrap();
         assert!(hwm > 0.0 && hwm >= rss * 0.999, "VmHWM {hwm} VmRSS {rss}");
     }
 }
