@@ -145,23 +145,21 @@ impl Dataset {
         for split in [Split::Train, Split::Val] {
             let n = self.len(split);
             if (n as i64) < seq_len + 1 {
+                // Byte corpora are split 90/10 in memory; token directories by file.
+                let byte_part = if split == Split::Train {
+                    "the first 90%"
+                } else {
+                    "the last 10%"
+                };
                 let (what, part, fix) = match &self.origin {
                     Origin::Synthetic { bytes } => (
                         format!("data.synthetic_bytes ({bytes})"),
-                        if split == Split::Train {
-                            "the first 90%"
-                        } else {
-                            "the last 10%"
-                        },
+                        byte_part,
                         "raise data.synthetic_bytes or lower data.seq_len",
                     ),
                     Origin::Text(p) => (
                         format!("data.path {}", p.display()),
-                        if split == Split::Train {
-                            "the first 90%"
-                        } else {
-                            "the last 10%"
-                        },
+                        byte_part,
                         "use a longer file or a smaller data.seq_len",
                     ),
                     Origin::Tokens(p) => (
