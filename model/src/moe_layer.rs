@@ -63,8 +63,10 @@ pub struct MoeStats {
     pub num_kept: i64,
     /// Dropped assignments on this rank.
     pub num_dropped: i64,
-    /// The routing weights are finite, non-negative and sum per token as configured.
-    pub probs_sum_ok: bool,
+    /// Bool scalar on the layer's device: the routing weights are finite, non-negative and
+    /// sum per token as configured. Kept on the device so the forward pass does not wait on
+    /// it; only debug mode reads it ([`MoeStats::probs_sum_ok`]).
+    pub probs_ok_flag: Tensor,
 }
 
 impl MoeStats {
@@ -80,8 +82,15 @@ impl MoeStats {
         self.topk_load_e = self.topk_load_e.f_add(&other.topk_load_e)?;
         self.num_kept += other.num_kept;
         self.num_dropped += other.num_dropped;
-        self.probs_sum_ok &= other.probs_sum_ok;
+        self.probs_ok_flag = self.probs_ok_flag.f_logical_and(&other.probs_ok_flag)?;
         Ok(())
+    }
+
+    /// Reads [`MoeStats::probs_ok_flag`] to the host (a device sync: debug checks only).
+    pub fn probs_sum_ok(&self) -> Result<bool> {
+        Ok(bool::try_from(
+            &self.probs_ok_flag.f_to_device(Device::Cpu)?,
+        )?)
     }
 }
 
@@ -224,7 +233,7 @@ impl MoeLayer {
             topk_load_e,
             num_kept: routing.num_kept,
             num_dropped: routing.num_dropped,
-            probs_sum_ok: self.probs_sum_ok(&routing)?,
+            probs_ok_flag: self.probs_ok_flag(&routing)?,
         };
         Ok((y_nd, stats))
     }
@@ -304,7 +313,7 @@ impl MoeLayer {
     /// Finite, non-negative weights whose per-token sums respect the configuration: exactly
     /// `route_scale` for normalised routing with nothing dropped, at most `route_scale`
     /// (softmax) or `k * route_scale` (un-normalised sigmoid) otherwise.
-    fn probs_sum_ok(&self, routing: &Routing) -> Result<bool> {
+    fn probs_ok_flag(&self, routing: &Routing) -> Result<Tensor> {
         let cfg = &self.cfg;
         let probs_ne = routing.probs_ne.f_detach()?;
         let sums_n = probs_ne.f_sum_dim_intlist(1, false, Kind::Float)?;
@@ -325,7 +334,7 @@ impl MoeLayer {
         if normalised && routing.num_dropped == 0 {
             ok = ok.f_logical_and(&sums_n.f_ge(rs - tol)?.f_all()?)?;
         }
-        Ok(bool::try_from(&ok.f_to_device(Device::Cpu)?)?)
+        Ok(ok)
     }
 
     /// DeepSeek-V3's aux-loss-free update of the selection bias from the GLOBAL load before

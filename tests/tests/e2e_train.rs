@@ -231,7 +231,7 @@ fn stats(kept: i64, dropped: i64, probs_ok: bool) -> MoeStats {
         topk_load_e: Tensor::from_slice(&[1.0f32; 4]),
         num_kept: kept,
         num_dropped: dropped,
-        probs_sum_ok: probs_ok,
+        probs_ok_flag: Tensor::from(probs_ok),
     }
 }
 

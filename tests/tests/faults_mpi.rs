@@ -45,6 +45,10 @@ fn faulty_job(test: &str, fault: &str, via_launch: bool) -> Option<Finished> {
     Some(f)
 }
 
+/// Not asserted: mpirun's own "MPI_ABORT was invoked on rank 1" banner. OpenMPI 4.1.4 relays
+/// it from the aborting rank and sometimes loses it (`ORTE_ERROR_LOG: Data unpack would read
+/// past end of buffer ... show_help.c`); the exit code (1 for an error, 101 for the panic
+/// hook) already proves the rank's MPI_Abort ran, and the rank's own line names rank and cause.
 fn assert_has(f: &Finished, needles: &[&str]) {
     let all = f.combined();
     for n in needles {
@@ -62,10 +66,7 @@ fn error_on_one_rank_aborts_the_job() {
     assert_eq!(f.status.code(), Some(1), "{}", f.dump());
     assert_has(
         &f,
-        &[
-            "rank 1 of 4: error: injected fault (MOE_FAULT) on rank 1 at step 3",
-            "MPI_ABORT was invoked on rank 1",
-        ],
+        &["rank 1 of 4: error: injected fault (MOE_FAULT) on rank 1 at step 3"],
     );
 }
 
@@ -79,10 +80,7 @@ fn error_on_one_rank_under_launch() {
     assert_eq!(f.status.code(), Some(1), "{}", f.dump());
     assert_has(
         &f,
-        &[
-            "[rank 1] rank 1 of 4: error: injected fault (MOE_FAULT) on rank 1 at step 3",
-            "MPI_ABORT was invoked on rank 1",
-        ],
+        &["[rank 1] rank 1 of 4: error: injected fault (MOE_FAULT) on rank 1 at step 3"],
     );
 }
 
@@ -132,10 +130,7 @@ fn panic_on_one_rank_aborts_the_job() {
     assert_eq!(f.status.code(), Some(101), "{}", f.dump());
     assert_has(
         &f,
-        &[
-            "rank 1 of 4: panic: injected panic (MOE_FAULT) on rank 1 at step 3",
-            "MPI_ABORT was invoked on rank 1",
-        ],
+        &["rank 1 of 4: panic: injected panic (MOE_FAULT) on rank 1 at step 3"],
     );
 }
 
@@ -187,15 +182,16 @@ fn external_kill_of_one_rank_ends_the_job() {
         kill_group(&child);
     }
     let killed_at = Instant::now();
-    let (status, _, timed_out) = wait_or_kill(&mut child, FAULT_LIMIT);
+    let (status, elapsed, timed_out) = wait_or_kill(&mut child, FAULT_LIMIT);
     let end_secs = killed_at.elapsed().as_secs_f64();
-    let stdout = out_h.join().unwrap_or_default();
-    let stderr = err_h.join().unwrap_or_default();
-    let dump = format!(
-        "status {status:?}\n--- stdout (tail)\n{}\n--- stderr (tail)\n{}",
-        tail(&stdout, 6000),
-        tail(&stderr, 6000)
-    );
+    let f = Finished {
+        status,
+        stdout: out_h.join().unwrap_or_default(),
+        stderr: err_h.join().unwrap_or_default(),
+        elapsed,
+    };
+    let dump = f.dump();
+    let Finished { status, stderr, .. } = f;
     assert!(training, "training never reached step 2\n{dump}");
     assert!(
         rank1.is_some(),

@@ -191,15 +191,21 @@ fn sigterm_to_launch_checkpoints_and_resumes() {
         libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
     }
     let signalled = Instant::now();
-    let (status, _, killed) = wait_or_kill(&mut child, Duration::from_secs(60));
+    let (status, elapsed, killed) = wait_or_kill(&mut child, Duration::from_secs(60));
     let stop_secs = signalled.elapsed().as_secs_f64();
-    let stdout = out_h.join().unwrap_or_default();
-    let stderr = err_h.join().unwrap_or_default();
-    let dump = format!(
-        "status {status:?}\n--- stdout (tail)\n{}\n--- stderr (tail)\n{}",
-        tail(&stdout, 6000),
-        tail(&stderr, 6000)
-    );
+    let f = Finished {
+        status,
+        stdout: out_h.join().unwrap_or_default(),
+        stderr: err_h.join().unwrap_or_default(),
+        elapsed,
+    };
+    let dump = f.dump();
+    let Finished {
+        status,
+        stdout,
+        stderr,
+        ..
+    } = f;
     assert!(seen, "step 3 never logged\n{dump}");
     assert!(
         !killed,

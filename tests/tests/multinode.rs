@@ -6,8 +6,10 @@
 //! silent pass). The namespaces are removed when a test ends (also when it fails).
 
 mod launch_support;
+mod mpi_support;
 
 use launch_support::{is_root, profile_dir, run_with_timeout, skip, workspace_root, Finished};
+use mpi_support::tiny_sets;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -210,26 +212,9 @@ fn ep4_training_on_two_hosts_matches_one_process() {
             "--config".into(),
             config.display().to_string(),
         ];
-        for kv in [
-            format!("run.out_dir={}", out.display()),
-            format!("trainer.max_steps={steps}"),
-            "trainer.log_every=1".into(),
-            "trainer.eval_every=0".into(),
-            "trainer.device=cpu".into(),
-            "trainer.threads=1".into(),
-            // Tiny dims: the point is the wire between the hosts, not the model.
-            "model.d_model=32".into(),
-            "model.ffn_hidden=64".into(),
-            "model.max_seq_len=16".into(),
-            "moe.expert_hidden=32".into(),
-            "data.seq_len=16".into(),
-            // Dropless: capacity is per rank's tokens, which one process would group
-            // differently (DESIGN.md, capacity_groups).
-            "moe.capacity_factor=null".into(),
-        ] {
-            a.push("--set".into());
-            a.push(kv);
-        }
+        // Tiny dims (the point is the wire between the hosts, not the model), dropless
+        // (capacity is per rank's tokens, which one process would group differently).
+        a.extend(tiny_sets(out, steps));
         a
     };
 
@@ -295,7 +280,7 @@ fn ep4_training_on_two_hosts_matches_one_process() {
 
     let l1 = losses(&single_dir.join("metrics.jsonl"));
     let l4 = losses(&multi_dir.join("metrics.jsonl"));
-    assert_eq!(l1.len(), steps, "one loss per step expected: {l1:?}");
+    assert_eq!(l1.len() as u64, steps, "one loss per step expected: {l1:?}");
     assert_eq!(
         l1.keys().collect::<Vec<_>>(),
         l4.keys().collect::<Vec<_>>(),

@@ -678,7 +678,7 @@ pub fn check_invariants(
                 ),
             ));
         }
-        if !s.probs_sum_ok {
+        if !s.probs_sum_ok()? {
             return Err(invariant(
                 *layer,
                 format!(
