@@ -5,7 +5,10 @@
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export VIRTUAL_ENV="$root/.venv"
 export PATH="$root/.venv/bin:$PATH"
+# Resolved through links, so worktrees sharing one .venv hand cargo the same LIBTORCH (a
+# different string would rebuild torch-sys).
 LIBTORCH="$(ls -d "$root"/.venv/lib/python3*/site-packages/torch 2>/dev/null | head -n 1)"
+[ -z "$LIBTORCH" ] || LIBTORCH="$(readlink -f "$LIBTORCH")"
 export LIBTORCH
 export LIBTORCH_CXX11_ABI=1
 # mpirun refuses to run as root without these; the tests and `moe launch` run as root in CI.

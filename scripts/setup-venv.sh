@@ -1,18 +1,32 @@
 #!/usr/bin/env bash
-# Creates .venv with the libtorch the build links against and the Python packages the tests
-# use to read our files back (tensorboard, safetensors). Idempotent: a stamp records what
-# was installed; a changed requirement list reinstalls.
+# Creates .venv with the libtorch the build links against (torch==2.11.0, the version
+# tch =0.24.0 requires) and the Python packages the tests compare against or read our files
+# back with (transformers, tokenizers, safetensors, tensorboard). Idempotent: a stamp records
+# what was installed; a changed requirement list reinstalls.
+#
+# The full torch wheel, with its NVIDIA libraries (cuBLAS, cuDNN, NCCL, ...), is installed
+# on every machine: `import torch` (transformers) needs it even on a CPU, and on a GPU machine
+# libtorch_cuda loads only with all of them. One resolver pass, so pip reports no conflicts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stamp=.venv/.moe-stamp
-want="torch==2.11.0 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85 | numpy safetensors tensorboard"
+want="torch==2.11.0 numpy safetensors tensorboard transformers==5.24.0"
+
+# The CUDA 13 wheel needs an NVIDIA driver >= 580; an older one leaves training on the CPU.
+if command -v nvidia-smi >/dev/null 2>&1; then
+  drv=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)
+  major=${drv%%.*}
+  if [ -z "$drv" ]; then
+    echo "setup: warning: nvidia-smi is present but reports no driver version; CUDA may not load" >&2
+  elif [ "$major" -lt 580 ] 2>/dev/null; then
+    echo "setup: warning: NVIDIA driver $drv is older than 580, which torch 2.11.0's CUDA 13 build needs; training will fail on cuda (device: auto falls back to the CPU with a warning)" >&2
+  fi
+fi
+
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
-echo "setup: creating .venv (torch 2.11.0 CPU libraries, tensorboard, safetensors)"
+echo "setup: creating .venv ($want)"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-# Without a GPU only libtorch_cpu is loaded: the CUDA runtime and CUPTI it links are enough,
-# not the 2.2 GB of other NVIDIA wheels torch would pull in.
-.venv/bin/pip install -q --disable-pip-version-check --no-deps \
-  torch==2.11.0 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
-.venv/bin/pip install -q --disable-pip-version-check numpy safetensors tensorboard
+# shellcheck disable=SC2086
+.venv/bin/pip install -q --disable-pip-version-check $want
 echo "$want" > "$stamp"
