@@ -19,8 +19,10 @@ train: build
 	@$(ENV) target/release/moe train --config $(CONFIG) --resume auto
 
 # The whole suite: unit, multi-rank (threads), mpirun, end-to-end and bench smoke tests.
+# MOE_STRICT=1: every communicator, the dispatcher and the experts check the device and kind
+# of what they are handed, so a CPU run fails where a GPU run would (comm/src/placement.rs).
 test: build
-	@$(ENV) cargo test --release --workspace --no-fail-fast
+	@$(ENV) MOE_STRICT=1 cargo test --release --workspace --no-fail-fast
 
 lint: setup
 	@$(ENV) cargo fmt --all -- --check && cargo clippy --release --workspace --all-targets -- -D warnings

@@ -24,6 +24,11 @@ pub enum CommError {
     Mpi(String),
     #[error("NCCL error: {0}")]
     Nccl(String),
+    #[error(
+        "{op}: {msg} (a tensor on the wrong device or of the wrong kind: on a GPU this \
+             fails inside NCCL)"
+    )]
+    Device { op: &'static str, msg: String },
     #[error("a communicator lock was poisoned by a panic on another thread")]
     Poisoned,
 }

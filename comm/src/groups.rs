@@ -49,12 +49,13 @@ impl ProcessGroups {
         })
     }
 
-    /// A single process: every group is the local size-1 group.
-    pub fn single() -> Self {
+    /// A single process on `device`: every group is the local size-1 group.
+    pub fn single(device: tch::Device) -> Self {
+        let local = crate::LocalComm::on(device);
         Self {
-            world: shared(Box::new(crate::LocalComm)),
-            ep: shared(Box::new(crate::LocalComm)),
-            expert_dp: shared(Box::new(crate::LocalComm)),
+            world: shared(Box::new(local)),
+            ep: shared(Box::new(local)),
+            expert_dp: shared(Box::new(local)),
             world_rank: 0,
             world_size: 1,
             ep_rank: 0,

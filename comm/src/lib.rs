@@ -13,14 +13,16 @@ mod groups;
 mod local;
 pub mod mpi_backend;
 pub mod nccl;
+mod placement;
 pub mod threads;
 
 pub use error::{CommError, Result};
 pub use groups::ProcessGroups;
 pub use local::LocalComm;
+pub use placement::{check_device, check_kind, host_read, host_reads, strict, Placement};
 
 use std::sync::{Arc, Mutex};
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 /// A group of ranks that run collectives together. Every rank of the group must call the
 /// same collectives in the same order (MPI semantics).
@@ -34,6 +36,10 @@ pub trait Communicator: Send {
     fn size(&self) -> usize;
     /// Backend name for logs: "local", "threads", "mpi", "nccl".
     fn backend(&self) -> &'static str;
+    /// The device of the tensors this communicator moves: CPU for mpi, the rank's GPU for
+    /// nccl, the rank's device for local and threads. Every backend rejects other devices
+    /// (local and threads in [`strict`] mode, where they act as NCCL would).
+    fn device(&self) -> Device;
 
     /// All-to-all with per-peer split sizes along dim 0.
     ///

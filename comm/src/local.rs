@@ -1,11 +1,27 @@
 //! The size-1 communicator: every collective is the identity.
 
-use crate::{CommError, Communicator, Result};
-use tch::Tensor;
+use crate::{check_device, CommError, Communicator, Result};
+use tch::{Device, Tensor};
 
-/// A group of one rank.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct LocalComm;
+/// A group of one rank, moving tensors of one device.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalComm {
+    device: Device,
+}
+
+impl LocalComm {
+    /// A size-1 group on `device`.
+    pub fn on(device: Device) -> Self {
+        Self { device }
+    }
+}
+
+impl Default for LocalComm {
+    /// A size-1 group on the CPU.
+    fn default() -> Self {
+        Self::on(Device::Cpu)
+    }
+}
 
 impl Communicator for LocalComm {
     fn rank(&self) -> usize {
@@ -17,7 +33,11 @@ impl Communicator for LocalComm {
     fn backend(&self) -> &'static str {
         "local"
     }
+    fn device(&self) -> Device {
+        self.device
+    }
     fn all_to_all(&mut self, input: &Tensor, send: &[i64], recv: &[i64]) -> Result<Tensor> {
+        check_device("all_to_all", "input", input, self.device)?;
         let rows = input.size().first().copied().unwrap_or(0);
         if send != [rows] || recv != [rows] {
             return Err(CommError::InvalidArgument {
@@ -28,12 +48,15 @@ impl Communicator for LocalComm {
         Ok(input.f_contiguous()?.f_detach_copy()?)
     }
     fn all_reduce_sum(&mut self, input: &Tensor) -> Result<Tensor> {
+        check_device("all_reduce_sum", "input", input, self.device)?;
         Ok(input.f_detach_copy()?)
     }
     fn all_gather(&mut self, input: &Tensor) -> Result<Tensor> {
+        check_device("all_gather", "input", input, self.device)?;
         Ok(input.f_unsqueeze(0)?.f_detach_copy()?)
     }
     fn broadcast(&mut self, input: &Tensor, root: usize) -> Result<Tensor> {
+        check_device("broadcast", "input", input, self.device)?;
         if root != 0 {
             return Err(CommError::InvalidArgument {
                 op: "broadcast",
@@ -46,6 +69,6 @@ impl Communicator for LocalComm {
         Ok(())
     }
     fn split(&mut self, _color: usize, _key: usize) -> Result<Box<dyn Communicator>> {
-        Ok(Box::new(LocalComm))
+        Ok(Box::new(*self))
     }
 }

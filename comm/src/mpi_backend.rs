@@ -259,6 +259,9 @@ impl Communicator for MpiComm {
     fn backend(&self) -> &'static str {
         "mpi"
     }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
 
     fn all_to_all(&mut self, input: &Tensor, send: &[i64], recv: &[i64]) -> Result<Tensor> {
         const OP: &str = "all_to_all";

@@ -333,6 +333,9 @@ impl Communicator for NcclComm {
     fn backend(&self) -> &'static str {
         "nccl"
     }
+    fn device(&self) -> Device {
+        Device::Cuda(self.device as usize)
+    }
 
     fn all_to_all(&mut self, input: &Tensor, send: &[i64], recv: &[i64]) -> Result<Tensor> {
         const OP: &str = "all_to_all";

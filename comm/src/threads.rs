@@ -17,13 +17,13 @@
 //! and the output never aliases it (MPI's `MPI_Alltoallv` semantics).
 
 use crate::args::{check_all_to_all, invalid};
-use crate::{CommError, Communicator, Result};
+use crate::{check_device, CommError, Communicator, Result};
 use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 /// What travels over a channel.
 enum Payload {
@@ -88,6 +88,8 @@ pub struct ThreadComm {
     size: usize,
     ep: Endpoint,
     timeout: Duration,
+    /// The device of the tensors the ranks exchange (strict mode checks it).
+    device: Device,
     registry: Arc<Registry>,
     /// Collectives issued so far (message tag).
     seq: u64,
@@ -95,9 +97,18 @@ pub struct ThreadComm {
     splits: u64,
 }
 
-/// Creates `size` in-process ranks; element r is rank r's world communicator. Move each to
-/// its own thread. Every receive waits at most `timeout`.
+/// Creates `size` in-process ranks on the CPU; element r is rank r's world communicator.
+/// Move each to its own thread. Every receive waits at most `timeout`.
 pub fn threads_world(size: usize, timeout: Duration) -> Vec<Box<dyn Communicator>> {
+    threads_world_on(size, timeout, Device::Cpu)
+}
+
+/// [`threads_world`] for ranks whose tensors live on `device`.
+pub fn threads_world_on(
+    size: usize,
+    timeout: Duration,
+    device: Device,
+) -> Vec<Box<dyn Communicator>> {
     let registry = Arc::new(Registry {
         next_group_id: AtomicU64::new(1),
         pending: Mutex::new(HashMap::new()),
@@ -111,6 +122,7 @@ pub fn threads_world(size: usize, timeout: Duration) -> Vec<Box<dyn Communicator
                 size,
                 ep,
                 timeout,
+                device,
                 registry: registry.clone(),
                 seq: 0,
                 splits: 0,
@@ -190,6 +202,7 @@ impl ThreadComm {
     /// tensor, in rank order. Ends with an ack round so that `t` is no longer read by
     /// anyone when this returns.
     fn exchange_views(&mut self, op: &'static str, t: &Tensor) -> Result<Vec<Tensor>> {
+        check_device(op, "input", t, self.device)?;
         let seq = self.begin();
         let view = t.f_detach()?;
         for p in 0..self.size {
@@ -225,11 +238,15 @@ impl Communicator for ThreadComm {
     fn backend(&self) -> &'static str {
         "threads"
     }
+    fn device(&self) -> Device {
+        self.device
+    }
 
     fn all_to_all(&mut self, input: &Tensor, send: &[i64], recv: &[i64]) -> Result<Tensor> {
         const OP: &str = "all_to_all";
         let shape = input.size();
         let (_, recv_total) = check_all_to_all(OP, &shape, send, recv, self.size)?;
+        check_device(OP, "input", input, self.device)?;
         let seq = self.begin();
         let x = input.f_detach()?;
         let mut off = 0;
@@ -304,6 +321,7 @@ impl Communicator for ThreadComm {
                 format!("root {root} in a group of size {}", self.size),
             ));
         }
+        check_device(OP, "input", input, self.device)?;
         let seq = self.begin();
         if self.rank == root {
             let view = input.f_detach()?;
@@ -372,6 +390,7 @@ impl Communicator for ThreadComm {
             size: new_size,
             ep,
             timeout: self.timeout,
+            device: self.device,
             registry: self.registry.clone(),
             seq: 0,
             splits: 0,

@@ -89,7 +89,7 @@ fn autograd_all_to_all_p4() {
 /// Without requires_grad no graph is built and the state is freed at once.
 #[test]
 fn no_graph_frees_state() {
-    let comm = shared(Box::new(moe_comm::LocalComm));
+    let comm = shared(Box::new(moe_comm::LocalComm::default()));
     let x = Tensor::ones([2, 2], (Kind::Float, Device::Cpu));
     let y = autograd::all_to_all(&comm, &x, vec![2], vec![2]).unwrap();
     assert!(y.equal(&x) && !y.requires_grad());
@@ -99,7 +99,7 @@ fn no_graph_frees_state() {
 /// Errors of the forward come back as Err, not as a panic or abort.
 #[test]
 fn forward_error_is_returned() {
-    let comm = shared(Box::new(moe_comm::LocalComm));
+    let comm = shared(Box::new(moe_comm::LocalComm::default()));
     let x = Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let res = autograd::all_to_all(&comm, &x, vec![3], vec![3]);
     let msg = res.expect_err("bad splits must fail").to_string();

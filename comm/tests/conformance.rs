@@ -7,7 +7,7 @@ use std::time::Duration;
 
 #[test]
 fn local_backend_conforms() {
-    let mut comm = LocalComm;
+    let mut comm = LocalComm::default();
     common::suite::run(&mut comm).unwrap();
 }
 

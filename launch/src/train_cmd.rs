@@ -59,7 +59,8 @@ pub fn run_train(cfg: ExperimentConfig, opts: TrainOpts) -> anyhow::Result<()> {
         config_yaml,
         ..RunOptions::default()
     };
-    let summary = train(&cfg, ProcessGroups::single(), device, &run).map_err(|e| anyhow!("{e}"))?;
+    let summary =
+        train(&cfg, ProcessGroups::single(device), device, &run).map_err(|e| anyhow!("{e}"))?;
     report(&cfg, &opts, &summary);
     Ok(())
 }

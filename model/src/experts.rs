@@ -9,7 +9,13 @@
 use crate::config::{ExpertImpl, ModelConfig, MoeConfig};
 use crate::param::{Param, ParamKind};
 use crate::{init, ModelError, Result};
+use moe_comm::Placement;
 use tch::{Device, Kind, Tensor};
+
+/// Rows each expert's group is padded to a multiple of (and at least) before a grouped GEMM
+/// on the GPU. torch's bf16 grouped GEMM (CUTLASS) may trip device asserts on empty groups;
+/// torchtitan pads token groups to multiples of 8 (`TOKEN_GROUP_ALIGN_SIZE_M`) for this.
+pub const GROUP_ALIGN_ROWS: i64 = 8;
 
 /// The routed experts held by this rank: global experts `first_global .. first_global + num_local`.
 #[derive(Debug)]
@@ -85,10 +91,29 @@ impl RoutedExperts {
         None
     }
 
+    /// Why `_grouped_mm` should not run on `device` for rows of `kind` although it could:
+    /// on CUDA, torch 2.11 has a fused kernel only for bf16 (CUTLASS, sm90 and newer); its
+    /// float32 CUDA path copies the offsets to the host and loops one matmul per expert,
+    /// which the sequential experts do without that extra synchronisation.
+    pub fn grouped_slow_on(device: Device, kind: Kind) -> Option<String> {
+        (device.is_cuda() && kind != Kind::BFloat16).then(|| {
+            format!(
+                "torch's grouped GEMM on CUDA is fused only for bf16; {kind:?} rows use the \
+                 sequential experts"
+            )
+        })
+    }
+
     /// The implementation a forward on rows of `kind` actually uses.
     pub fn effective_impl(&self, kind: Kind) -> ExpertImpl {
+        let device = self.w_gate_ldh.device();
         match self.imp {
-            ExpertImpl::Grouped if self.grouped_unsupported(kind).is_none() => ExpertImpl::Grouped,
+            ExpertImpl::Grouped
+                if self.grouped_unsupported(kind).is_none()
+                    && Self::grouped_slow_on(device, kind).is_none() =>
+            {
+                ExpertImpl::Grouped
+            }
             _ => ExpertImpl::Sequential,
         }
     }
@@ -109,7 +134,17 @@ impl RoutedExperts {
                 self.num_local
             )));
         }
+        moe_comm::check_device(
+            "RoutedExperts::forward",
+            "x_md",
+            x_md,
+            self.w_gate_ldh.device(),
+        )?;
         match self.effective_impl(x_md.kind()) {
+            // bf16 CUTLASS kernels may assert on empty groups: pad every group on the GPU.
+            ExpertImpl::Grouped if x_md.device().is_cuda() => {
+                self.forward_grouped_padded(x_md, rows_per_local_expert, GROUP_ALIGN_ROWS)
+            }
             ExpertImpl::Grouped => self.forward_grouped(x_md, rows_per_local_expert),
             ExpertImpl::Sequential => self.forward_sequential(x_md, rows_per_local_expert),
         }
@@ -159,7 +194,7 @@ impl RoutedExperts {
                 }))
             })
             .collect::<Result<Vec<_>>>()?;
-        let offs_l = Tensor::f_from_slice(&ends)?.f_to_device(x_md.device())?;
+        let offs_l = Placement::new(x_md.device(), kind).upload(&ends)?;
         let x_md = x_md.f_contiguous()?;
         let gmm = |a: &Tensor, w: &Tensor| -> Result<Tensor> {
             Ok(a.f_internal_grouped_mm(&w.f_to_kind(kind)?, Some(&offs_l), None::<&Tensor>, None)?)
@@ -172,6 +207,55 @@ impl RoutedExperts {
         // caller's `y.sum().backward()` produces. Multiplying by one makes autograd hand this
         // node a gradient materialised by the multiply's own backward.
         Ok(y_md.f_mul_scalar(1.0)?)
+    }
+
+    /// [`RoutedExperts::forward_grouped`] with every group padded with zero rows to a
+    /// positive multiple of `align` rows, so no expert's group is empty; the padding rows'
+    /// outputs are dropped. Equal to the unpadded result (SwiGLU of a zero row is zero and
+    /// rows do not interact). The row positions are built from the L group sizes with tensor
+    /// ops, not a loop over rows.
+    ///
+    /// # Shapes
+    /// `x_md [M, d]`, `rows [L]` summing to M -> `y_md [M, d]`
+    pub fn forward_grouped_padded(
+        &self,
+        x_md: &Tensor,
+        rows: &[i64],
+        align: i64,
+    ) -> Result<Tensor> {
+        if align < 1 {
+            return Err(ModelError::Invalid(format!(
+                "grouped GEMM padding: align ({align}) must be >= 1"
+            )));
+        }
+        let padded: Vec<i64> = rows
+            .iter()
+            .map(|r| ((r + align - 1) / align).max(1) * align)
+            .collect();
+        let (m, m_pad): (i64, i64) = (rows.iter().sum(), padded.iter().sum());
+        let (mut off, mut off_pad) = (0i64, 0i64);
+        let mut shift_l = Vec::with_capacity(rows.len());
+        for (r, p) in rows.iter().zip(&padded) {
+            shift_l.push(off_pad - off);
+            off += r;
+            off_pad += p;
+        }
+        let device = x_md.device();
+        let placement = Placement::new(device, Kind::Int64);
+        // Row i of expert l's block moves from off[l] + i to off_pad[l] + i.
+        let pos_m = Tensor::f_arange(m, (Kind::Int64, device))?.f_add(
+            &placement
+                .upload(&shift_l)?
+                .f_repeat_interleave_self_tensor(&placement.upload(rows)?, 0, Some(m))?,
+        )?;
+        let d = x_md.size().get(1).copied().unwrap_or(0);
+        let x_pad = Tensor::f_zeros([m_pad, d], (x_md.kind(), device))?.f_index_copy(
+            0,
+            &pos_m,
+            &x_md.f_contiguous()?,
+        )?;
+        let y_pad = self.forward_grouped(&x_pad, &padded)?;
+        Ok(y_pad.f_index_select(0, &pos_m)?)
     }
 
     /// The expert weights as parameters `<prefix>.w_gate|w_up|w_down`, sharded by global id.

@@ -12,6 +12,7 @@ use crate::mlp::SwiGlu;
 use crate::param::{Param, ParamKind};
 use crate::router::{self, RouterInput, Routing};
 use crate::{init, ModelError, Result};
+use moe_comm::Placement;
 use rand::distr::{Distribution, Uniform};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -45,6 +46,8 @@ pub struct MoeForward<'a> {
     pub dispatcher: &'a Dispatcher,
     /// Seed of the router jitter noise of this call (unused unless training with jitter).
     pub jitter_seed: u64,
+    /// The kind the layer input and the expert GEMMs run in (strict mode checks it).
+    pub compute_kind: Kind,
 }
 
 /// Losses and routing statistics of one forward.
@@ -59,10 +62,10 @@ pub struct MoeStats {
     pub load_e: Tensor,
     /// f32 `[E]` assignments per expert before capacity dropping, summed over all ranks.
     pub topk_load_e: Tensor,
-    /// Kept assignments on this rank.
-    pub num_kept: i64,
-    /// Dropped assignments on this rank.
-    pub num_dropped: i64,
+    /// i64 scalar on the device: kept assignments on this rank.
+    pub num_kept: Tensor,
+    /// i64 scalar on the device: dropped assignments on this rank.
+    pub num_dropped: Tensor,
     /// Bool scalar on the layer's device: the routing weights are finite, non-negative and
     /// sum per token as configured. Kept on the device so the forward pass does not wait on
     /// it; only debug mode reads it ([`MoeStats::probs_sum_ok`]).
@@ -80,17 +83,19 @@ impl MoeStats {
         self.z_loss = self.z_loss.f_detach()?.f_add(&other.z_loss.f_detach()?)?;
         self.load_e = self.load_e.f_add(&other.load_e)?;
         self.topk_load_e = self.topk_load_e.f_add(&other.topk_load_e)?;
-        self.num_kept += other.num_kept;
-        self.num_dropped += other.num_dropped;
+        self.num_kept = self.num_kept.f_add(&other.num_kept)?;
+        self.num_dropped = self.num_dropped.f_add(&other.num_dropped)?;
         self.probs_ok_flag = self.probs_ok_flag.f_logical_and(&other.probs_ok_flag)?;
         Ok(())
     }
 
     /// Reads [`MoeStats::probs_ok_flag`] to the host (a device sync: debug checks only).
     pub fn probs_sum_ok(&self) -> Result<bool> {
-        Ok(bool::try_from(
-            &self.probs_ok_flag.f_to_device(Device::Cpu)?,
-        )?)
+        // host: debug-mode invariant checks only.
+        Ok(moe_comm::host_read::<bool>(&self.probs_ok_flag)?
+            .first()
+            .copied()
+            .unwrap_or(false))
     }
 }
 
@@ -165,8 +170,10 @@ impl MoeLayer {
 
     /// Router, global statistics, dispatch, experts, combine, plus shared experts.
     ///
-    /// Communication: one all-reduce of `3E+1` statistics over the world, and the dispatcher's
-    /// exchange. The output has the dtype of `x_nd`; the router always runs in f32.
+    /// Communication: one all-reduce of `3E` statistics over the world, and the dispatcher's
+    /// exchange. One host read, in the dispatcher (the rows per expert it sends and
+    /// receives); everything else stays on the device. The output has the dtype of `x_nd`;
+    /// the router always runs in f32.
     ///
     /// # Shapes
     /// `x_nd [N, d]` -> `y_nd [N, d]`
@@ -181,6 +188,10 @@ impl MoeLayer {
         };
         let e = self.cfg.num_experts;
         self.check_dispatcher(ctx.dispatcher)?;
+        // Strict mode: what reaches the dispatcher and the experts is on the layer's device
+        // and of the compute kind, as NCCL and the GPU kernels will require.
+        let placement = Placement::new(self.w_router_de.device(), ctx.compute_kind);
+        placement.check_of("MoeLayer::forward", "x_nd", x_nd, ctx.compute_kind)?;
 
         let mut router_in_nd = x_nd.f_to_kind(Kind::Float)?;
         if ctx.train && self.cfg.jitter_eps > 0.0 {
@@ -203,8 +214,10 @@ impl MoeLayer {
             },
         )?;
 
-        let (global_counts_e, load_e, topk_load_e, global_tokens) =
-            self.global_stats(&routing, ctx.dispatcher)?;
+        let (global_counts_e, load_e, topk_load_e) = self.global_stats(&routing, ctx.dispatcher)?;
+        // Every data-parallel rank routes the same number of tokens (the global batch is split
+        // evenly), so the global count is known here without a read.
+        let global_tokens = routing.aux_stats.num_tokens * ctx.dispatcher.world_size();
         let aux_loss = match self.cfg.aux_loss {
             AuxLossKind::AuxLoss => router::aux_loss(
                 &self.cfg,
@@ -220,7 +233,19 @@ impl MoeLayer {
         };
 
         let (x_md, rows_l, meta) = ctx.dispatcher.dispatch(x_nd, &routing, e)?;
+        placement.check_of(
+            "MoeLayer::forward",
+            "dispatched rows x_md",
+            &x_md,
+            ctx.compute_kind,
+        )?;
         let y_md = self.experts.forward(&x_md, &rows_l)?;
+        placement.check_of(
+            "MoeLayer::forward",
+            "expert output y_md",
+            &y_md,
+            ctx.compute_kind,
+        )?;
         let mut y_nd = ctx.dispatcher.combine(&y_md, meta)?;
         if let Some(shared) = &self.shared {
             y_nd = y_nd.f_add(&shared.forward(x_nd)?.f_to_kind(y_nd.kind())?)?;
@@ -231,9 +256,9 @@ impl MoeLayer {
             z_loss: routing.z_loss.shallow_clone(),
             load_e,
             topk_load_e,
+            probs_ok_flag: self.probs_ok_flag(&routing)?,
             num_kept: routing.num_kept,
             num_dropped: routing.num_dropped,
-            probs_ok_flag: self.probs_ok_flag(&routing)?,
         };
         Ok((y_nd, stats))
     }
@@ -256,16 +281,15 @@ impl MoeLayer {
         Ok(())
     }
 
-    /// One all-reduce over the world of `[aux counts_e | top-k counts_e | kept_e | N]`, in f64
-    /// so that counts stay exact beyond 2^24 tokens. Returns the global aux counts (f32), load,
-    /// top-k load (f32, no grad) and token count.
+    /// One all-reduce over the world of `[aux counts_e | top-k counts_e | kept_e]`, in f64 so
+    /// that counts stay exact beyond 2^24 tokens. Returns the global aux counts (f32), load
+    /// and top-k load (f32, no grad), all on the device.
     fn global_stats(
         &self,
         routing: &Routing,
         dispatcher: &Dispatcher,
-    ) -> Result<(Tensor, Tensor, Tensor, i64)> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let e = self.cfg.num_experts;
-        let device = routing.probs_ne.device();
         // Padding rows are in the map but carry zero weight; without padding the map is exact.
         let kept_e = if self.cfg.pad_to_capacity {
             routing
@@ -274,9 +298,7 @@ impl MoeLayer {
                 .f_logical_and(&routing.routing_map_ne)?
                 .f_sum_dim_intlist(0, false, Kind::Double)?
         } else {
-            Tensor::f_from_slice(&routing.tokens_per_expert)?
-                .f_to_kind(Kind::Double)?
-                .f_to_device(device)?
+            routing.kept_e.f_to_kind(Kind::Double)?
         };
         let local = Tensor::f_cat(
             &[
@@ -284,16 +306,9 @@ impl MoeLayer {
                     .aux_stats
                     .counts_e
                     .f_detach()?
-                    .f_to_kind(Kind::Double)?
-                    .f_to_device(device)?,
-                routing
-                    .topk_counts_e
-                    .f_detach()?
-                    .f_to_kind(Kind::Double)?
-                    .f_to_device(device)?,
+                    .f_to_kind(Kind::Double)?,
+                routing.topk_counts_e.f_detach()?.f_to_kind(Kind::Double)?,
                 kept_e,
-                Tensor::f_from_slice(&[routing.aux_stats.num_tokens as f64])?
-                    .f_to_device(device)?,
             ],
             0,
         )?;
@@ -301,13 +316,7 @@ impl MoeLayer {
         let part = |i: i64| -> Result<Tensor> {
             Ok(global.f_narrow(0, i * e, e)?.f_to_kind(Kind::Float)?)
         };
-        let tokens = global.f_narrow(0, 3 * e, 1)?.f_to_device(Device::Cpu)?;
-        let tokens = Vec::<f64>::try_from(&tokens)?
-            .first()
-            .copied()
-            .unwrap_or(0.0)
-            .round() as i64;
-        Ok((part(0)?, part(2)?, part(1)?, tokens))
+        Ok((part(0)?, part(2)?, part(1)?))
     }
 
     /// Finite, non-negative weights whose per-token sums respect the configuration: exactly
@@ -331,8 +340,10 @@ impl MoeLayer {
             .f_all()?
             .f_logical_and(&probs_ne.f_ge(0.0)?.f_all()?)?;
         ok = ok.f_logical_and(&sums_n.f_le(upper + tol)?.f_all()?)?;
-        if normalised && routing.num_dropped == 0 {
-            ok = ok.f_logical_and(&sums_n.f_ge(rs - tol)?.f_all()?)?;
+        if normalised {
+            // Exact sums are required only when nothing was dropped (on the device: no read).
+            let exact = sums_n.f_ge(rs - tol)?.f_all()?;
+            ok = ok.f_logical_and(&exact.f_logical_or(&routing.num_dropped.f_gt(0)?)?)?;
         }
         Ok(ok)
     }
@@ -388,7 +399,7 @@ pub fn jitter_noise(seed: u64, n: i64, d: i64, eps: f64, device: Device) -> Resu
     let values: Vec<f32> = (0..n.max(0) * d.max(0))
         .map(|_| dist.sample(&mut rng))
         .collect();
-    Ok(Tensor::f_from_slice(&values)?
-        .f_reshape([n, d])?
-        .f_to_device(device)?)
+    Ok(Placement::new(device, Kind::Float)
+        .upload(&values)?
+        .f_reshape([n, d])?)
 }

@@ -223,6 +223,7 @@ impl TransformerLm {
                         capacity_groups: ctx.capacity_groups,
                         dispatcher: ctx.dispatcher,
                         jitter_seed: init::stream_seed(self.seed ^ ctx.step, "router_jitter", i),
+                        compute_kind: ck,
                     };
                     let (y_nd, stats) = moe.forward(&h_btd.f_reshape([b * t, d])?, &fwd)?;
                     aux_loss = aux_loss.f_add(&stats.aux_loss.f_to_kind(Kind::Float)?)?;

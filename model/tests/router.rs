@@ -126,8 +126,14 @@ fn post_softmax_takes_topk_logits_then_softmax_over_k() {
             "probs",
         );
         assert_eq!(rows_of(&r.routing_map_ne), vec![vec![1, 2]]);
-        assert_eq!(r.tokens_per_expert, vec![0, 1, 1, 0]);
-        assert_eq!((r.num_kept, r.num_dropped), (2, 0));
+        assert_eq!(r.host_counts().unwrap().0, vec![0, 1, 1, 0]);
+        assert_eq!(
+            {
+                let c = r.host_counts().unwrap();
+                (c.1, c.2)
+            },
+            (2, 0)
+        );
         assert_eq!(flat(&r.topk_counts_e), vec![0.0, 1.0, 1.0, 0.0]);
     }
 }
@@ -285,7 +291,7 @@ fn ties_go_to_the_lower_expert_index() {
         let r = run(&cfg(64, 8), &zeros, None, 0, 1);
         let mut want = vec![0i64; 64];
         want[..8].fill(4096);
-        assert_eq!(r.tokens_per_expert, want);
+        assert_eq!(r.host_counts().unwrap().0, want);
         // The aux statistics use the same rule.
         assert_eq!(
             flat(&r.aux_stats.counts_e),
@@ -348,8 +354,14 @@ fn probs_policy_keeps_highest_weights_ties_to_earlier_tokens() {
         // Highest two of expert 0: token 2 (0.900), then tokens 1 and 3 tie at 0.701: token 1.
         assert_eq!(column(&r.routing_map_ne, 0), vec![1, 2]);
         assert_eq!(column(&r.routing_map_ne, 1), vec![4]);
-        assert_eq!((r.num_kept, r.num_dropped), (3, 3));
-        assert_eq!(r.tokens_per_expert, vec![2, 1]);
+        assert_eq!(
+            {
+                let c = r.host_counts().unwrap();
+                (c.1, c.2)
+            },
+            (3, 3)
+        );
+        assert_eq!(r.host_counts().unwrap().0, vec![2, 1]);
         let p = dense(&r.probs_ne);
         let want = [
             [0.0, 0.0],
@@ -384,7 +396,13 @@ fn position_policy_keeps_earliest_tokens() {
         );
         assert_eq!(column(&r.routing_map_ne, 0), vec![0, 1]);
         assert_eq!(column(&r.routing_map_ne, 1), vec![4]);
-        assert_eq!((r.num_kept, r.num_dropped), (3, 3));
+        assert_eq!(
+            {
+                let c = r.host_counts().unwrap();
+                (c.1, c.2)
+            },
+            (3, 3)
+        );
         let p = dense(&r.probs_ne);
         assert_close(&p[0], &[0.598687660112, 0.0], TOL_F32, "row 0");
         assert_close(&p[2], &[0.0, 0.0], TOL_F32, "row 2 dropped");
@@ -402,9 +420,12 @@ fn pad_to_capacity_fills_each_expert_with_earliest_free_tokens() {
             assert_eq!(column(&r.routing_map_ne, 0), kept0, "{policy:?}");
             // Expert 1 keeps token 4 and is padded with the earliest other token, 0, at weight 0.
             assert_eq!(column(&r.routing_map_ne, 1), vec![0, 4], "{policy:?}");
-            assert_eq!(r.tokens_per_expert, vec![2, 2]);
+            assert_eq!(r.host_counts().unwrap().0, vec![2, 2]);
             assert_eq!(
-                (r.num_kept, r.num_dropped),
+                {
+                    let c = r.host_counts().unwrap();
+                    (c.1, c.2)
+                },
                 (3, 3),
                 "padding is not counted as kept"
             );
@@ -413,8 +434,14 @@ fn pad_to_capacity_fills_each_expert_with_earliest_free_tokens() {
         // C = ceil((2 / 2) * 3) = 3 exceeds the 2 tokens: padding stops at the group's tokens.
         let x = logits(&[&[1.0, 0.0], &[2.0, 0.0]], Kind::Float, dev);
         let r = run(&capped(DropPolicy::Probs, 3.0, true), &x, None, 0, 1);
-        assert_eq!(r.tokens_per_expert, vec![2, 2]);
-        assert_eq!((r.num_kept, r.num_dropped), (2, 0));
+        assert_eq!(r.host_counts().unwrap().0, vec![2, 2]);
+        assert_eq!(
+            {
+                let c = r.host_counts().unwrap();
+                (c.1, c.2)
+            },
+            (2, 0)
+        );
     }
 }
 
@@ -434,8 +461,17 @@ fn capacity_at_least_tokens_drops_nothing() {
         );
         // C = ceil(3 * 2.0) = 6 >= 6 tokens.
         let big = run(&capped(DropPolicy::Probs, 2.0, false), &x, None, 0, 1);
-        assert_eq!((big.num_kept, big.num_dropped), (6, 0));
-        assert_eq!(big.tokens_per_expert, dropless.tokens_per_expert);
+        assert_eq!(
+            {
+                let c = big.host_counts().unwrap();
+                (c.1, c.2)
+            },
+            (6, 0)
+        );
+        assert_eq!(
+            big.host_counts().unwrap().0,
+            dropless.host_counts().unwrap().0
+        );
         assert_eq!(dense(&big.probs_ne), dense(&dropless.probs_ne));
     }
 }

@@ -88,7 +88,7 @@ pub fn train_single(cfg: &ExperimentConfig, capacity_groups: i64) -> TrainSummar
         capacity_groups,
         ..RunOptions::default()
     };
-    train(cfg, ProcessGroups::single(), Device::Cpu, &opts).expect("single-process run")
+    train(cfg, ProcessGroups::single(Device::Cpu), Device::Cpu, &opts).expect("single-process run")
 }
 
 /// |a - b| <= rel * max(|a|, |b|, 1e-12), with a message naming what differs.

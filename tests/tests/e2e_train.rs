@@ -229,8 +229,8 @@ fn stats(kept: i64, dropped: i64, probs_ok: bool) -> MoeStats {
         z_loss: Tensor::from(0.0f32),
         load_e: Tensor::from_slice(&[1.0f32; 4]),
         topk_load_e: Tensor::from_slice(&[1.0f32; 4]),
-        num_kept: kept,
-        num_dropped: dropped,
+        num_kept: Tensor::from(kept),
+        num_dropped: Tensor::from(dropped),
         probs_ok_flag: Tensor::from(probs_ok),
     }
 }

@@ -349,7 +349,7 @@ mod tests {
     /// One rank: sync is a no-op and the norm is the plain L2 norm of all gradients.
     #[test]
     fn single_rank() {
-        let groups = ProcessGroups::single();
+        let groups = ProcessGroups::single(tch::Device::Cpu);
         let ps = make_params(0, 0);
         let before: Vec<Vec<f64>> = ps.iter().map(grad).collect();
         sync_gradients(&ps, &groups).unwrap();

@@ -50,7 +50,23 @@ pub fn rank_val_loss(
     rank: i64,
     step: u64,
 ) -> Result<f64> {
+    let loss = rank_val_loss_on_device(m, dataset, cfg, world_size, rank, step)?;
+    Ok(moe_comm::host_read::<f64>(&loss)?[0])
+}
+
+/// [`rank_val_loss`] as an f64 scalar on the model's device, not read back: the batches'
+/// losses are summed there, so the loop's evaluation reads the host once (after its
+/// all-reduce) rather than once per batch.
+pub fn rank_val_loss_on_device(
+    m: &EvalModel,
+    dataset: &Dataset,
+    cfg: &ExperimentConfig,
+    world_size: i64,
+    rank: i64,
+    step: u64,
+) -> Result<Tensor> {
     let t = &cfg.trainer;
+    let placement = moe_comm::Placement::new(m.device, m.compute_kind);
     let _guard = tch::no_grad_guard();
     let spec = SamplerSpec {
         seed: cfg.run.seed,
@@ -60,11 +76,11 @@ pub fn rank_val_loss(
         rank,
         grad_accum: 1,
     };
-    let mut total = 0.0;
+    let mut total = Tensor::f_zeros([], (Kind::Double, m.device))?;
     for i in 0..t.eval_iters {
         for batch in &dataset.batches(Split::Val, i, &spec)? {
-            let inputs = batch.inputs_bt.f_to_device(m.device)?;
-            let targets = batch.targets_bt.f_to_device(m.device)?;
+            let inputs = placement.to_device(&batch.inputs_bt)?;
+            let targets = placement.to_device(&batch.targets_bt)?;
             let ctx = LmForward {
                 train: false,
                 dispatcher: m.dispatcher,
@@ -73,10 +89,10 @@ pub fn rank_val_loss(
                 step,
             };
             let out = m.model.forward(&inputs, &ctx)?;
-            total += lm_loss(&out.logits_btv, &targets)?.f_double_value(&[])?;
+            total = total.f_add(&lm_loss(&out.logits_btv, &targets)?.f_to_kind(Kind::Double)?)?;
         }
     }
-    Ok(total / t.eval_iters.max(1) as f64)
+    Ok(total.f_div_scalar(t.eval_iters.max(1) as f64)?)
 }
 
 /// Builds the whole model of `cfg` in one process (EP size 1, every expert local) and loads

@@ -18,7 +18,7 @@ use crate::progress::{Progress, ProgressInfo};
 use crate::schedule::lr_at;
 use crate::tensorboard::TbWriter;
 use crate::{Result, TrainError};
-use moe_comm::{lock, ProcessGroups};
+use moe_comm::{host_read, lock, Placement, ProcessGroups};
 use moe_model::dispatcher::Dispatcher;
 use moe_model::moe_layer::MoeStats;
 use moe_model::transformer::{LmForward, ParallelInfo, TransformerLm};
@@ -78,8 +78,8 @@ pub struct TrainSummary {
     pub last_checkpoint: Option<PathBuf>,
 }
 
-/// Statistics of one step that are reduced over all ranks in a single all-reduce.
-/// Layout of the f64 vector: see `StepStats::to_tensor`.
+/// Statistics of one step that are reduced over all ranks in a single all-reduce, read to
+/// the host once per step. Layout of the f64 vector: see [`LocalStats::to_tensor`].
 #[derive(Debug, Clone, Default)]
 struct StepStats {
     lm_loss: f64,
@@ -89,26 +89,52 @@ struct StepStats {
     dropped: f64,
     non_finite: f64,
     stop: f64,
+    /// max/mean of the global kept load in the worst MoE layer (identical on every rank).
+    load_imbalance: f64,
+}
+
+/// One rank's step statistics while they are still on its device: the losses are summed
+/// there over the micro-batches without reading them back (one host read per step, after
+/// the all-reduce, instead of three per micro-batch).
+struct LocalStats {
+    /// f64 `[3]`: lm, aux and z loss, each averaged over the micro-batches.
+    losses_3: Tensor,
+    /// f64 `[2]`: kept and dropped assignments over the micro-batches and MoE layers.
+    counts_2: Tensor,
+}
+
+impl LocalStats {
+    fn new(placement: &Placement) -> Result<Self> {
+        Ok(Self {
+            losses_3: Tensor::f_zeros([3], (Kind::Double, placement.device))?,
+            counts_2: Tensor::f_zeros([2], (Kind::Double, placement.device))?,
+        })
+    }
+
+    /// `[lm, aux, z, kept, dropped, non_finite, stop]` in f64 on the rank's device, the
+    /// layout [`StepStats::from_tensor`] reads. `non_finite` is 1 when a loss is not finite.
+    fn to_tensor(&self, placement: &Placement, stop: bool) -> Result<Tensor> {
+        let non_finite_1 = self
+            .losses_3
+            .f_isfinite()?
+            .f_all()?
+            .f_logical_not()?
+            .f_to_kind(Kind::Double)?
+            .f_reshape([1])?;
+        let stop_1 = placement.upload(&[f64::from(u8::from(stop))])?;
+        Ok(Tensor::f_cat(
+            &[&self.losses_3, &self.counts_2, &non_finite_1, &stop_1],
+            0,
+        )?)
+    }
 }
 
 impl StepStats {
-    const LEN: i64 = 7;
-
-    fn to_tensor(&self) -> Result<Tensor> {
-        let v = [
-            self.lm_loss,
-            self.aux_loss,
-            self.z_loss,
-            self.kept,
-            self.dropped,
-            self.non_finite,
-            self.stop,
-        ];
-        Ok(Tensor::f_from_slice(&v)?)
-    }
+    /// The all-reduced statistics plus the load imbalance, appended after the reduction.
+    const LEN: i64 = 8;
 
     fn from_tensor(t: &Tensor) -> Result<Self> {
-        let v = Vec::<f64>::try_from(t)?;
+        let v = host_read::<f64>(t)?;
         if v.len() as i64 != Self::LEN {
             return Err(TrainError::Other(format!(
                 "step stats of length {}",
@@ -123,6 +149,7 @@ impl StepStats {
             dropped: v[4],
             non_finite: v[5],
             stop: v[6],
+            load_imbalance: v[7],
         })
     }
 }
@@ -131,8 +158,7 @@ impl StepStats {
 struct Rank<'a> {
     cfg: &'a ExperimentConfig,
     groups: ProcessGroups,
-    device: Device,
-    compute_kind: Kind,
+    placement: Placement,
     model: TransformerLm,
     dispatcher: Dispatcher,
     params: Vec<Param>,
@@ -152,6 +178,7 @@ pub fn train(
     if !errs.is_empty() {
         return Err(TrainError::Config(errs));
     }
+    check_comm_devices(&groups, device)?;
     let printing = groups.world_rank == 0 && !opts.quiet;
     let dataset = data::load_dataset(&cfg.data, cfg.model.vocab_size)?;
     let model = TransformerLm::new(
@@ -166,15 +193,14 @@ pub fn train(
     )?;
     let dispatcher = Dispatcher::from_groups(&groups);
     let params = model.params();
-    let compute_kind = match cfg.trainer.precision {
-        crate::config::Precision::Fp32 => Kind::Float,
-        crate::config::Precision::Bf16 => Kind::BFloat16,
-    };
+    let placement = Placement::new(
+        device,
+        crate::inference::compute_kind(&cfg.trainer.precision),
+    );
     let mut rank = Rank {
         cfg,
         groups,
-        device,
-        compute_kind,
+        placement,
         model,
         dispatcher,
         params,
@@ -231,7 +257,7 @@ impl Rank<'_> {
         let world = self.groups.world_size as i64;
         let global_batch = t.batch_size * world * t.grad_accum;
         let tokens_per_step = (global_batch * cfg.data.seq_len) as f64;
-        let mut prefetch = Prefetcher::new(
+        let mut prefetch = Prefetcher::pinned_for(
             dataset.clone(),
             data::SamplerSpec {
                 seed: cfg.run.seed,
@@ -244,6 +270,7 @@ impl Rank<'_> {
             start_step,
             t.max_steps,
             cfg.data.prefetch,
+            self.placement.device,
         )?;
         let faults = crate::fault::from_env()?;
         let mut progress = Progress::new(t.max_steps);
@@ -262,9 +289,8 @@ impl Rank<'_> {
             let lr = lr_at(step, t);
             let inject_nan = crate::fault::trigger(&faults, self.groups.world_rank, step + 1)?;
             let (local, layer_stats) = self.forward_backward(&micro, step, inject_nan)?;
-            let mut local = local;
-            local.stop = f64::from(u8::from(self.opts.stop.load(Ordering::SeqCst)));
-            let global = self.reduce_stats(&local)?;
+            let stop = self.opts.stop.load(Ordering::SeqCst);
+            let global = self.reduce_stats(&local, stop, &layer_stats)?;
             if self.opts.debug {
                 // Before the skip-bad-step path, which would otherwise swallow a non-finite
                 // loss; the loss flag is global so every rank stops at the same step.
@@ -326,7 +352,7 @@ impl Rank<'_> {
                 } else {
                     0.0
                 },
-                load_imbalance: load_imbalance(&layer_stats)?,
+                load_imbalance: global.load_imbalance,
                 grad_norm,
                 lr,
                 tokens_per_s: 0.0,
@@ -420,18 +446,18 @@ impl Rank<'_> {
         micro: &[Batch],
         step: u64,
         inject_nan: bool,
-    ) -> Result<(StepStats, Vec<(i64, MoeStats)>)> {
+    ) -> Result<(LocalStats, Vec<(i64, MoeStats)>)> {
         let n_micro = micro.len() as f64;
-        let mut stats = StepStats::default();
+        let mut stats = LocalStats::new(&self.placement)?;
         let mut layers: Vec<(i64, MoeStats)> = Vec::new();
         for (i, batch) in micro.iter().enumerate() {
-            let inputs = batch.inputs_bt.f_to_device(self.device)?;
-            let targets = batch.targets_bt.f_to_device(self.device)?;
+            let inputs = self.placement.to_device(&batch.inputs_bt)?;
+            let targets = self.placement.to_device(&batch.targets_bt)?;
             let ctx = LmForward {
                 train: true,
                 dispatcher: &self.dispatcher,
                 capacity_groups: self.opts.capacity_groups,
-                compute_kind: self.compute_kind,
+                compute_kind: self.placement.compute_kind,
                 step: step * 1024 + i as u64,
             };
             let out = self.model.forward(&inputs, &ctx)?;
@@ -442,20 +468,15 @@ impl Rank<'_> {
                 lm_loss = lm_loss.f_mul_scalar(f64::NAN)?;
                 loss = loss.f_mul_scalar(f64::NAN)?;
             }
-            let lm = lm_loss.f_double_value(&[])?;
-            let aux = out.aux_loss.f_double_value(&[])?;
-            let z = out.z_loss.f_double_value(&[])?;
-            if !(lm.is_finite() && aux.is_finite() && z.is_finite()) {
-                stats.non_finite = 1.0;
-            }
-            stats.lm_loss += lm / n_micro;
-            stats.aux_loss += aux / n_micro;
-            stats.z_loss += z / n_micro;
+            let losses_3 = Tensor::f_stack(&[&lm_loss, &out.aux_loss, &out.z_loss], 0)?
+                .f_detach()?
+                .f_to_kind(Kind::Double)?;
+            stats.losses_3 = stats.losses_3.f_add(&losses_3.f_div_scalar(n_micro)?)?;
             // Averaging over micro-batches: each contributes 1/n of the step's gradient.
             loss.f_div_scalar(n_micro)?.f_backward()?;
             for (layer, s) in out.moe {
-                stats.kept += s.num_kept as f64;
-                stats.dropped += s.num_dropped as f64;
+                let counts_2 = Tensor::f_stack(&[&s.num_kept, &s.num_dropped], 0)?;
+                stats.counts_2 = stats.counts_2.f_add(&counts_2.f_to_kind(Kind::Double)?)?;
                 match layers.iter_mut().find(|(l, _)| *l == layer) {
                     Some((_, acc)) => acc.accumulate(&s)?,
                     None => layers.push((layer, s)),
@@ -465,11 +486,20 @@ impl Rank<'_> {
         Ok((stats, layers))
     }
 
-    /// One all-reduce: losses become the mean over ranks, counts the sum, flags the max (>0).
-    fn reduce_stats(&self, local: &StepStats) -> Result<StepStats> {
+    /// One all-reduce on the rank's device and the step's one host read: losses become the
+    /// mean over ranks, counts the sum, flags the max (>0); the load imbalance (from the
+    /// layers' already global loads) rides along in the same read.
+    fn reduce_stats(
+        &self,
+        local: &LocalStats,
+        stop: bool,
+        layers: &[(i64, MoeStats)],
+    ) -> Result<StepStats> {
         let world = self.groups.world_size as f64;
-        let summed = lock(&self.groups.world)?.all_reduce_sum(&local.to_tensor()?)?;
-        let mut g = StepStats::from_tensor(&summed)?;
+        let summed =
+            lock(&self.groups.world)?.all_reduce_sum(&local.to_tensor(&self.placement, stop)?)?;
+        let imbalance_1 = load_imbalance(layers, &self.placement)?.f_reshape([1])?;
+        let mut g = StepStats::from_tensor(&Tensor::f_cat(&[&summed, &imbalance_1], 0)?)?;
         g.lm_loss /= world;
         g.aux_loss /= world;
         g.z_loss /= world;
@@ -490,10 +520,12 @@ impl Rank<'_> {
     /// and which gradients. The first bad parameter in model order is usually the embedding
     /// (a NaN loss poisons every gradient), so the first bad MoE parameter is named too: a
     /// router or expert blow-up shows there first.
-    fn non_finite_diagnostic(&self, local: &StepStats, layers: &[(i64, MoeStats)]) -> String {
+    fn non_finite_diagnostic(&self, local: &LocalStats, layers: &[(i64, MoeStats)]) -> String {
         let mut parts = Vec::new();
-        if !local.lm_loss.is_finite() {
-            parts.push(format!("lm_loss {}", local.lm_loss));
+        // host: only on the rare path of a skipped step.
+        let lm = host_read::<f64>(&local.losses_3).map_or(f64::NAN, |v| v[0]);
+        if !lm.is_finite() {
+            parts.push(format!("lm_loss {lm}"));
         }
         for (layer, s) in layers {
             for (what, t) in [("aux_loss", &s.aux_loss), ("z_loss", &s.z_loss)] {
@@ -557,16 +589,16 @@ impl Rank<'_> {
         let m = crate::inference::EvalModel {
             model: &self.model,
             dispatcher: &self.dispatcher,
-            device: self.device,
-            compute_kind: self.compute_kind,
+            device: self.placement.device,
+            compute_kind: self.placement.compute_kind,
             capacity_groups: self.opts.capacity_groups,
         };
         let world = self.groups.world_size as i64;
         let rank = self.groups.world_rank as i64;
-        let local = crate::inference::rank_val_loss(&m, dataset, self.cfg, world, rank, step)?;
-        let local = Tensor::f_from_slice(&[local])?;
-        let summed = lock(&self.groups.world)?.all_reduce_sum(&local)?;
-        Ok(summed.f_double_value(&[0])? / self.groups.world_size as f64)
+        let local =
+            crate::inference::rank_val_loss_on_device(&m, dataset, self.cfg, world, rank, step)?;
+        let summed = lock(&self.groups.world)?.all_reduce_sum(&local.f_reshape([1])?)?;
+        Ok(host_read::<f64>(&summed)?[0] / self.groups.world_size as f64)
     }
 
     fn log_tensorboard(
@@ -609,11 +641,14 @@ impl Rank<'_> {
             let mean = load.iter().sum::<f64>() / load.len().max(1) as f64;
             let max = load.iter().cloned().fold(0.0, f64::max);
             let min = load.iter().cloned().fold(f64::INFINITY, f64::min);
-            let assigned = (st.num_kept + st.num_dropped).max(1) as f64;
+            // host: debug-mode statistics only.
+            let counts = host_read::<i64>(&Tensor::f_stack(&[&st.num_kept, &st.num_dropped], 0)?)?;
+            let (kept, dropped) = (counts[0], counts[1]);
+            let assigned = (kept + dropped).max(1) as f64;
             println!(
                 "  layer {layer:2}: load min {min:.0} mean {mean:.1} max {max:.0} (imbalance {:.2}), dropped {:.2}% (rank 0), aux {:.5}, z {:.5}",
                 if mean > 0.0 { max / mean } else { 0.0 },
-                100.0 * st.num_dropped as f64 / assigned,
+                100.0 * dropped as f64 / assigned,
                 st.aux_loss.f_double_value(&[])?,
                 st.z_loss.f_double_value(&[])?,
             );
@@ -652,6 +687,27 @@ impl Rank<'_> {
     }
 }
 
+/// Every communicator must move tensors of the rank's device: a mismatch is a set-up bug that
+/// would otherwise surface as a failed collective at step 1 (NCCL rejects host tensors).
+fn check_comm_devices(groups: &ProcessGroups, device: Device) -> Result<()> {
+    for (name, comm) in [
+        ("world", &groups.world),
+        ("ep", &groups.ep),
+        ("expert_dp", &groups.expert_dp),
+    ] {
+        let c = lock(comm)?;
+        if c.device() != device {
+            return Err(TrainError::Other(format!(
+                "the {name} communicator ({} backend) moves tensors on {:?}, but this rank \
+                 computes on {device:?}",
+                c.backend(),
+                c.device()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Debug mode's per-step invariants (DESIGN.md, Modes): in every MoE layer each of the
 /// rank's `num_tokens` tokens (over all micro-batches) has `top_k` assignments, each kept or
 /// counted dropped; routing weights are finite and sum as configured; the loss is finite.
@@ -667,14 +723,18 @@ pub fn check_invariants(
     };
     for (layer, s) in layers {
         let expected = num_tokens * top_k;
-        if s.num_kept + s.num_dropped != expected {
+        // host: debug-mode invariant checks only.
+        let counts =
+            moe_comm::host_read::<i64>(&Tensor::f_stack(&[&s.num_kept, &s.num_dropped], 0)?)?;
+        let (num_kept, num_dropped) = (counts[0], counts[1]);
+        if num_kept + num_dropped != expected {
             return Err(invariant(
                 *layer,
                 format!(
                     "step {}: kept ({}) + dropped ({}) assignments != N*k ({num_tokens}*{top_k} = {expected})",
                     step + 1,
-                    s.num_kept,
-                    s.num_dropped,
+                    num_kept,
+                    num_dropped,
                 ),
             ));
         }
@@ -746,16 +806,19 @@ pub fn lm_loss(logits_btv: &Tensor, targets_bt: &Tensor) -> Result<Tensor> {
         )?)
 }
 
-/// max/mean of the global kept load, over the MoE layers (the worst layer).
-fn load_imbalance(layers: &[(i64, MoeStats)]) -> Result<f64> {
-    let mut worst: f64 = 0.0;
+/// max/mean of the global kept load over the MoE layers (the worst layer), as an f64 scalar
+/// on the device; 0 without MoE layers or load.
+fn load_imbalance(layers: &[(i64, MoeStats)], placement: &Placement) -> Result<Tensor> {
+    let mut worst = Tensor::f_zeros([], (Kind::Double, placement.device))?;
     for (_, s) in layers {
-        let load = Vec::<f64>::try_from(&s.load_e.f_to_kind(Kind::Double)?)?;
-        let mean = load.iter().sum::<f64>() / load.len().max(1) as f64;
-        let max = load.iter().cloned().fold(0.0, f64::max);
-        if mean > 0.0 {
-            worst = worst.max(max / mean);
-        }
+        let load_e = s.load_e.f_to_kind(Kind::Double)?;
+        let mean = load_e.f_mean(Kind::Double)?;
+        // max/mean where the mean is positive, else 0 (an idle layer is not imbalanced).
+        let ratio = load_e
+            .f_max()?
+            .f_div(&mean.f_clamp_min(f64::MIN_POSITIVE)?)?
+            .f_where_scalarother(&mean.f_gt(0.0)?, 0.0)?;
+        worst = worst.f_maximum(&ratio)?;
     }
     Ok(worst)
 }

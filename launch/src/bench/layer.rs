@@ -271,6 +271,7 @@ impl Setup {
                     capacity_groups: 1,
                     dispatcher: &Dispatcher::Local,
                     jitter_seed: 0,
+                    compute_kind: self.x_nd.kind(),
                 };
                 let (y, stats) = layer.forward(&self.x_nd, &ctx)?;
                 y.f_mul(&self.dy_nd)?

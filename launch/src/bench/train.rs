@@ -144,7 +144,11 @@ impl Model {
         loss.f_backward()?;
         let t2 = Instant::now();
         let params = self.lm.params();
-        clip_grad_norm(&params, &ProcessGroups::single(), t.grad_clip)?;
+        clip_grad_norm(
+            &params,
+            &ProcessGroups::single(tch::Device::Cpu),
+            t.grad_clip,
+        )?;
         self.opt.step(&params, t.lr)?;
         for p in &params {
             let mut g = p.tensor.grad();
@@ -208,6 +212,7 @@ impl Model {
                     capacity_groups: 1,
                     dispatcher: &dispatcher,
                     jitter_seed: 0,
+                    compute_kind: x.kind(),
                 };
                 let (y, st) = layer.forward(&x.f_view([b * t, d])?, &ctx)?;
                 y.f_sum(Kind::Float)?

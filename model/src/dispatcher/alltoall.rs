@@ -1,14 +1,15 @@
 //! The expert-parallel exchange: all-to-all of permuted rows over the EP group.
 //!
 //! Follows Megatron-Core's `MoEAlltoAllTokenDispatcher`: exchange the per-(peer, local expert)
-//! row counts first (one small all-to-all, the only host sync), then all-to-all the rows with
+//! row counts first (one small all-to-all on the device; the dispatcher then reads what it
+//! sends and receives in the layer's one host read), then all-to-all the rows with
 //! the differentiable collective, whose backward is the reverse all-to-all of the gradient.
 //! Received rows arrive grouped by source rank, then local expert; experts want them grouped
 //! by local expert. The reordering is a gather whose index is built from the counts with
 //! `repeat_interleave`, so no Rust loop touches a row.
 
 use crate::{ModelError, Result};
-use moe_comm::{autograd, lock, SharedComm};
+use moe_comm::{autograd, lock, Placement, SharedComm};
 use tch::{Kind, Tensor};
 
 /// What [`exchange_back`] needs to return expert outputs to the ranks that sent the rows.
@@ -34,8 +35,9 @@ fn block_gather_index(
     total: i64,
     device: tch::Device,
 ) -> Result<Tensor> {
-    let sizes = Tensor::f_from_slice(sizes_in_to_order)?.f_to_device(device)?;
-    let shift = Tensor::f_from_slice(shift_in_to_order)?.f_to_device(device)?;
+    let placement = Placement::new(device, Kind::Int64);
+    let sizes = placement.upload(sizes_in_to_order)?;
+    let shift = placement.upload(shift_in_to_order)?;
     let shift_r = shift.f_repeat_interleave_self_tensor(&sizes, 0, Some(total))?;
     Ok(Tensor::f_arange(total, (Kind::Int64, device))?.f_add(&shift_r)?)
 }
@@ -52,10 +54,36 @@ fn offsets(sizes: &[i64]) -> Vec<i64> {
         .collect()
 }
 
+/// Exchanges the per-expert row counts over the EP group, on the device: returns i64
+/// `[P, L]`, row q = the rows peer q sends to each of this rank's L local experts.
+///
+/// `counts_e` (i64 `[E]`, expert-major) are the rows this rank sends per GLOBAL expert, so
+/// the rows for peer p are the contiguous block of experts `p*L .. (p+1)*L`.
+pub(crate) fn exchange_counts(ep: &SharedComm, ep_size: i64, counts_e: &Tensor) -> Result<Tensor> {
+    let p_n = ep_size;
+    let e_n = counts_e.size().first().copied().unwrap_or(0);
+    if p_n <= 0 || e_n % p_n != 0 {
+        return Err(ModelError::Invalid(format!(
+            "num_experts ({e_n}) must be divisible by the EP size ({p_n})"
+        )));
+    }
+    let send_counts_pl = counts_e.f_reshape([p_n, e_n / p_n])?;
+    let ones_p = vec![1i64; p_n as usize];
+    let mut comm = lock(ep)?;
+    if comm.size() as i64 != p_n {
+        return Err(ModelError::Invalid(format!(
+            "EP communicator has {} ranks but the dispatcher was built for ep_size {p_n}",
+            comm.size()
+        )));
+    }
+    Ok(comm.all_to_all(&send_counts_pl, &ones_p, &ones_p)?)
+}
+
 /// Sends each expert's rows to the rank holding it and regroups what arrives by local expert.
 ///
 /// `counts_e` are the rows of `x_md` per GLOBAL expert (expert-major, so the rows for peer p
-/// are the contiguous block of experts `p*L .. (p+1)*L`).
+/// are the contiguous block of experts `p*L .. (p+1)*L`), and `recv_pl` the `[P, L]` counts
+/// [`exchange_counts`] returned, row-major, both already on the host.
 ///
 /// # Shapes
 /// `x_md [M, d]` -> `x_rd [R, d]` (R = rows this rank's experts serve, local-expert-major),
@@ -65,37 +93,19 @@ pub(crate) fn exchange(
     ep_size: i64,
     x_md: &Tensor,
     counts_e: &[i64],
+    recv_pl: &[i64],
 ) -> Result<(Tensor, Vec<i64>, Exchange)> {
     let p_n = ep_size;
     let e_n = counts_e.len() as i64;
-    if p_n <= 0 || e_n % p_n != 0 {
+    if p_n <= 0 || e_n % p_n != 0 || recv_pl.len() != counts_e.len() {
         return Err(ModelError::Invalid(format!(
-            "num_experts ({e_n}) must be divisible by the EP size ({p_n})"
+            "num_experts ({e_n}) must be divisible by the EP size ({p_n}), with {e_n} received \
+             counts (got {})",
+            recv_pl.len()
         )));
     }
     let l_n = e_n / p_n;
     let device = x_md.device();
-
-    // [P, L] counts: row p goes to peer p; we receive row q = what peer q sends our experts.
-    let send_counts_pl = Tensor::f_from_slice(counts_e)?
-        .f_reshape([p_n, l_n])?
-        .f_to_device(device)?;
-    let ones_p = vec![1i64; p_n as usize];
-    let recv_counts_pl = {
-        let mut comm = lock(ep)?;
-        if comm.size() as i64 != p_n {
-            return Err(ModelError::Invalid(format!(
-                "EP communicator has {} ranks but the dispatcher was built for ep_size {p_n}",
-                comm.size()
-            )));
-        }
-        comm.all_to_all(&send_counts_pl, &ones_p, &ones_p)?
-    };
-    let recv_pl = Vec::<i64>::try_from(
-        &recv_counts_pl
-            .f_to_device(tch::Device::Cpu)?
-            .f_reshape([-1])?,
-    )?;
 
     let l_us = l_n as usize;
     let send_splits_p: Vec<i64> = counts_e.chunks(l_us).map(|c| c.iter().sum()).collect();
@@ -107,7 +117,7 @@ pub(crate) fn exchange(
 
     // Block (p, l) lives at src_off[p*L + l] in the received (source-major) tensor and at
     // dst_off[l*P + p] in the local-expert-major one.
-    let src_off_pl = offsets(&recv_pl);
+    let src_off_pl = offsets(recv_pl);
     let lp_order: Vec<usize> = (0..l_us)
         .flat_map(|l| (0..p_n as usize).map(move |p| p * l_us + l))
         .collect();
@@ -128,7 +138,7 @@ pub(crate) fn exchange(
         device,
     )?;
     let to_source_major_r = block_gather_index(
-        &recv_pl,
+        recv_pl,
         &dst_off_pl
             .iter()
             .zip(&src_off_pl)

@@ -23,13 +23,18 @@ pub struct Permutation {
 
 /// Gathers the rows of `x_nd` that `routing_map_ne` sends, expert-major.
 ///
+/// `counts_e` are the map's column sums, already on the host (the dispatcher's one read):
+/// they give M, so the gather needs no synchronisation of its own (`nonzero` with a static
+/// size instead of `nonzero`, which waits for the device to learn its output size).
+///
 /// # Shapes
-/// `x_nd [N, d]`, `probs_ne f32 [N, E]`, `routing_map_ne bool [N, E]` -> `x_md [M, d]` with
-/// M = number of true entries of the map.
+/// `x_nd [N, d]`, `probs_ne f32 [N, E]`, `routing_map_ne bool [N, E]`, `counts_e [E]` ->
+/// `x_md [M, d]` with M = `sum(counts_e)`, the number of true entries of the map.
 pub fn permute(
     x_nd: &Tensor,
     probs_ne: &Tensor,
     routing_map_ne: &Tensor,
+    counts_e: &[i64],
 ) -> Result<(Tensor, Permutation)> {
     let (n, e) = match (x_nd.size().as_slice(), routing_map_ne.size().as_slice(), probs_ne.size().as_slice()) {
         ([n, _], [nm, e], [np, ep]) if n == nm && n == np && e == ep => (*n, *e),
@@ -39,15 +44,21 @@ pub fn permute(
             )))
         }
     };
+    if counts_e.len() as i64 != e || counts_e.iter().any(|c| *c < 0) {
+        return Err(ModelError::Invalid(format!(
+            "permute: counts_e {counts_e:?} must hold {e} non-negative row counts"
+        )));
+    }
+    let m: i64 = counts_e.iter().sum();
     // nonzero on the transposed map enumerates (expert, token) pairs in row-major order, which
     // is exactly "by expert, then by token": a stable sort for free.
     let pairs_m2 = routing_map_ne
         .f_to_kind(Kind::Bool)?
         .f_transpose(0, 1)?
-        .f_nonzero()?;
+        .f_nonzero_static(m, 0)?;
     let expert_idx_m = pairs_m2.f_select(1, 0)?;
     let token_idx_m = pairs_m2.f_select(1, 1)?.f_contiguous()?;
-    let counts_e = Vec::<i64>::try_from(&expert_idx_m.f_bincount(None::<&Tensor>, e)?)?;
+    let counts_e = counts_e.to_vec();
     let x_md = x_nd.f_index_select(0, &token_idx_m)?;
     let flat_m = token_idx_m.f_mul_scalar(e)?.f_add(&expert_idx_m)?;
     let probs_m = probs_ne

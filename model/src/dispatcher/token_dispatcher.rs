@@ -4,7 +4,7 @@
 //! state on `self`; the math of each half is Megatron-Core's (see [`super::permute`] and
 //! [`super::alltoall`]).
 
-use super::alltoall::{exchange, exchange_back, Exchange};
+use super::alltoall::{exchange, exchange_back, exchange_counts, Exchange};
 use super::permute::{permute, unpermute, Permutation};
 use crate::router::Routing;
 use crate::{ModelError, Result};
@@ -74,19 +74,13 @@ impl Dispatcher {
         routing: &Routing,
         num_experts: i64,
     ) -> Result<(Tensor, Vec<i64>, DispatchMeta)> {
-        let out = self.dispatch_map(
+        self.dispatch_counted(
             x_nd,
             &routing.probs_ne,
             &routing.routing_map_ne,
+            &routing.tokens_per_expert_e,
             num_experts,
-        )?;
-        if out.2.perm.counts_e != routing.tokens_per_expert {
-            return Err(ModelError::Invalid(format!(
-                "routing.tokens_per_expert {:?} disagrees with routing_map_ne, which sends {:?}",
-                routing.tokens_per_expert, out.2.perm.counts_e
-            )));
-        }
-        Ok(out)
+        )
     }
 
     /// [`Dispatcher::dispatch`] from the two routing tensors alone (tests build them by hand).
@@ -100,6 +94,24 @@ impl Dispatcher {
         routing_map_ne: &Tensor,
         num_experts: i64,
     ) -> Result<(Tensor, Vec<i64>, DispatchMeta)> {
+        let counts_e = routing_map_ne.f_sum_dim_intlist(0, false, Kind::Int64)?;
+        self.dispatch_counted(x_nd, probs_ne, routing_map_ne, &counts_e, num_experts)
+    }
+
+    /// The dispatch, given the map's column sums `counts_e` (i64 `[E]`, on the device).
+    ///
+    /// The layer's one host read happens here: the rows this rank sends per expert and,
+    /// with experts on other ranks, the rows it receives (exchanged on the device first), read
+    /// together. Everything else (gathers, split sizes of the differentiable all-to-all,
+    /// expert offsets) follows from those numbers without waiting on the device again.
+    fn dispatch_counted(
+        &self,
+        x_nd: &Tensor,
+        probs_ne: &Tensor,
+        routing_map_ne: &Tensor,
+        counts_e: &Tensor,
+        num_experts: i64,
+    ) -> Result<(Tensor, Vec<i64>, DispatchMeta)> {
         let map_e = routing_map_ne.size().get(1).copied().unwrap_or(-1);
         if map_e != num_experts || num_experts % self.ep_size() != 0 {
             return Err(ModelError::Invalid(format!(
@@ -108,7 +120,26 @@ impl Dispatcher {
                 self.ep_size()
             )));
         }
-        let (x_md, perm) = permute(x_nd, probs_ne, routing_map_ne)?;
+        const OP: &str = "Dispatcher::dispatch";
+        let device = x_nd.device();
+        moe_comm::check_device(OP, "probs_ne", probs_ne, device)?;
+        moe_comm::check_kind(OP, "probs_ne", probs_ne, Kind::Float)?;
+        moe_comm::check_device(OP, "routing_map_ne", routing_map_ne, device)?;
+        moe_comm::check_kind(OP, "routing_map_ne", routing_map_ne, Kind::Bool)?;
+        moe_comm::check_device(OP, "counts_e", counts_e, device)?;
+        let e = num_experts as usize;
+        let (counts_host, recv_host) = match self {
+            Dispatcher::Local => (moe_comm::host_read::<i64>(counts_e)?, Vec::new()),
+            Dispatcher::AllToAll { ep, ep_size, .. } => {
+                let recv_pl = exchange_counts(ep, *ep_size, counts_e)?;
+                let both = moe_comm::host_read::<i64>(&Tensor::f_cat(
+                    &[counts_e, &recv_pl.f_reshape([-1])?],
+                    0,
+                )?)?;
+                (both[..e].to_vec(), both[e..].to_vec())
+            }
+        };
+        let (x_md, perm) = permute(x_nd, probs_ne, routing_map_ne, &counts_host)?;
         let out_kind = x_nd.kind();
         match self {
             Dispatcher::Local => {
@@ -124,7 +155,7 @@ impl Dispatcher {
                 ))
             }
             Dispatcher::AllToAll { ep, ep_size, .. } => {
-                let (x_rd, rows_l, ex) = exchange(ep, *ep_size, &x_md, &perm.counts_e)?;
+                let (x_rd, rows_l, ex) = exchange(ep, *ep_size, &x_md, &perm.counts_e, &recv_host)?;
                 Ok((
                     x_rd,
                     rows_l,
@@ -150,6 +181,12 @@ impl Dispatcher {
             out_kind,
             exchange,
         } = meta;
+        moe_comm::check_device(
+            "Dispatcher::combine",
+            "y_md",
+            y_md,
+            perm.token_idx_m.device(),
+        )?;
         let y_sent_md = match (self, exchange) {
             (Dispatcher::Local, None) => y_md.shallow_clone(),
             (Dispatcher::AllToAll { ep, .. }, Some(ex)) => exchange_back(ep, y_md, ex)?,

@@ -31,12 +31,16 @@ pub struct Routing {
     /// Bool `[N, E]`: rows the dispatcher sends: kept assignments, plus zero-weight padding
     /// rows when `pad_to_capacity`.
     pub routing_map_ne: Tensor,
-    /// `[E]` rows per expert, `routing_map_ne.sum(0)`.
-    pub tokens_per_expert: Vec<i64>,
-    /// Kept assignments; `num_kept + num_dropped == N * k` (padding is not counted).
-    pub num_kept: i64,
-    /// Assignments dropped by the capacity limit.
-    pub num_dropped: i64,
+    /// i64 `[E]` on the device: rows per expert, `routing_map_ne.sum(0)`. The dispatcher
+    /// reads it (the layer's one host read); nothing else here waits on the device.
+    pub tokens_per_expert_e: Tensor,
+    /// i64 `[E]`: kept assignments per expert (`tokens_per_expert_e` less padding rows).
+    pub kept_e: Tensor,
+    /// i64 scalar: kept assignments; `num_kept + num_dropped == N * k` (padding is not
+    /// counted).
+    pub num_kept: Tensor,
+    /// i64 scalar: assignments dropped by the capacity limit.
+    pub num_dropped: Tensor,
     /// Local statistics of the global aux loss (see [`super::aux_loss`]).
     pub aux_stats: AuxStats,
     /// Scalar sequence-level balancing loss (x coeff) when `aux_loss: seq_aux_loss`.
@@ -46,6 +50,24 @@ pub struct Routing {
     /// `[E]` assignments per expert before capacity dropping (with the bias, i.e. the actual
     /// selection), no grad: the load signal of aux-loss-free balancing and of statistics.
     pub topk_counts_e: Tensor,
+}
+
+impl Routing {
+    /// `(tokens_per_expert, num_kept, num_dropped)` read to the host: for tests and debug
+    /// output, never on the training path (it waits for the device).
+    pub fn host_counts(&self) -> Result<(Vec<i64>, i64, i64)> {
+        // host: tests and debug output only.
+        let v = moe_comm::host_read::<i64>(&Tensor::f_cat(
+            &[
+                &self.tokens_per_expert_e,
+                &self.num_kept.f_reshape([1])?,
+                &self.num_dropped.f_reshape([1])?,
+            ],
+            0,
+        )?)?;
+        let e = v.len() - 2;
+        Ok((v[..e].to_vec(), v[e], v[e + 1]))
+    }
 }
 
 fn invalid(msg: String) -> ModelError {
@@ -104,7 +126,7 @@ fn validate(cfg: &MoeConfig, input: &RouterInput) -> Result<(i64, i64)> {
 /// Routes N tokens: selects k experts per token, applies the capacity limit and computes the
 /// router losses, with Megatron-Core semantics (see the module docs and `shared/DESIGN.md`).
 ///
-/// Host synchronisation: one read of `2E` integers (rows and kept assignments per expert).
+/// No host synchronisation: counts stay on the device (see [`Routing::host_counts`]).
 ///
 /// # Shapes
 /// `logits_ne` `[N, E]` -> `probs_ne` `[N, E]`, `routing_map_ne` bool `[N, E]`,
@@ -124,16 +146,9 @@ pub fn route(cfg: &MoeConfig, input: &RouterInput) -> Result<Routing> {
     // `where`, not a multiply by the mask, so a non-finite dropped weight cannot leak a NaN.
     let probs_ne = weights_ne.f_where_scalarother(&capped.kept_ne, 0.0)?;
 
-    let rows_and_kept = Tensor::f_cat(
-        &[
-            capped.map_ne.f_sum_dim_intlist(0, false, Kind::Int64)?,
-            capped.kept_ne.f_sum_dim_intlist(0, false, Kind::Int64)?,
-        ],
-        0,
-    )?;
-    let rows_and_kept = Vec::<i64>::try_from(&rows_and_kept)?;
-    let (rows, kept) = rows_and_kept.split_at(e as usize);
-    let num_kept: i64 = kept.iter().sum();
+    let tokens_per_expert_e = capped.map_ne.f_sum_dim_intlist(0, false, Kind::Int64)?;
+    let kept_e = capped.kept_ne.f_sum_dim_intlist(0, false, Kind::Int64)?;
+    let num_kept = kept_e.f_sum(Kind::Int64)?;
 
     // Post-softmax routing without a bias selects on the raw logits: its top-k indices are
     // the logits' own (see `aux_scores`).
@@ -152,9 +167,10 @@ pub fn route(cfg: &MoeConfig, input: &RouterInput) -> Result<Routing> {
     Ok(Routing {
         probs_ne,
         routing_map_ne: capped.map_ne,
-        tokens_per_expert: rows.to_vec(),
+        tokens_per_expert_e,
+        kept_e,
+        num_dropped: num_kept.f_neg()?.f_add_scalar(n * cfg.top_k)?,
         num_kept,
-        num_dropped: n * cfg.top_k - num_kept,
         aux_stats: aux_stats(&s_ne, &aux_map_ne)?,
         seq_aux_loss: seq_aux,
         z_loss: z_loss(cfg.z_loss_coeff, logits_ne)?,

@@ -32,6 +32,27 @@ impl Prefetcher {
         end_step: u64,
         capacity: usize,
     ) -> Result<Self> {
+        Self::pinned_for(
+            dataset,
+            spec,
+            start_step,
+            end_step,
+            capacity,
+            tch::Device::Cpu,
+        )
+    }
+
+    /// [`Prefetcher::new`] for a rank on `device`: on CUDA the batches come in page-locked
+    /// host memory, pinned on this thread, so the training thread's copy to the GPU does not
+    /// block the host (see [`moe_comm::Placement::to_device`]).
+    pub fn pinned_for(
+        dataset: Arc<Dataset>,
+        spec: SamplerSpec,
+        start_step: u64,
+        end_step: u64,
+        capacity: usize,
+        device: tch::Device,
+    ) -> Result<Self> {
         spec.check()?;
         let (tx, rx) = bounded::<Item>(capacity);
         let handle = std::thread::Builder::new()
@@ -40,6 +61,7 @@ impl Prefetcher {
                 for step in start_step..end_step {
                     let item = dataset
                         .batches(Split::Train, step, &spec)
+                        .and_then(|b| pin_all(b, device))
                         .map(|b| (step, b));
                     let failed = item.is_err();
                     // A send error means the consumer is gone: nothing left to do.
@@ -89,6 +111,22 @@ impl Prefetcher {
     pub fn next_step(&self) -> u64 {
         self.next_step
     }
+}
+
+/// The batches in page-locked memory for `device` (unchanged unless it is a GPU).
+fn pin_all(batches: Vec<Batch>, device: tch::Device) -> Result<Vec<Batch>> {
+    if !device.is_cuda() {
+        return Ok(batches);
+    }
+    batches
+        .into_iter()
+        .map(|b| {
+            Ok(Batch {
+                inputs_bt: b.inputs_bt.f_pin_memory(device)?,
+                targets_bt: b.targets_bt.f_pin_memory(device)?,
+            })
+        })
+        .collect()
 }
 
 impl Drop for Prefetcher {
