@@ -19,7 +19,9 @@ pub mod threads;
 pub use error::{CommError, Result};
 pub use groups::ProcessGroups;
 pub use local::LocalComm;
-pub use placement::{check_device, check_kind, host_read, host_reads, strict, Placement};
+pub use placement::{
+    check_device, check_kind, host_read, host_reads, set_strict, strict, Placement,
+};
 
 use std::sync::{Arc, Mutex};
 use tch::{Device, Tensor};

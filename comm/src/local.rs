@@ -19,6 +19,7 @@ impl LocalComm {
 impl Default for LocalComm {
     /// A size-1 group on the CPU.
     fn default() -> Self {
+        // host: the default is the CPU rank's group.
         Self::on(Device::Cpu)
     }
 }

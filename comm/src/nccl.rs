@@ -250,7 +250,9 @@ impl NcclComm {
             })?;
         }
         let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
+        // host: the unique id travels over the MPI bootstrap, which moves host tensors.
         let sent = Tensor::from_slice(&bytes);
+        // host: as above, once at start-up.
         let got = Vec::<u8>::try_from(&bootstrap.broadcast(&sent, 0)?)?;
         if got.len() != id.internal.len() {
             return Err(CommError::Nccl(format!("unique id of {} bytes", got.len())));
@@ -454,6 +456,7 @@ impl Communicator for NcclComm {
     fn barrier(&mut self) -> Result<()> {
         let one = Tensor::f_ones([1], (Kind::Float, Device::Cuda(self.device as usize)))?;
         // Copying the result to the host waits for the stream, hence for every rank.
+        // host: a barrier waits for every rank by design.
         let _host = self.all_reduce_sum(&one)?.f_to(Device::Cpu)?;
         Ok(())
     }

@@ -14,7 +14,7 @@
 
 use crate::{CommError, Result};
 use std::cell::Cell;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
 use tch::{Device, Kind, Tensor};
 
 /// The device and compute kind of one rank.
@@ -76,14 +76,28 @@ impl Placement {
     }
 }
 
-/// Strict device and kind checking (`MOE_STRICT=1`; `make test` sets it). Read once.
+/// 0: not decided yet (read `MOE_STRICT` on first use), 1: off, 2: on.
+static STRICT: AtomicU8 = AtomicU8::new(0);
+
+/// Strict device and kind checking: on when `MOE_STRICT=1` (`make test` sets it) or after
+/// [`set_strict`]`(true)`.
 pub fn strict() -> bool {
-    static STRICT: OnceLock<bool> = OnceLock::new();
-    *STRICT.get_or_init(|| {
-        std::env::var("MOE_STRICT")
-            .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
-            .unwrap_or(false)
-    })
+    match STRICT.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("MOE_STRICT")
+                .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+                .unwrap_or(false);
+            STRICT.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+        s => s == 2,
+    }
+}
+
+/// Turns strict mode on or off for the whole process (tests that must run strict whatever
+/// the environment).
+pub fn set_strict(on: bool) {
+    STRICT.store(if on { 2 } else { 1 }, Ordering::Relaxed);
 }
 
 /// In strict mode, errors unless `t` is on `device`: what NCCL does on a GPU, done by every

@@ -100,6 +100,7 @@ pub struct ThreadComm {
 /// Creates `size` in-process ranks on the CPU; element r is rank r's world communicator.
 /// Move each to its own thread. Every receive waits at most `timeout`.
 pub fn threads_world(size: usize, timeout: Duration) -> Vec<Box<dyn Communicator>> {
+    // host: the default is CPU ranks.
     threads_world_on(size, timeout, Device::Cpu)
 }
 

@@ -41,6 +41,7 @@ pub fn normal(
     let dist = Normal::new(0.0f32, std as f32)
         .map_err(|e| crate::ModelError::Invalid(format!("init std {std} for {name}: {e}")))?;
     let values: Vec<f32> = (0..numel).map(|_| dist.sample(&mut rng)).collect();
+    // host: initialisation, once per run (a per-tensor host stream keeps values EP-invariant).
     Ok(Tensor::f_from_slice(&values)?
         .f_reshape(shape)?
         .f_to_device(device)?
@@ -59,6 +60,7 @@ pub fn normal_experts(
     device: Device,
 ) -> Result<Tensor> {
     let slices = (first_global..first_global + num_local)
+        // host: initialisation, once per run; stacked on the host, moved once.
         .map(|g| normal(seed, name, g, shape, std, Device::Cpu).and_then(|t| Ok(t.f_detach()?)))
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::f_stack(&slices, 0)?

@@ -37,6 +37,7 @@ impl Rope {
             }
         }
         let table = |v: &[f32]| -> Result<Tensor> {
+            // host: the tables are built once, at model construction.
             Ok(Tensor::f_from_slice(v)?
                 .f_reshape([max_seq_len, head_dim])?
                 .f_to_device(device)?)

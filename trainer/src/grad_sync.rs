@@ -117,6 +117,7 @@ fn reduce_bucket(bucket: &[Tensor], comm: &SharedComm, scale: f64) -> Result<()>
 /// coefficient of `torch.nn.utils.clip_grad_norm_`). A non-finite norm is returned
 /// unclipped, for the caller to skip the step.
 pub fn clip_grad_norm(params: &[Param], groups: &ProcessGroups, max_norm: f64) -> Result<f64> {
+    // host: no parameters at all, nothing lives on a device.
     let device = params.first().map_or(Device::Cpu, |p| p.tensor.device());
     let grads: Vec<(Tensor, bool)> = params
         .iter()
@@ -143,8 +144,9 @@ pub fn clip_grad_norm(params: &[Param], groups: &ProcessGroups, max_norm: f64) -
         if groups.ep_size > 1 {
             expert_sq = lock(&groups.ep)?.all_reduce_sum(&expert_sq)?;
         }
-        let total_sq = dense_sq.f_add(&expert_sq)?.f_to_device(Device::Cpu)?;
-        Ok(total_sq.f_double_value(&[0])?.sqrt())
+        // The step's second host read: clipping and the skip decision need the norm.
+        let total_sq = dense_sq.f_add(&expert_sq)?;
+        Ok(moe_comm::host_read::<f64>(&total_sq)?[0].sqrt())
     })?;
     if max_norm > 0.0 && total.is_finite() && total > max_norm {
         let coef = max_norm / (total + 1e-6);

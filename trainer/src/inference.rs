@@ -128,9 +128,9 @@ pub fn load_single(
 pub fn last_logits(m: &EvalModel, tokens: &[i64]) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
     let t = tokens.len() as i64;
-    let tokens_bt = Tensor::f_from_slice(tokens)?
-        .f_reshape([1, t])?
-        .f_to_device(m.device)?;
+    let tokens_bt = moe_comm::Placement::new(m.device, m.compute_kind)
+        .upload(tokens)?
+        .f_reshape([1, t])?;
     let ctx = LmForward {
         train: false,
         dispatcher: m.dispatcher,
@@ -186,6 +186,7 @@ impl Sampler {
         }
         let logits = logits_v.f_to_kind(Kind::Double)?;
         if self.temperature == 0.0 {
+            // host: the sampled token is needed on the host (one read per token).
             return Ok(logits.f_argmax(0, false)?.f_int64_value(&[])?);
         }
         let k = self.top_k.unwrap_or(v).min(v);
@@ -195,7 +196,9 @@ impl Sampler {
         let probs_k = top
             .f_div_scalar(self.temperature)?
             .f_softmax(0, Kind::Double)?;
+        // host: the draw happens on the host (one read of k values per token).
         let probs = Vec::<f64>::try_from(&probs_k)?;
+        // host: as above.
         let idx = Vec::<i64>::try_from(&idx)?;
         Ok(idx[pick(&probs, self.rng.random::<f64>())])
     }

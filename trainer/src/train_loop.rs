@@ -529,7 +529,7 @@ impl Rank<'_> {
         }
         for (layer, s) in layers {
             for (what, t) in [("aux_loss", &s.aux_loss), ("z_loss", &s.z_loss)] {
-                if let Ok(v) = t.f_double_value(&[]) {
+                if let Ok(v) = host_read::<f64>(t).map(|v| v[0]) {
                     if !v.is_finite() {
                         parts.push(format!("layer {layer} {what} {v}"));
                     }
@@ -544,6 +544,7 @@ impl Rank<'_> {
                     if !g.defined() {
                         return Ok(1);
                     }
+                    // host: only on the rare path of a skipped step.
                     g.f_isfinite()?.f_all()?.f_int64_value(&[])
                 });
                 !matches!(finite, Ok(1))
@@ -622,7 +623,8 @@ impl Rank<'_> {
             tb.scalar(tag, s, v as f32)?;
         }
         for (layer, st) in layers {
-            let load = Vec::<f64>::try_from(&st.load_e.f_to_kind(Kind::Double)?)?;
+            // At log steps only: one read per MoE layer for the per-expert load plots.
+            let load = host_read::<f64>(&st.load_e)?;
             let total: f64 = load.iter().sum::<f64>().max(1.0);
             for (e, l) in load.iter().enumerate() {
                 tb.scalar(
@@ -637,7 +639,8 @@ impl Rank<'_> {
 
     fn print_router_stats(&self, layers: &[(i64, MoeStats)]) -> Result<()> {
         for (layer, st) in layers {
-            let load = Vec::<f64>::try_from(&st.load_e.f_to_kind(Kind::Double)?)?;
+            // Debug mode only.
+            let load = host_read::<f64>(&st.load_e)?;
             let mean = load.iter().sum::<f64>() / load.len().max(1) as f64;
             let max = load.iter().cloned().fold(0.0, f64::max);
             let min = load.iter().cloned().fold(f64::INFINITY, f64::min);
@@ -649,8 +652,8 @@ impl Rank<'_> {
                 "  layer {layer:2}: load min {min:.0} mean {mean:.1} max {max:.0} (imbalance {:.2}), dropped {:.2}% (rank 0), aux {:.5}, z {:.5}",
                 if mean > 0.0 { max / mean } else { 0.0 },
                 100.0 * dropped as f64 / assigned,
-                st.aux_loss.f_double_value(&[])?,
-                st.z_loss.f_double_value(&[])?,
+                host_read::<f64>(&st.aux_loss)?[0],
+                host_read::<f64>(&st.z_loss)?[0],
             );
         }
         Ok(())

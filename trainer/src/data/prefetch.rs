@@ -38,6 +38,7 @@ impl Prefetcher {
             start_step,
             end_step,
             capacity,
+            // host: batches for a CPU rank need no pinning.
             tch::Device::Cpu,
         )
     }
