@@ -4,10 +4,11 @@
 
 use crate::cli::Resume;
 use crate::device::resolve_device;
+use crate::exit_code::BadInput;
 use anyhow::{anyhow, bail, Context};
-use moe_comm::{threads::threads_world, ProcessGroups};
+use moe_comm::{threads::threads_world_on, ProcessGroups};
 use moe_trainer::checkpoint::find_latest_intact;
-use moe_trainer::config::{Backend, ExperimentConfig};
+use moe_trainer::config::{Backend, DebugRanks, ExperimentConfig};
 use moe_trainer::train_loop::{train, RunOptions, TrainSummary};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -65,6 +66,47 @@ pub fn run_train(cfg: ExperimentConfig, opts: TrainOpts) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Debug mode with `parallel.debug_ranks: virtual` (the default on a GPU): the P ranks'
+/// batches concatenated and trained as one process whose router computes capacity per rank's
+/// tokens, so each step equals P real ranks' (DESIGN.md's EP-equivalence reference) and no
+/// collective blocks. The resolved config written to the run directory is the user's.
+fn run_virtual_ranks(
+    cfg: ExperimentConfig,
+    opts: TrainOpts,
+    stop: Arc<AtomicBool>,
+    device: tch::Device,
+    resume: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let p = cfg.parallel.ep_size;
+    set_threads(cfg.trainer.threads, 1);
+    announce(&cfg, &opts, device);
+    if opts.debug {
+        println!(
+            "debug mode: {p} virtual expert-parallel rank(s) in one autograd graph on {device:?} \
+             (their batches concatenated, capacity per rank, the exchange one permutation by \
+             expert); routing invariants checked after every step"
+        );
+    }
+    let config_yaml = Some(crate::config_load::to_yaml(&cfg)?);
+    let mut single = cfg.clone();
+    single.trainer.batch_size = cfg.trainer.batch_size * p;
+    single.parallel.ep_size = 1;
+    single.parallel.backend = Backend::Local;
+    let run = RunOptions {
+        debug: opts.debug,
+        resume,
+        stop,
+        capacity_groups: p,
+        quiet: false,
+        config_yaml,
+        ..RunOptions::default()
+    };
+    let summary =
+        train(&single, ProcessGroups::single(device), device, &run).map_err(|e| anyhow!("{e}"))?;
+    report(&cfg, &opts, &summary);
+    Ok(())
+}
+
 /// Debug mode / threads backend: `parallel.ep_size` in-process ranks on one device.
 fn run_threads(
     cfg: ExperimentConfig,
@@ -72,8 +114,25 @@ fn run_threads(
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let p = usize::try_from(cfg.parallel.ep_size).context("parallel.ep_size")?;
-    let resume = prepare_out_dir(&cfg, &opts)?;
     let device = resolve_device(&cfg.trainer.device, 0)?;
+    let virtual_ranks = match cfg.parallel.debug_ranks {
+        DebugRanks::Virtual => true,
+        DebugRanks::Auto => device.is_cuda(),
+        DebugRanks::Threads if device.is_cuda() => {
+            return Err(BadInput(format!(
+                "parallel.debug_ranks is threads, but trainer.device resolved to {device:?}: \
+                 in-process rank threads deadlock on one GPU (its autograd worker thread runs \
+                 every rank's backward, and one rank's all-to-all waits for peers queued \
+                 behind it); use parallel.debug_ranks virtual (or auto)"
+            ))
+            .into())
+        }
+        DebugRanks::Threads => false,
+    };
+    let resume = prepare_out_dir(&cfg, &opts)?;
+    if virtual_ranks {
+        return run_virtual_ranks(cfg, opts, stop, device, resume);
+    }
     set_threads(cfg.trainer.threads, p);
     announce(&cfg, &opts, device);
     if opts.debug {
@@ -82,7 +141,7 @@ fn run_threads(
         );
     }
     let config_yaml = Some(crate::config_load::to_yaml(&cfg)?);
-    let comms = threads_world(p, Duration::from_secs(cfg.parallel.timeout_s));
+    let comms = threads_world_on(p, Duration::from_secs(cfg.parallel.timeout_s), device);
     let cfg = Arc::new(cfg);
     let handles: Vec<_> = comms
         .into_iter()

@@ -173,6 +173,23 @@ pub enum Backend {
     Nccl,
 }
 
+/// How debug mode (and `backend: threads`) simulates `ep_size` ranks in one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DebugRanks {
+    /// `threads` on a CPU, `virtual` on a GPU.
+    Auto,
+    /// One thread per rank, exchanging through the real all-to-all code. CPU only: on one
+    /// GPU the autograd engine runs every rank's backward on that device's single worker
+    /// thread, where one rank's blocking all-to-all would wait for peers queued behind it.
+    Threads,
+    /// P virtual ranks in one autograd graph: the ranks' batches concatenated in rank order,
+    /// capacity computed per rank's tokens, and the exchange one differentiable permutation
+    /// of the whole batch by expert. No collective blocks, so nothing can deadlock; the
+    /// losses and gradients equal those of P real ranks (the EP-equivalence tests).
+    Virtual,
+}
+
 /// `parallel:` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -184,6 +201,9 @@ pub struct ParallelConfig {
     pub backend: Backend,
     /// Seconds a rank waits in a collective for a silent peer before it aborts the job.
     pub timeout_s: u64,
+    /// Debug mode's simulated ranks: `auto` (threads on a CPU, virtual on a GPU), `threads`
+    /// or `virtual` (see [`DebugRanks`]).
+    pub debug_ranks: DebugRanks,
 }
 
 impl Default for ParallelConfig {
@@ -192,6 +212,7 @@ impl Default for ParallelConfig {
             ep_size: 1,
             backend: Backend::Auto,
             timeout_s: 60,
+            debug_ranks: DebugRanks::Auto,
         }
     }
 }
