@@ -202,7 +202,8 @@ pub struct ParallelConfig {
     /// Seconds a rank waits in a collective for a silent peer before it aborts the job.
     pub timeout_s: u64,
     /// Debug mode's simulated ranks: `auto` (threads on a CPU, virtual on a GPU), `threads`
-    /// or `virtual` (see [`DebugRanks`]).
+    /// (one thread per rank through the real all-to-all; CPU only) or `virtual` (one autograd
+    /// graph over the ranks' concatenated batches, capacity per rank; cannot deadlock on a GPU).
     pub debug_ranks: DebugRanks,
 }
 
