@@ -282,7 +282,7 @@ fn grouped(n: u64) -> String {
 }
 
 /// `46702792704` -> `46.70B`.
-fn short(n: u64) -> String {
+pub(crate) fn short(n: u64) -> String {
     let x = n as f64;
     match n {
         0..1_000 => format!("{n}"),

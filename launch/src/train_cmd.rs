@@ -8,7 +8,7 @@ use crate::exit_code::BadInput;
 use anyhow::{anyhow, bail, Context};
 use moe_comm::{threads::threads_world_on, ProcessGroups};
 use moe_trainer::checkpoint::find_latest_intact;
-use moe_trainer::config::{Backend, DebugRanks, ExperimentConfig};
+use moe_trainer::config::{Backend, DebugRanks, ExperimentConfig, Precision};
 use moe_trainer::train_loop::{train, RunOptions, TrainSummary};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -43,6 +43,7 @@ pub fn run_train(cfg: ExperimentConfig, opts: TrainOpts) -> anyhow::Result<()> {
     }
     let resume = prepare_out_dir(&cfg, &opts)?;
     let device = resolve_device(&cfg.trainer.device, 0)?;
+    check_precision(&cfg, device)?;
     if cfg.parallel.backend == Backend::Nccl && !device.is_cuda() {
         bail!(
             "parallel.backend is nccl, which needs CUDA tensors, but trainer.device {} resolved \
@@ -115,6 +116,7 @@ fn run_threads(
 ) -> anyhow::Result<()> {
     let p = usize::try_from(cfg.parallel.ep_size).context("parallel.ep_size")?;
     let device = resolve_device(&cfg.trainer.device, 0)?;
+    check_precision(&cfg, device)?;
     let virtual_ranks = match cfg.parallel.debug_ranks {
         DebugRanks::Virtual => true,
         DebugRanks::Auto => device.is_cuda(),
@@ -218,6 +220,7 @@ fn run_mpi(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> any
         let resume = prepare_out_dir_for(&cfg, &opts, rank == 0)?;
         let local_rank = runtime.local_rank();
         let device = resolve_device(&cfg.trainer.device, local_rank)?;
+        check_precision(&cfg, device)?;
         set_threads(cfg.trainer.threads, runtime.local_size());
         if rank == 0 {
             announce(&cfg, &opts, device);
@@ -363,8 +366,16 @@ fn prepare_out_dir_for(
 
 /// One line saying what runs where.
 fn announce(cfg: &ExperimentConfig, opts: &TrainOpts, device: tch::Device) {
+    let params = match moe_model::count::count_params(&cfg.model, &cfg.moe) {
+        Ok(c) => format!(
+            "{} params ({} active)",
+            crate::inspect_cmd::short(c.total()),
+            crate::inspect_cmd::short(c.active())
+        ),
+        Err(e) => format!("params unknown ({e})"),
+    };
     println!(
-        "moe train: {} ({}{}) on {} rank(s), ep_size {}, device {device:?}, out_dir {}",
+        "moe train: {} ({}{}) on {} rank(s), ep_size {}, {params}, device {device:?}, {}, out_dir {}",
         cfg.run.name,
         opts.config_path.display(),
         if opts.overrides.is_empty() {
@@ -374,8 +385,27 @@ fn announce(cfg: &ExperimentConfig, opts: &TrainOpts, device: tch::Device) {
         },
         opts.world_size,
         cfg.parallel.ep_size,
+        match cfg.trainer.precision {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        },
         cfg.run.out_dir.display()
     );
+}
+
+/// One rule for `trainer.precision: bf16`, whatever `trainer.device` says: it needs the
+/// device the run actually got to be a GPU (`moe check` already refuses an explicit `cpu`;
+/// this catches `auto` on a machine without one).
+fn check_precision(cfg: &ExperimentConfig, device: tch::Device) -> anyhow::Result<()> {
+    if cfg.trainer.precision == Precision::Bf16 && !device.is_cuda() {
+        return Err(BadInput(format!(
+            "trainer.precision (bf16) needs a CUDA device, but trainer.device ({}) resolved to \
+             {device:?}; use trainer.precision fp32 on a CPU",
+            cfg.trainer.device
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// Torch intra-op threads per rank: the configured number, or this node's cores divided by

@@ -181,6 +181,14 @@ pub fn train(
     check_comm_devices(&groups, device)?;
     let printing = groups.world_rank == 0 && !opts.quiet;
     let dataset = data::load_dataset(&cfg.data, cfg.model.vocab_size)?;
+    if printing {
+        println!(
+            "data: {}: {} train / {} val tokens",
+            dataset.origin(),
+            dataset.len(data::Split::Train),
+            dataset.len(data::Split::Val)
+        );
+    }
     let model = TransformerLm::new(
         &cfg.model,
         &cfg.moe,
