@@ -13,7 +13,11 @@ fn startup_line_names_parameters_device_precision_and_data() {
         &mut train_cmd(
             "configs/quickstart.yaml",
             &out,
-            &["trainer.max_steps=1", "trainer.warmup_steps=1", "trainer.eval_every=0"],
+            &[
+                "trainer.max_steps=1",
+                "trainer.warmup_steps=1",
+                "trainer.eval_every=0",
+            ],
         ),
         Duration::from_secs(120),
     )

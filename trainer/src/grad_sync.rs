@@ -129,15 +129,17 @@ pub fn clip_grad_norm(params: &[Param], groups: &ProcessGroups, max_norm: f64) -
         })
         .collect::<Result<_>>()?;
     let total = tch::no_grad(|| -> Result<f64> {
+        // One foreach norm kernel per group, as clip_grad_norm_(foreach=True).
         let sum_sq = |expert: bool| -> Result<Tensor> {
-            let mut acc = Tensor::f_zeros([1], (Kind::Double, device))?;
-            for (g, _) in grads.iter().filter(|(g, e)| *e == expert && g.defined()) {
-                let norm =
-                    g.f_reshape([-1])?
-                        .f_linalg_norm(2.0, None::<&[i64]>, false, Kind::Double)?;
-                acc = acc.f_add(&norm.f_square()?.f_to_device(device)?)?;
+            let gs: Vec<&Tensor> = grads
+                .iter()
+                .filter(|(g, e)| *e == expert && g.defined())
+                .map(|(g, _)| g)
+                .collect();
+            if gs.is_empty() {
+                return Ok(Tensor::f_zeros([1], (Kind::Double, device))?);
             }
-            Ok(acc)
+            Ok(crate::fused::foreach_sq_norm(&gs)?.f_reshape([1])?)
         };
         let dense_sq = sum_sq(false)?;
         let mut expert_sq = sum_sq(true)?;
@@ -150,12 +152,12 @@ pub fn clip_grad_norm(params: &[Param], groups: &ProcessGroups, max_norm: f64) -
     })?;
     if max_norm > 0.0 && total.is_finite() && total > max_norm {
         let coef = max_norm / (total + 1e-6);
-        tch::no_grad(|| -> Result<()> {
-            for (g, _) in grads.iter().filter(|(g, _)| g.defined()) {
-                let _ = g.shallow_clone().f_mul_scalar_(coef)?;
-            }
-            Ok(())
-        })?;
+        let defined: Vec<&Tensor> = grads
+            .iter()
+            .filter(|(g, _)| g.defined())
+            .map(|(g, _)| g)
+            .collect();
+        tch::no_grad(|| crate::fused::foreach_mul_(&defined, coef))?;
     }
     Ok(total)
 }

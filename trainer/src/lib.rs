@@ -5,6 +5,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod fault;
+pub mod fused;
 pub mod grad_sync;
 pub mod inference;
 pub mod metrics;

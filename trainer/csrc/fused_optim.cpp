@@ -1,0 +1,81 @@
+// Multi-tensor optimizer kernels for moe-trainer: torch's fused AdamW and foreach norms, which
+// tch does not bind (its generator skips `_fused_*` and `_foreach_*`). Each entry point takes
+// arrays of at::Tensor pointers (tch's C_tensor), catches every C++ exception and returns
+// non-zero with a NUL-terminated message, so no exception crosses into Rust.
+
+#include <ATen/ATen.h>
+#include <ATen/ops/_foreach_mul.h>
+#include <ATen/ops/_foreach_norm.h>
+#include <ATen/ops/_fused_adamw.h>
+
+#include <cstring>
+#include <exception>
+#include <vector>
+
+namespace {
+
+void write_err(char* err, size_t err_len, const char* msg) {
+  if (err == nullptr || err_len == 0) return;
+  std::strncpy(err, msg, err_len - 1);
+  err[err_len - 1] = '\0';
+}
+
+std::vector<at::Tensor> list(at::Tensor* const* ts, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) out.push_back(*ts[i]);
+  return out;
+}
+
+template <typename F>
+int guarded(char* err, size_t err_len, F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const c10::Error& e) {
+    write_err(err, err_len, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    write_err(err, err_len, e.what());
+  } catch (...) {
+    write_err(err, err_len, "unknown C++ exception");
+  }
+  return 1;
+}
+
+}  // namespace
+
+extern "C" {
+
+// torch.optim.AdamW(fused=True)'s update of n parameters, in place: `step` (a float scalar
+// on the parameters' device, already incremented) serves every parameter.
+int moe_shim_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads,
+                         at::Tensor* const* exp_avgs, at::Tensor* const* exp_avg_sqs,
+                         const at::Tensor* step, size_t n, double lr, double beta1,
+                         double beta2, double weight_decay, double eps, char* err,
+                         size_t err_len) {
+  return guarded(err, err_len, [&] {
+    std::vector<at::Tensor> steps(n, *step);
+    at::_fused_adamw_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n),
+                      /*max_exp_avg_sqs=*/{}, steps, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false);
+  });
+}
+
+// sum_i ||t_i||_2^2 over n tensors as a new float64 scalar on their device (one foreach norm
+// kernel, then one small reduction), stored in *out (owned by the caller).
+int moe_shim_foreach_sq_norm(at::Tensor* const* ts, size_t n, at::Tensor** out, char* err,
+                             size_t err_len) {
+  return guarded(err, err_len, [&] {
+    std::vector<at::Tensor> norms = at::_foreach_norm(list(ts, n), 2);
+    at::Tensor total = at::stack(norms).to(at::kDouble).square().sum();
+    *out = new at::Tensor(std::move(total));
+  });
+}
+
+// t_i *= c for n tensors, in place, in one foreach kernel.
+int moe_shim_foreach_mul_scalar_(at::Tensor* const* ts, size_t n, double c, char* err,
+                                 size_t err_len) {
+  return guarded(err, err_len, [&] { at::_foreach_mul_(list(ts, n), c); });
+}
+
+}  // extern "C"
