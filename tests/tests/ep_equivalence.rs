@@ -4,16 +4,75 @@
 //! per group of N/P tokens, which are exactly rank r's tokens).
 //!
 //! Several optimizer steps are compared, so any gradient difference after sync (dense or
-//! expert, or in the clipping norm) shows up as a loss difference from step 2 on.
+//! expert, or in the clipping norm) shows up as a loss difference from step 2 on. The synced
+//! gradients are also compared directly, through the final checkpoints' AdamW moments of every
+//! parameter (`exp_avg = sum_s (1-b1) b1^(t-s) g_s`, linear in the synced, clipped gradients;
+//! `exp_avg_sq` likewise in their squares), the EP run's experts gathered from all ranks by
+//! global id. (Weights are not compared element-wise: Adam's `m / sqrt(v)` divides near-zero
+//! gradients by near-zero norms, which turns ulp-level gradient differences into larger
+//! relative weight differences without any gradient being wrong.)
 //!
 //! Tolerance 1e-5 relative (float32): the two runs sum the same numbers in different orders
 //! (all-reduce vs one matmul over the batch), a few ulps per op, compounded over 4 steps.
 
 use moe_model::config::DropPolicy;
+use moe_model::transformer::{ParallelInfo, TransformerLm};
 use moe_tests::{assert_close, temp_dir, tiny_config, train_single, train_threads};
+use moe_trainer::checkpoint::{find_latest_intact, load_for_rank, ExpertSlot};
 use moe_trainer::config::ExperimentConfig;
+use moe_trainer::metrics::TrainRecord;
+use std::collections::BTreeMap;
+use tch::{Device, Tensor};
 
-fn compare(tag: &str, cfg: &ExperimentConfig, world: usize, ep: usize) {
+/// Every AdamW moment of the newest checkpoint of `cfg`'s run, in the single-process layout
+/// (experts stacked by global id, whatever EP size wrote them).
+fn final_state(cfg: &ExperimentConfig) -> BTreeMap<String, Tensor> {
+    let dir = cfg.run.out_dir.join("checkpoints");
+    let (path, _) = find_latest_intact(&dir)
+        .expect("reading checkpoints")
+        .unwrap_or_else(|| panic!("no checkpoint under {}", dir.display()));
+    let lm = TransformerLm::new(
+        &cfg.model,
+        &cfg.moe,
+        ParallelInfo::single(),
+        cfg.run.seed,
+        Device::Cpu,
+    )
+    .expect("model");
+    let slots = ExpertSlot::from_params(&lm.params(), cfg.moe.num_experts);
+    let loaded = load_for_rank(&path, &slots).expect("loading the checkpoint");
+    loaded.optim.into_iter().collect()
+}
+
+/// The EP run's final moments equal the single process's: 1e-5 relative to each tensor's
+/// largest magnitude, the bound of the losses (same sums, other orders).
+fn compare_state(tag: &str, ep_cfg: &ExperimentConfig, single_cfg: &ExperimentConfig) {
+    let (got, want) = (final_state(ep_cfg), final_state(single_cfg));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "{tag}: checkpoint tensors"
+    );
+    assert!(
+        want.keys()
+            .any(|k| k.contains(".experts.") && k.ends_with(".exp_avg")),
+        "{tag}: the comparison must include expert moments"
+    );
+    for (name, w) in &want {
+        let g = &got[name];
+        assert_eq!(g.size(), w.size(), "{tag}: {name} shape");
+        let scale = w.abs().max().double_value(&[]).max(1e-12);
+        let diff = (g - w).abs().max().double_value(&[]);
+        assert!(
+            diff <= 1e-5 * scale,
+            "{tag}: {name} differs by {diff:.3e} (scale {scale:.3e})"
+        );
+    }
+}
+
+/// Runs `cfg` over `world` thread ranks of EP size `ep` and as one process, compares them,
+/// and returns rank 0's records.
+fn compare(tag: &str, cfg: &ExperimentConfig, world: usize, ep: usize) -> Vec<TrainRecord> {
     let ranks = train_threads(cfg, world, ep);
     let mut single_cfg = cfg.clone();
     single_cfg.run.out_dir = temp_dir(&format!("{tag}-single"));
@@ -69,6 +128,16 @@ fn compare(tag: &str, cfg: &ExperimentConfig, world: usize, ep: usize) {
             );
         }
     }
+    compare_state(tag, cfg, &single_cfg);
+    ranks[0].records.clone()
+}
+
+fn assert_dropped(tag: &str, records: &[TrainRecord]) {
+    assert!(
+        records.iter().any(|r| r.dropped_frac > 0.0),
+        "{tag}: capacity_factor 1.0 should drop some assignments, or this test does not test \
+         dropping"
+    );
 }
 
 #[test]
@@ -88,12 +157,8 @@ fn ep2_capacity_probs_equals_single_process() {
     let mut cfg = tiny_config(&temp_dir("ep2-cap"));
     cfg.moe.capacity_factor = Some(1.0);
     cfg.moe.drop_policy = DropPolicy::Probs;
-    compare("ep2-capacity-probs", &cfg, 2, 2);
-    let ranks = train_threads(&cfg, 2, 2);
-    assert!(
-        ranks[0].records.iter().any(|r| r.dropped_frac > 0.0),
-        "capacity_factor 1.0 should drop some assignments, or this test does not test dropping"
-    );
+    let records = compare("ep2-capacity-probs", &cfg, 2, 2);
+    assert_dropped("ep2-capacity-probs", &records);
 }
 
 #[test]
@@ -101,7 +166,8 @@ fn ep4_capacity_position_equals_single_process() {
     let mut cfg = tiny_config(&temp_dir("ep4-cap"));
     cfg.moe.capacity_factor = Some(1.0);
     cfg.moe.drop_policy = DropPolicy::Position;
-    compare("ep4-capacity-position", &cfg, 4, 4);
+    let records = compare("ep4-capacity-position", &cfg, 4, 4);
+    assert_dropped("ep4-capacity-position", &records);
 }
 
 #[test]

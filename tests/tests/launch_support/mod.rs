@@ -8,11 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// Prints why a test did not run. Written to the stderr handle directly, not through
-/// `eprintln!`, which libtest captures and hides for passing tests: a skip must be visible.
-pub fn skip(test: &str, reason: &str) {
-    let _ = writeln!(std::io::stderr(), "\nSKIPPED {test}: {reason}");
-}
+pub use moe_tests::skip;
 
 /// The workspace root (/work/main).
 pub fn workspace_root() -> PathBuf {

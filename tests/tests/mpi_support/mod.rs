@@ -52,12 +52,7 @@ pub fn have_mpirun() -> bool {
         .unwrap_or(false)
 }
 
-/// Prints a visible skip (straight to the stderr handle: libtest hides `eprintln!` of
-/// passing tests).
-pub fn skip(test: &str, reason: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "\nSKIPPED {test}: {reason}");
-}
+pub use moe_tests::skip;
 
 /// `--set` overrides of a tiny run on configs/ep4.yaml: small dims, one torch thread per rank,
 /// a loss logged every step, no eval, dropless (capacity is per rank's tokens, which one
