@@ -52,6 +52,7 @@ pub fn have_mpirun() -> bool {
         .unwrap_or(false)
 }
 
+#[allow(unused_imports)] // each test file uses a different subset
 pub use moe_tests::skip;
 
 /// `--set` overrides of a tiny run on configs/ep4.yaml: small dims, one torch thread per rank,
