@@ -341,6 +341,31 @@ fn capped(policy: DropPolicy, factor: f64, pad: bool) -> MoeConfig {
     }
 }
 
+/// Megatron-Core's probs policy takes the top C of the whole weight column, where unrouted
+/// tokens weigh 0. An assignment whose sigmoid weight saturated to exactly 0.0 (f32) ties with
+/// them and, ties going to the lower token index, loses the one place to token 0, which is not
+/// routed there: it is dropped. Hand-worked: E=2, k=1, N=2, factor 1.0 gives C = 1; token 0
+/// picks expert 1 (sigmoid(5)), token 1 picks expert 0 with weight sigmoid(-200) = 0.0.
+#[test]
+fn probs_policy_drops_a_zero_weight_assignment_behind_an_earlier_unrouted_token() {
+    let c = MoeConfig {
+        score_function: ScoreFunction::Sigmoid,
+        capacity_factor: Some(1.0),
+        drop_policy: DropPolicy::Probs,
+        ..cfg(2, 1)
+    };
+    let x = logits(&[&[-5.0, 5.0], &[-200.0, -300.0]], Kind::Float, Device::Cpu);
+    let r = run(&c, &x, None, 0, 1);
+    assert_eq!(column(&r.routing_map_ne, 1), vec![0]);
+    assert_eq!(
+        column(&r.routing_map_ne, 0),
+        Vec::<i64>::new(),
+        "token 1 is dropped"
+    );
+    let (rows, kept, dropped) = r.host_counts().unwrap();
+    assert_eq!((rows, kept, dropped), (vec![0, 1], 1, 1));
+}
+
 #[test]
 fn probs_policy_keeps_highest_weights_ties_to_earlier_tokens() {
     for dev in devices() {

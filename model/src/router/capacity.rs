@@ -28,7 +28,10 @@ pub(crate) struct Capped {
 /// (`route` has checked that `groups` divides N).
 ///
 /// Each expert keeps, within each group, at most `C = capacity(N / groups, k, E, factor)` of
-/// its assignments: those with the highest weight (`probs`, ties to the lower token index) or
+/// its assignments: those among the C highest entries of its weight column, unselected tokens
+/// counting as weight 0 (`probs`, as Megatron-Core's `topk` over the column; ties to the
+/// lower token index, so an assignment of weight exactly 0.0 can lose to an unselected
+/// earlier token and be dropped) or
 /// the earliest tokens (`position`). With `pad_to_capacity` every expert's column is then
 /// filled, earliest free tokens first, to exactly `min(C, N / groups)` rows per group: a
 /// group cannot hold more rows for one expert than it has tokens.
@@ -61,11 +64,14 @@ pub(crate) fn apply_capacity(
                 selected_gte.f_logical_and(&rank_gte.f_le(cap)?)?
             }
             DropPolicy::Probs => {
-                // Unselected entries sort last; the stable sort breaks weight ties by token index.
+                // Megatron-Core's top-C of the whole weight column, where unselected tokens
+                // weigh 0: the stable sort breaks ties by token index, so a selected
+                // assignment whose weight saturated to exactly 0.0 ties with the unselected
+                // tokens and loses its place to earlier ones (it is dropped, as there).
                 let key_gte = weights_ne
                     .f_detach()?
                     .f_view([groups, n_g, e])?
-                    .f_where_scalarother(&selected_gte, f64::NEG_INFINITY)?;
+                    .f_where_scalarother(&selected_gte, 0.0)?;
                 let (_, order_gte) = key_gte.f_sort_stable(true, 1, true)?;
                 let best_gce = order_gte.f_narrow(1, 0, cap)?;
                 let chosen_gte = selected_gte
