@@ -22,6 +22,8 @@ fn main() {
     // (`rustc-link-arg` reaches only this package's own tests and examples, unit tests
     // included; `-tests` would miss the lib's unit-test binary.)
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    // The build-time libtorch dir, last resort of `cuda::load` for libtorch_cuda.
+    println!("cargo:rustc-env=MOE_LIBTORCH_LIB={}", lib.display());
     let include = lib.join("..").join("include");
     cc::Build::new()
         .cpp(true)

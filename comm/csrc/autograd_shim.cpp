@@ -144,3 +144,51 @@ void* moe_shim_cuda_current_stream(int index, char* err, size_t err_len) {
 }
 
 }  // extern "C"
+
+extern "C" {
+
+// Completion markers for the NCCL watchdog (comm/src/watchdog.rs): a CUDA event recorded on
+// torch's current stream of device `index`, after the collective just enqueued there. Returns
+// the event (a cudaEvent_t), or null with a message.
+void* moe_shim_cuda_event_record(int index, char* err, size_t err_len) {
+  try {
+    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    const c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index));
+    void* event = nullptr;
+    impl->record(&event, impl->getStream(dev), dev.index(), c10::EventFlag::PYTORCH_DEFAULT);
+    if (event == nullptr) write_err(err, err_len, "no CUDA event was created");
+    return event;
+  } catch (const c10::Error& e) {
+    write_err(err, err_len, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    write_err(err, err_len, e.what());
+  }
+  return nullptr;
+}
+
+// 1 when everything before `event` on its stream has run, 0 while it is pending, -1 with a
+// message on a CUDA error. Called from the watchdog thread: makes device `index` current
+// first, so the query does not create a context on device 0.
+int moe_shim_cuda_event_query(void* event, int index, char* err, size_t err_len) {
+  try {
+    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    impl->setDevice(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index)));
+    return impl->queryEvent(event) ? 1 : 0;
+  } catch (const c10::Error& e) {
+    write_err(err, err_len, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    write_err(err, err_len, e.what());
+  }
+  return -1;
+}
+
+// Destroys an event from moe_shim_cuda_event_record (never throws).
+void moe_shim_cuda_event_destroy(void* event, int index) {
+  try {
+    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    impl->destroyEvent(event, static_cast<c10::DeviceIndex>(index));
+  } catch (...) {
+  }
+}
+
+}  // extern "C"

@@ -31,6 +31,10 @@ pub enum CommError {
     Device { op: &'static str, msg: String },
     #[error("a communicator lock was poisoned by a panic on another thread")]
     Poisoned,
+    /// A collective's watchdog gave up: a timeout or an asynchronous error; the
+    /// communicator was aborted.
+    #[error("{0}")]
+    Watchdog(crate::watchdog::Failure),
 }
 
 pub type Result<T> = std::result::Result<T, CommError>;

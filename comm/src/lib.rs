@@ -8,6 +8,7 @@
 
 mod args;
 pub mod autograd;
+pub mod cuda;
 mod error;
 mod groups;
 mod local;
@@ -15,6 +16,7 @@ pub mod mpi_backend;
 pub mod nccl;
 mod placement;
 pub mod threads;
+pub mod watchdog;
 
 pub use error::{CommError, Result};
 pub use groups::ProcessGroups;

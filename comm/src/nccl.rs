@@ -11,12 +11,22 @@
 //! all-to-all is the usual grouped `ncclSend`/`ncclRecv` (NCCL's own recipe for
 //! all-to-allv), on torch's current CUDA stream of the communicator's device, obtained
 //! through the C++ shim (c10's device-guard interface, no CUDA headers needed).
+//!
+//! Errors and stuck collectives: every collective records a CUDA event after it and hands it
+//! to a [`Watchdog`] thread, which polls `ncclCommGetAsyncError` and the events and, on an
+//! asynchronous error or a collective older than `parallel.timeout_s`, aborts the
+//! communicator (`ncclCommAbort`) so that no rank hangs; the next call returns the failure,
+//! naming the collective, the rank and the timeout. `Drop` never blocks: it destroys the
+//! communicator only when nothing is pending and nothing failed, and aborts it otherwise.
 
 use crate::args::{check_all_to_all, invalid};
+use crate::watchdog::{Failure, Limits, Watched, Watchdog};
 use crate::{CommError, Communicator, Result};
 use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 /// Library names tried in order: pip's wheel ships only the versioned soname.
@@ -25,6 +35,8 @@ const NCCL_NAMES: [&str; 2] = ["libnccl.so.2", "libnccl.so"];
 type GetUniqueId = unsafe extern "C" fn(*mut ncclUniqueId) -> c_int;
 type CommInitRank = unsafe extern "C" fn(*mut ncclComm_t, c_int, ncclUniqueId, c_int) -> c_int;
 type CommDestroy = unsafe extern "C" fn(ncclComm_t) -> c_int;
+type CommAbort = unsafe extern "C" fn(ncclComm_t) -> c_int;
+type CommGetAsyncError = unsafe extern "C" fn(ncclComm_t, *mut c_int) -> c_int;
 type CommSplit =
     unsafe extern "C" fn(ncclComm_t, c_int, c_int, *mut ncclComm_t, *mut c_void) -> c_int;
 type GroupCall = unsafe extern "C" fn() -> c_int;
@@ -78,6 +90,8 @@ struct NcclLib {
     get_unique_id: GetUniqueId,
     comm_init_rank: CommInitRank,
     comm_destroy: CommDestroy,
+    comm_abort: CommAbort,
+    comm_get_async_error: CommGetAsyncError,
     comm_split: CommSplit,
     group_start: GroupCall,
     group_end: GroupCall,
@@ -129,6 +143,8 @@ fn bind(name: &'static str, lib: libloading::Library) -> std::result::Result<Ncc
         get_unique_id: sym!(b"ncclGetUniqueId\0"),
         comm_init_rank: sym!(b"ncclCommInitRank\0"),
         comm_destroy: sym!(b"ncclCommDestroy\0"),
+        comm_abort: sym!(b"ncclCommAbort\0"),
+        comm_get_async_error: sym!(b"ncclCommGetAsyncError\0"),
         comm_split: sym!(b"ncclCommSplit\0"),
         group_start: sym!(b"ncclGroupStart\0"),
         group_end: sym!(b"ncclGroupEnd\0"),
@@ -144,7 +160,13 @@ fn bind(name: &'static str, lib: libloading::Library) -> std::result::Result<Ncc
 
 fn library() -> Result<&'static NcclLib> {
     static LIB: OnceLock<std::result::Result<NcclLib, String>> = OnceLock::new();
-    LIB.get_or_init(load)
+    LIB.get_or_init(|| {
+        // libtorch_cuda links the NCCL of its wheel (nvidia-nccl); once it is loaded,
+        // `libnccl.so.2` resolves to that copy by its soname, without LD_LIBRARY_PATH. A
+        // failure here is reported by `probe` (torch sees no CUDA device).
+        let _ = crate::cuda::load();
+        load()
+    })
         .as_ref()
         .map_err(|e| unavailable(e.clone()))
 }
@@ -165,23 +187,35 @@ fn check(lib: &NcclLib, call: &str, rc: c_int) -> Result<()> {
     if rc == 0 {
         return Ok(());
     }
+    let msg = error_string(lib, rc);
+    Err(CommError::Nccl(format!(
+        "{call} failed with code {rc}: {msg}"
+    )))
+}
+
+fn error_string(lib: &NcclLib, rc: c_int) -> String {
     // SAFETY: ncclGetErrorString returns a static NUL-terminated string for any code.
-    let msg = unsafe {
+    unsafe {
         let p = (lib.error_string)(rc);
         if p.is_null() {
             String::from("unknown error")
         } else {
             CStr::from_ptr(p).to_string_lossy().into_owned()
         }
-    };
-    Err(CommError::Nccl(format!(
-        "{call} failed with code {rc}: {msg}"
-    )))
+    }
 }
 
 extern "C" {
     fn moe_shim_cuda_set_device(index: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn moe_shim_cuda_current_stream(index: c_int, err: *mut c_char, err_len: usize) -> *mut c_void;
+    fn moe_shim_cuda_event_record(index: c_int, err: *mut c_char, err_len: usize) -> *mut c_void;
+    fn moe_shim_cuda_event_query(
+        event: *mut c_void,
+        index: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn moe_shim_cuda_event_destroy(event: *mut c_void, index: c_int);
 }
 
 fn shim_err(buf: &[u8]) -> String {
@@ -218,25 +252,152 @@ fn current_stream(index: c_int) -> Result<cudaStream_t> {
     Ok(s.cast())
 }
 
-/// One rank of an NCCL communicator, bound to one CUDA device.
-pub struct NcclComm {
+/// A CUDA event recorded after one collective: its completion marker for the watchdog.
+struct Event(*mut c_void);
+
+// SAFETY: a cudaEvent_t may be queried and destroyed from any thread.
+unsafe impl Send for Event {}
+
+const LIVE: u8 = 0;
+const ABORTED: u8 = 1;
+const DESTROYED: u8 = 2;
+
+/// The NCCL communicator handle, shared by its owner ([`NcclComm`]) and its watchdog thread.
+/// Freed exactly once, by whichever of abort and destroy gets there first (`state`).
+struct Handle {
     lib: &'static NcclLib,
     comm: ncclComm_t,
+    device: c_int,
+    /// LIVE, ABORTED or DESTROYED.
+    state: AtomicU8,
+    /// Held by the owner while it calls into NCCL with `comm`.
+    calls: Mutex<()>,
+}
+
+// SAFETY: NCCL allows ncclCommGetAsyncError and ncclCommAbort from another thread than the
+// one issuing collectives (that is their purpose); every other use of `comm` happens under
+// `calls`, and `state` makes sure `comm` is freed once and not used after.
+unsafe impl Send for Handle {}
+// SAFETY: as above.
+unsafe impl Sync for Handle {}
+
+impl Handle {
+    /// Aborts the communicator once: in-flight operations end, later calls are refused.
+    /// Waits up to 2 s for a call in progress to return (an enqueue takes microseconds); a
+    /// call still inside NCCL after that is blocked (e.g. connecting to a dead peer), and
+    /// aborting from another thread is NCCL's documented way to end it.
+    fn abort(&self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let guard = loop {
+            match self.calls.try_lock() {
+                Ok(g) => break Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => break Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => break None,
+            }
+        };
+        if self
+            .state
+            .compare_exchange(LIVE, ABORTED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            // SAFETY: `comm` is live (state was LIVE) and is freed here only.
+            let _ = unsafe { (self.lib.comm_abort)(self.comm) };
+        }
+        drop(guard);
+    }
+
+    /// Destroys the communicator gracefully, if it is still live (all its work completed).
+    fn destroy(&self) {
+        if self
+            .state
+            .compare_exchange(LIVE, DESTROYED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            // SAFETY: `comm` is live and is freed here only.
+            let _ = unsafe { (self.lib.comm_destroy)(self.comm) };
+        }
+    }
+}
+
+impl Watched for Arc<Handle> {
+    type Work = Event;
+
+    fn is_done(&self, work: &Event) -> std::result::Result<bool, String> {
+        let mut err = [0u8; 1024];
+        // SAFETY: `work.0` is a live event from moe_shim_cuda_event_record; the shim catches
+        // all C++ exceptions and writes at most `err.len()` bytes.
+        let rc = unsafe {
+            moe_shim_cuda_event_query(work.0, self.device, err.as_mut_ptr().cast(), err.len())
+        };
+        match rc {
+            1 => Ok(true),
+            0 => Ok(false),
+            _ => Err(shim_err(&err)),
+        }
+    }
+
+    fn release(&self, work: Event) {
+        // SAFETY: a live event, destroyed once (it is consumed here).
+        unsafe { moe_shim_cuda_event_destroy(work.0, self.device) };
+    }
+
+    fn async_error(&self) -> Option<String> {
+        if self.state.load(Ordering::Acquire) != LIVE {
+            return None;
+        }
+        let mut result: c_int = 0;
+        // SAFETY: `comm` is live (the watchdog polls only until its owner stops it, before
+        // the owner frees `comm`); `result` is writable.
+        let rc = unsafe { (self.lib.comm_get_async_error)(self.comm, &mut result) };
+        // ncclInProgress (7) is not an error: a non-blocking operation still running.
+        match (rc, result) {
+            (0, 0) | (0, 7) => None,
+            (0, r) => Some(format!("code {r}: {}", error_string(self.lib, r))),
+            (rc, _) => Some(format!(
+                "ncclCommGetAsyncError failed with code {rc}: {}",
+                error_string(self.lib, rc)
+            )),
+        }
+    }
+
+    fn abort(&self) {
+        Handle::abort(self);
+    }
+
+    fn terminate(&self, failure: &Failure) {
+        eprintln!(
+            "error: {failure}; the failure was not picked up by the rank's thread (it is \
+             blocked), so the process exits now rather than hang"
+        );
+        // SAFETY: `_exit` ends the process without running destructors or atexit handlers,
+        // which could block on the aborted CUDA work.
+        unsafe { libc::_exit(1) };
+    }
+}
+
+/// One rank of an NCCL communicator, bound to one CUDA device.
+pub struct NcclComm {
+    handle: Arc<Handle>,
+    watchdog: Watchdog<Arc<Handle>>,
     rank: usize,
     size: usize,
     device: c_int,
+    timeout: Duration,
 }
-
-// SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
-// concurrent; `NcclComm` is not `Sync` and every call takes `&mut self` (through
-// `SharedComm`'s mutex).
-unsafe impl Send for NcclComm {}
 
 impl NcclComm {
     /// Creates the NCCL communicator of the ranks of `bootstrap` (one per rank, on CUDA
     /// device `device_index`, usually the MPI local rank). Collective over `bootstrap`:
-    /// rank 0 creates the unique id and broadcasts it.
-    pub fn new(bootstrap: &mut dyn Communicator, device_index: usize) -> Result<Self> {
+    /// rank 0 creates the unique id and broadcasts it. A collective that does not complete
+    /// within `timeout` (`parallel.timeout_s`) aborts the communicator.
+    pub fn new(
+        bootstrap: &mut dyn Communicator,
+        device_index: usize,
+        timeout: Duration,
+    ) -> Result<Self> {
         let lib = library()?;
         probe()?;
         let device = c_int::try_from(device_index)
@@ -271,12 +432,42 @@ impl NcclComm {
         check(lib, "ncclCommInitRank", unsafe {
             (lib.comm_init_rank)(&mut comm, nranks, id, r)
         })?;
-        Ok(Self {
+        Self::watched(lib, comm, rank, size, device, timeout)
+    }
+
+    /// Wraps a live `comm` and starts its watchdog (aborting `comm` if that fails).
+    fn watched(
+        lib: &'static NcclLib,
+        comm: ncclComm_t,
+        rank: usize,
+        size: usize,
+        device: c_int,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let handle = Arc::new(Handle {
             lib,
             comm,
+            device,
+            state: AtomicU8::new(LIVE),
+            calls: Mutex::new(()),
+        });
+        let limits = Limits::for_timeout(timeout);
+        let watchdog = match Watchdog::spawn(handle.clone(), "nccl", rank, size, limits) {
+            Ok(w) => w,
+            Err(e) => {
+                handle.abort();
+                return Err(CommError::Nccl(format!(
+                    "cannot start the watchdog thread: {e}"
+                )));
+            }
+        };
+        Ok(Self {
+            handle,
+            watchdog,
             rank,
             size,
             device,
+            timeout,
         })
     }
 
@@ -297,13 +488,53 @@ impl NcclComm {
     fn stream(&self) -> Result<cudaStream_t> {
         current_stream(self.device)
     }
+
+    /// The watchdog's failure, if the communicator failed.
+    fn failed(&self) -> Result<()> {
+        self.watchdog.check().map_err(CommError::Watchdog)
+    }
+
+    /// Starts a call into NCCL: refused once the communicator failed or was aborted.
+    fn enter(&self) -> Result<(MutexGuard<'_, ()>, ncclComm_t)> {
+        self.failed()?;
+        let guard = self.handle.calls.lock().map_err(|_| CommError::Poisoned)?;
+        if self.handle.state.load(Ordering::Acquire) != LIVE {
+            self.failed()?;
+            return Err(CommError::Nccl(format!(
+                "the communicator of rank {} of {} was aborted",
+                self.rank, self.size
+            )));
+        }
+        Ok((guard, self.handle.comm))
+    }
+
+    /// After collective `op` was enqueued (at `started`): hands its completion event to the
+    /// watchdog.
+    fn watch(&self, op: &'static str, started: Instant) -> Result<()> {
+        let mut err = [0u8; 1024];
+        // SAFETY: the shim writes at most `err.len()` bytes and catches all C++ exceptions.
+        let ev =
+            unsafe { moe_shim_cuda_event_record(self.device, err.as_mut_ptr().cast(), err.len()) };
+        if ev.is_null() {
+            return Err(CommError::Nccl(format!(
+                "{op}: cannot record its completion event: {}",
+                shim_err(&err)
+            )));
+        }
+        self.watchdog.watch(op, started, Event(ev));
+        Ok(())
+    }
 }
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        // SAFETY: `comm` came from ncclCommInitRank/ncclCommSplit and is destroyed once.
-        // An error here cannot be reported from drop; the process is going away anyway.
-        let _ = unsafe { (self.lib.comm_destroy)(self.comm) };
+        // Never blocks: a graceful destroy waits for the communicator's work, so it is used
+        // only when the watchdog saw all of it complete and nothing fail; otherwise abort.
+        if self.watchdog.stop() {
+            self.handle.destroy();
+        } else {
+            self.handle.abort();
+        }
     }
 }
 
@@ -350,35 +581,40 @@ impl Communicator for NcclComm {
         let out = Tensor::f_empty(&out_shape, (x.kind(), x.device()))?;
         let stream = self.stream()?;
         let (sbase, rbase) = (x.data_ptr() as *const u8, out.data_ptr() as *mut u8);
-        // SAFETY: ncclGroupStart takes no arguments; the group is closed below on every path.
-        check(self.lib, "ncclGroupStart", unsafe {
-            (self.lib.group_start)()
-        })?;
-        let (mut soff, mut roff) = (0usize, 0usize);
-        let mut rc = 0;
-        for p in 0..self.size {
-            let (sn, rn) = (send[p] as usize * row_bytes, recv[p] as usize * row_bytes);
-            let peer = p as c_int;
-            let u8t = ncclDataType_t::ncclUint8;
-            // SAFETY: offsets stay within the contiguous device buffers of `x` and `out`
-            // (sum(send) and sum(recv) rows of `row_bytes`); both tensors outlive the
-            // enqueued operations: later work on this stream is ordered after them and
-            // torch's caching allocator reuses freed memory only in stream order.
-            unsafe {
-                if rc == 0 && sn > 0 {
-                    rc = (self.lib.send)(sbase.add(soff).cast(), sn, u8t, peer, self.comm, stream);
+        let lib = self.handle.lib;
+        let started = Instant::now();
+        {
+            let (_calls, comm) = self.enter()?;
+            // SAFETY: ncclGroupStart takes no arguments; the group is closed below on every
+            // path.
+            check(lib, "ncclGroupStart", unsafe { (lib.group_start)() })?;
+            let (mut soff, mut roff) = (0usize, 0usize);
+            let mut rc = 0;
+            for p in 0..self.size {
+                let (sn, rn) = (send[p] as usize * row_bytes, recv[p] as usize * row_bytes);
+                let peer = p as c_int;
+                let u8t = ncclDataType_t::ncclUint8;
+                // SAFETY: offsets stay within the contiguous device buffers of `x` and `out`
+                // (sum(send) and sum(recv) rows of `row_bytes`); both tensors outlive the
+                // enqueued operations: later work on this stream is ordered after them and
+                // torch's caching allocator reuses freed memory only in stream order.
+                unsafe {
+                    if rc == 0 && sn > 0 {
+                        rc = (lib.send)(sbase.add(soff).cast(), sn, u8t, peer, comm, stream);
+                    }
+                    if rc == 0 && rn > 0 {
+                        rc = (lib.recv)(rbase.add(roff).cast(), rn, u8t, peer, comm, stream);
+                    }
                 }
-                if rc == 0 && rn > 0 {
-                    rc = (self.lib.recv)(rbase.add(roff).cast(), rn, u8t, peer, self.comm, stream);
-                }
+                soff += sn;
+                roff += rn;
             }
-            soff += sn;
-            roff += rn;
+            // SAFETY: closes the group opened above, also after a failed send/recv.
+            let end = check(lib, "ncclGroupEnd", unsafe { (lib.group_end)() });
+            check(lib, "ncclSend/ncclRecv", rc)?;
+            end?;
         }
-        // SAFETY: closes the group opened above, also after a failed send/recv.
-        let end = check(self.lib, "ncclGroupEnd", unsafe { (self.lib.group_end)() });
-        check(self.lib, "ncclSend/ncclRecv", rc)?;
-        end?;
+        self.watch(OP, started)?;
         Ok(out)
     }
 
@@ -388,19 +624,25 @@ impl Communicator for NcclComm {
         let dtype = nccl_type(OP, x.kind())?;
         let out = x.f_empty_like()?;
         let stream = self.stream()?;
-        // SAFETY: both buffers are contiguous device memory of `numel` elements of `dtype`.
-        let rc = unsafe {
-            (self.lib.all_reduce)(
-                x.data_ptr(),
-                out.data_ptr(),
-                x.numel(),
-                dtype,
-                ncclRedOp_t::ncclSum,
-                self.comm,
-                stream,
-            )
-        };
-        check(self.lib, "ncclAllReduce", rc)?;
+        let started = Instant::now();
+        {
+            let (_calls, comm) = self.enter()?;
+            // SAFETY: both buffers are contiguous device memory of `numel` elements of
+            // `dtype`; `comm` is live while `_calls` is held.
+            let rc = unsafe {
+                (self.handle.lib.all_reduce)(
+                    x.data_ptr(),
+                    out.data_ptr(),
+                    x.numel(),
+                    dtype,
+                    ncclRedOp_t::ncclSum,
+                    comm,
+                    stream,
+                )
+            };
+            check(self.handle.lib, "ncclAllReduce", rc)?;
+        }
+        self.watch(OP, started)?;
         Ok(out)
     }
 
@@ -411,18 +653,23 @@ impl Communicator for NcclComm {
         shape.extend(x.size());
         let out = Tensor::f_empty(&shape, (x.kind(), x.device()))?;
         let stream = self.stream()?;
-        // SAFETY: `out` holds size x nbytes(x) contiguous bytes; `x` holds nbytes(x).
-        let rc = unsafe {
-            (self.lib.all_gather)(
-                x.data_ptr(),
-                out.data_ptr(),
-                nbytes(&x),
-                ncclDataType_t::ncclUint8,
-                self.comm,
-                stream,
-            )
-        };
-        check(self.lib, "ncclAllGather", rc)?;
+        let started = Instant::now();
+        {
+            let (_calls, comm) = self.enter()?;
+            // SAFETY: `out` holds size x nbytes(x) contiguous bytes; `x` holds nbytes(x).
+            let rc = unsafe {
+                (self.handle.lib.all_gather)(
+                    x.data_ptr(),
+                    out.data_ptr(),
+                    nbytes(&x),
+                    ncclDataType_t::ncclUint8,
+                    comm,
+                    stream,
+                )
+            };
+            check(self.handle.lib, "ncclAllGather", rc)?;
+        }
+        self.watch(OP, started)?;
         Ok(out)
     }
 
@@ -437,53 +684,67 @@ impl Communicator for NcclComm {
         let x = self.check_tensor(OP, input)?;
         let out = x.f_empty_like()?;
         let stream = self.stream()?;
-        // SAFETY: `x` and `out` are contiguous device buffers of nbytes(x) bytes.
-        let rc = unsafe {
-            (self.lib.broadcast)(
-                x.data_ptr(),
-                out.data_ptr(),
-                nbytes(&x),
-                ncclDataType_t::ncclUint8,
-                root as c_int,
-                self.comm,
-                stream,
-            )
-        };
-        check(self.lib, "ncclBroadcast", rc)?;
+        let started = Instant::now();
+        {
+            let (_calls, comm) = self.enter()?;
+            // SAFETY: `x` and `out` are contiguous device buffers of nbytes(x) bytes.
+            let rc = unsafe {
+                (self.handle.lib.broadcast)(
+                    x.data_ptr(),
+                    out.data_ptr(),
+                    nbytes(&x),
+                    ncclDataType_t::ncclUint8,
+                    root as c_int,
+                    comm,
+                    stream,
+                )
+            };
+            check(self.handle.lib, "ncclBroadcast", rc)?;
+        }
+        self.watch(OP, started)?;
         Ok(out)
     }
 
     fn barrier(&mut self) -> Result<()> {
         let one = Tensor::f_ones([1], (Kind::Float, Device::Cuda(self.device as usize)))?;
-        // Copying the result to the host waits for the stream, hence for every rank.
+        // Copying the result to the host waits for the stream, hence for every rank; a stuck
+        // peer is ended by the watchdog's abort, whose failure is reported here.
         // host: a barrier waits for every rank by design.
-        let _host = self.all_reduce_sum(&one)?.f_to(Device::Cpu)?;
+        let host = self.all_reduce_sum(&one)?.f_to(Device::Cpu);
+        self.failed()?;
+        let _host = host?;
         Ok(())
     }
 
     fn split(&mut self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
         let c = c_int::try_from(color).map_err(|_| invalid("split", format!("color {color}")))?;
         let k = c_int::try_from(key).map_err(|_| invalid("split", format!("key {key}")))?;
+        let lib = self.handle.lib;
         let mut sub: ncclComm_t = std::ptr::null_mut();
         set_device(self.device)?;
-        // SAFETY: `self.comm` is a live communicator, `sub` is writable, a null config asks
-        // for the parent's configuration.
-        let rc = unsafe { (self.lib.comm_split)(self.comm, c, k, &mut sub, std::ptr::null_mut()) };
-        check(self.lib, "ncclCommSplit", rc)?;
+        {
+            let (_calls, comm) = self.enter()?;
+            // SAFETY: `comm` is live, `sub` is writable, a null config asks for the parent's
+            // configuration.
+            let rc = unsafe { (lib.comm_split)(comm, c, k, &mut sub, std::ptr::null_mut()) };
+            check(lib, "ncclCommSplit", rc)?;
+        }
         // NCCL orders the new group by (key, parent rank) like MPI_Comm_split; ask it for
         // the resulting rank and size rather than recomputing them.
-        let mut comm = NcclComm {
-            lib: self.lib,
-            comm: sub,
-            rank: 0,
-            size: 1,
-            device: self.device,
+        let sizes = nccl_count(lib, sub).and_then(|n| Ok((n, nccl_user_rank(lib, sub)?)));
+        let (size, rank) = match sizes {
+            Ok(s) => s,
+            Err(e) => {
+                // SAFETY: `sub` is live and not shared with anyone yet.
+                let _ = unsafe { (lib.comm_abort)(sub) };
+                return Err(e);
+            }
         };
-        comm.size = nccl_count(self.lib, sub)?;
-        comm.rank = nccl_user_rank(self.lib, sub)?;
+        let comm = NcclComm::watched(lib, sub, rank, size, self.device, self.timeout)?;
         Ok(Box::new(comm))
     }
 }
+
 
 fn nccl_count(lib: &NcclLib, comm: ncclComm_t) -> Result<usize> {
     type F = unsafe extern "C" fn(ncclComm_t, *mut c_int) -> c_int;
