@@ -9,6 +9,7 @@ mod device;
 mod eval_cmd;
 mod exit_code;
 mod generate_cmd;
+mod gpu_driver;
 mod inspect_cmd;
 mod launch_cmd;
 mod overrides;

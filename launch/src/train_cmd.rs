@@ -3,7 +3,7 @@
 //! by the caller.
 
 use crate::cli::Resume;
-use crate::device::resolve_device;
+use crate::device::{describe, resolve_device, resolve_rank_device};
 use crate::exit_code::BadInput;
 use anyhow::{anyhow, bail, Context};
 use moe_comm::{threads::threads_world_on, ProcessGroups};
@@ -219,7 +219,8 @@ fn run_mpi(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> any
         // Every rank checks the same directory; the trainer's rank 0 writes config.yaml.
         let resume = prepare_out_dir_for(&cfg, &opts, rank == 0)?;
         let local_rank = runtime.local_rank();
-        let device = resolve_device(&cfg.trainer.device, local_rank)?;
+        let device =
+            resolve_rank_device(&cfg.trainer.device, local_rank, runtime.local_size())?;
         check_precision(&cfg, device)?;
         set_threads(cfg.trainer.threads, runtime.local_size());
         if rank == 0 {
@@ -253,7 +254,7 @@ fn run_mpi(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> any
         Err(e) => {
             // Abort the whole job: peers blocked in a collective would otherwise hang.
             eprintln!("rank {rank} of {size}: error: {e:#}");
-            runtime.abort(1);
+            runtime.abort(i32::from(crate::exit_code::exit_code(&e)));
         }
     }
 }
@@ -296,7 +297,8 @@ fn world_comm(
         ),
     }
     // Collective over the MPI world: rank 0 makes the NCCL unique id and broadcasts it.
-    let nccl = NcclComm::new(mpi_world.as_mut(), index)
+    let timeout = Duration::from_secs(cfg.parallel.timeout_s);
+    let nccl = NcclComm::new(mpi_world.as_mut(), index, timeout)
         .map_err(|e| anyhow!("creating the NCCL communicator on {device:?}: {e}"))?;
     Ok(Box::new(nccl))
 }
@@ -375,7 +377,7 @@ fn announce(cfg: &ExperimentConfig, opts: &TrainOpts, device: tch::Device) {
         Err(e) => format!("params unknown ({e})"),
     };
     println!(
-        "moe train: {} ({}{}) on {} rank(s), ep_size {}, {params}, device {device:?}, {}, out_dir {}",
+        "moe train: {} ({}{}) on {} rank(s), ep_size {}, {params}, device {}, {}, out_dir {}",
         cfg.run.name,
         opts.config_path.display(),
         if opts.overrides.is_empty() {
@@ -385,6 +387,7 @@ fn announce(cfg: &ExperimentConfig, opts: &TrainOpts, device: tch::Device) {
         },
         opts.world_size,
         cfg.parallel.ep_size,
+        describe(device),
         match cfg.trainer.precision {
             Precision::Fp32 => "fp32",
             Precision::Bf16 => "bf16",
