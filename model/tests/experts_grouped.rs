@@ -12,6 +12,10 @@ use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
 fn experts(d: i64, h: i64, num_local: i64, imp: ExpertImpl) -> RoutedExperts {
+    experts_on(d, h, num_local, imp, Device::Cpu)
+}
+
+fn experts_on(d: i64, h: i64, num_local: i64, imp: ExpertImpl, dev: Device) -> RoutedExperts {
     let model = ModelConfig {
         d_model: d,
         num_layers: 2,
@@ -32,7 +36,7 @@ fn experts(d: i64, h: i64, num_local: i64, imp: ExpertImpl) -> RoutedExperts {
         num_local,
         num_local,
         5,
-        Device::Cpu,
+        dev,
     )
     .unwrap()
 }
@@ -69,7 +73,7 @@ fn forward_backward(
     let loss = if expanded_grad {
         y.sum(Kind::Float)
     } else {
-        (&y * rows_input(y.size()[0], y.size()[1], 99)).sum(Kind::Float)
+        (&y * rows_input(y.size()[0], y.size()[1], 99).to_device(y.device())).sum(Kind::Float)
     };
     loss.backward();
     let grad = |t: &Tensor| {
@@ -108,8 +112,9 @@ fn sequential_matches_per_expert_formula() {
     assert!(y.abs().max().double_value(&[]) > 0.0);
 }
 
-#[test]
-fn grouped_equals_sequential_including_empty_experts() {
+/// On the CPU and, where usable, on CUDA (`MOE_REQUIRE_CUDA=1` makes the CUDA variant fail
+/// instead of skipping where CUDA is not usable).
+fn grouped_equals_sequential_including_empty_experts(dev: Device) {
     let (d, h, l) = (8, 12, 5);
     let cases: [&[i64]; 5] = [
         &[3, 0, 7, 0, 2],
@@ -120,10 +125,10 @@ fn grouped_equals_sequential_including_empty_experts() {
     ];
     for (i, rows) in cases.iter().enumerate() {
         let m: i64 = rows.iter().sum();
-        let x = rows_input(m, d, 10 + i as u64);
+        let x = rows_input(m, d, 10 + i as u64).to_device(dev);
         for expanded in [false, true] {
-            let seq = experts(d, h, l, ExpertImpl::Sequential);
-            let grp = experts(d, h, l, ExpertImpl::Grouped);
+            let seq = experts_on(d, h, l, ExpertImpl::Sequential, dev);
+            let grp = experts_on(d, h, l, ExpertImpl::Grouped, dev);
             assert_eq!(grp.effective_impl(Kind::Float), ExpertImpl::Grouped);
             let a = forward_backward(&grp, &x, rows, expanded);
             let b = forward_backward(&seq, &x, rows, expanded);
@@ -146,6 +151,12 @@ fn grouped_equals_sequential_including_empty_experts() {
         }
     }
 }
+
+moe_comm::test_device!(
+    grouped_equals_sequential_including_empty_experts,
+    grouped_equals_sequential_cpu,
+    grouped_equals_sequential_cuda
+);
 
 #[test]
 fn grouped_falls_back_when_rows_are_unaligned() {

@@ -1,5 +1,6 @@
 //! Router maths against hand-computed values, finite differences and the single-process
-//! definition of the global aux loss. Every test runs on the CPU and, when present, on CUDA.
+//! definition of the global aux loss. Every test runs on the CPU and, when usable, on CUDA
+//! (`devices()`).
 //!
 //! Expected numbers come from the quoted PyTorch expressions (evaluated in float64); float32
 //! results are compared with a tolerance of 1e-6, a few ulps of values of order 1.
@@ -11,12 +12,12 @@ use tch::{Device, Kind, Tensor};
 /// float32 softmax/sigmoid of O(1) logits: a few ulps.
 const TOL_F32: f64 = 1e-6;
 
+/// The CPU, and `cuda:0` where CUDA is usable (libtorch_cuda is loaded for this); with
+/// `MOE_REQUIRE_CUDA=1` (scripts/gpu-check.sh) a machine without usable CUDA fails the tests
+/// instead of running them on the CPU only. The same hand-computed values and tolerances
+/// hold on both devices, so the routing on CUDA equals the routing on the CPU.
 fn devices() -> Vec<Device> {
-    let mut d = vec![Device::Cpu];
-    if tch::Cuda::is_available() {
-        d.push(Device::Cuda(0));
-    }
-    d
+    moe_comm::cuda::test_devices()
 }
 
 fn logits(rows: &[&[f64]], kind: Kind, dev: Device) -> Tensor {
