@@ -13,15 +13,7 @@ stamp=.venv/.moe-stamp
 want="torch==2.11.0 numpy safetensors tensorboard transformers==5.24.0"
 
 # The CUDA 13 wheel needs an NVIDIA driver >= 580; an older one leaves training on the CPU.
-if command -v nvidia-smi >/dev/null 2>&1; then
-  drv=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)
-  major=${drv%%.*}
-  if [ -z "$drv" ]; then
-    echo "setup: warning: nvidia-smi is present but reports no driver version; CUDA may not load" >&2
-  elif [ "$major" -lt 580 ] 2>/dev/null; then
-    echo "setup: warning: NVIDIA driver $drv is older than 580, which torch 2.11.0's CUDA 13 build needs; training will fail on cuda (device: auto falls back to the CPU with a warning)" >&2
-  fi
-fi
+scripts/check-driver.sh
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 echo "setup: creating .venv ($want)"
