@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: setup build train test lint fmt clean
+.PHONY: setup build train test lint fmt clean gpu-bundle
 
 setup:
 	@scripts/setup-system.sh
@@ -23,6 +23,10 @@ train: build
 # of what they are handed, so a CPU run fails where a GPU run would (comm/src/placement.rs).
 test: build
 	@$(ENV) MOE_STRICT=1 cargo test --release --workspace --no-fail-fast
+
+# Builds here and gathers gpu-bundle/ for scripts/gpu-check.sh on a lent GPU machine (carry it).
+gpu-bundle: setup
+	@scripts/gpu-bundle.sh
 
 lint: setup
 	@$(ENV) cargo fmt --all -- --check && cargo clippy --release --workspace --all-targets -- -D warnings

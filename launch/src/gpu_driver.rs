@@ -361,12 +361,19 @@ mod tests {
         assert_eq!(p.describe_gpu(0), " (NVIDIA H200, driver for CUDA 13.0)");
     }
 
-    /// On this machine: whatever the probe finds, it does not panic and is consistent.
+    /// On this machine: whatever the probe finds, it does not panic and is consistent; on a
+    /// GPU check (`MOE_REQUIRE_CUDA=1`) it must find a GPU and a driver recent enough.
     #[test]
     fn the_probe_runs_here() {
-        match probe() {
+        let p = probe();
+        println!("driver here: {p:?}; cuda:0 is{}", p.describe_gpu(0));
+        if moe_comm::cuda::cuda_required() {
+            assert!(p.has_gpu(), "MOE_REQUIRE_CUDA=1 but no GPU found: {p:?}");
+            assert_eq!(p.problem(), None);
+        }
+        match p {
             DriverProbe::Absent(why) => assert!(why.contains("libcuda"), "{why}"),
-            DriverProbe::Present(d) => println!("driver here: {d:?}"),
+            DriverProbe::Present(d) => assert!(d.error.is_some() || !d.gpus.is_empty(), "{d:?}"),
         }
     }
 }
