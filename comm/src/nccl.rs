@@ -20,7 +20,7 @@
 //! communicator only when nothing is pending and nothing failed, and aborts it otherwise.
 
 use crate::args::{check_all_to_all, invalid};
-use crate::watchdog::{Failure, Limits, Watched, Watchdog};
+use crate::watchdog::{Failure, Limits, Watchdog, Watched};
 use crate::{CommError, Communicator, Result};
 use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -167,8 +167,8 @@ fn library() -> Result<&'static NcclLib> {
         let _ = crate::cuda::load();
         load()
     })
-        .as_ref()
-        .map_err(|e| unavailable(e.clone()))
+    .as_ref()
+    .map_err(|e| unavailable(e.clone()))
 }
 
 /// Checks that NCCL can be loaded and CUDA is usable; returns the library name loaded.
@@ -744,7 +744,6 @@ impl Communicator for NcclComm {
         Ok(Box::new(comm))
     }
 }
-
 
 fn nccl_count(lib: &NcclLib, comm: ncclComm_t) -> Result<usize> {
     type F = unsafe extern "C" fn(ncclComm_t, *mut c_int) -> c_int;

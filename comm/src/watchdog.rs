@@ -446,9 +446,19 @@ mod tests {
             panic!("expected a timeout")
         };
         assert_eq!(f.op, Some("all_to_all"));
-        assert_eq!(f.kind, FailureKind::Timeout { elapsed: Duration::from_millis(101) });
+        assert_eq!(
+            f.kind,
+            FailureKind::Timeout {
+                elapsed: Duration::from_millis(101)
+            }
+        );
         let msg = f.to_string();
-        for want in ["all_to_all", "rank 1 of 4", "parallel.timeout_s (0.1 s)", "aborted"] {
+        for want in [
+            "all_to_all",
+            "rank 1 of 4",
+            "parallel.timeout_s (0.1 s)",
+            "aborted",
+        ] {
             assert!(msg.contains(want), "{want:?} missing from: {msg}");
         }
         assert_eq!(fake.aborts.load(Ordering::SeqCst), 1);
@@ -457,7 +467,10 @@ mod tests {
         assert_eq!(wd.tick(ms(t0, 10_000)), Tick::Healthy);
         assert_eq!(fake.aborts.load(Ordering::SeqCst), 1);
         assert_eq!(fake.terminations.load(Ordering::SeqCst), 0, "claimed");
-        assert!(!wd.stop(), "a failed communicator must be aborted, not destroyed");
+        assert!(
+            !wd.stop(),
+            "a failed communicator must be aborted, not destroyed"
+        );
     }
 
     #[test]
@@ -472,7 +485,10 @@ mod tests {
         };
         assert_eq!(f.op, Some("broadcast"));
         let msg = f.to_string();
-        assert!(msg.contains("ncclRemoteError") && msg.contains("rank 1 of 4"), "{msg}");
+        assert!(
+            msg.contains("ncclRemoteError") && msg.contains("rank 1 of 4"),
+            "{msg}"
+        );
         assert!(msg.contains("60 s"), "{msg}");
         assert_eq!(fake.aborts.load(Ordering::SeqCst), 1);
         assert!(wd.check().is_err());
@@ -511,7 +527,11 @@ mod tests {
         wd.watch("all_to_all", t0, 1);
         assert!(!wd.stop(), "pending work: the owner must abort");
         assert_eq!(wd.tick(ms(t0, 5000)), Tick::Stopped);
-        assert_eq!(fake.aborts.load(Ordering::SeqCst), 0, "the owner aborts, not the watchdog");
+        assert_eq!(
+            fake.aborts.load(Ordering::SeqCst),
+            0,
+            "the owner aborts, not the watchdog"
+        );
         wd.watch("barrier", t0, 9);
         assert_eq!(*fake.released.lock().unwrap(), vec![9]);
     }
@@ -527,7 +547,10 @@ mod tests {
         wd.watch("all_to_all", Instant::now(), 2);
         let t0 = Instant::now();
         while wd.check().is_ok() {
-            assert!(t0.elapsed() < Duration::from_secs(10), "the watchdog never fired");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the watchdog never fired"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         let f = wd.check().unwrap_err();

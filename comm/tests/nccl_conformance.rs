@@ -37,7 +37,11 @@ impl Communicator for OnDevice {
     fn all_to_all(&mut self, input: &Tensor, send: &[i64], recv: &[i64]) -> Result<Tensor> {
         let x = self.there(input);
         let y = self.inner.all_to_all(&x, send, recv)?;
-        assert_eq!(y.device(), self.dev, "all_to_all result on the communicator's device");
+        assert_eq!(
+            y.device(),
+            self.dev,
+            "all_to_all result on the communicator's device"
+        );
         Ok(y.to_device(Device::Cpu))
     }
     fn all_reduce_sum(&mut self, input: &Tensor) -> Result<Tensor> {
@@ -73,12 +77,18 @@ fn nccl_backend_conforms_p1() {
         .unwrap_or_else(|e| panic!("NCCL on {dev:?}: {e}"));
     // A CPU tensor is refused, naming both devices.
     let mut raw: Box<dyn Communicator> = Box::new(nccl);
-    let e = raw.all_reduce_sum(&Tensor::from_slice(&[1.0f32])).unwrap_err();
+    let e = raw
+        .all_reduce_sum(&Tensor::from_slice(&[1.0f32]))
+        .unwrap_err();
     assert!(e.to_string().contains("cuda:0"), "{e}");
     let mut comm = OnDevice { inner: raw, dev };
     common::suite::run(&mut comm).unwrap();
     // Dropping a communicator with nothing pending returns at once (it never waits on peers).
     let t0 = Instant::now();
     drop(comm);
-    assert!(t0.elapsed() < Duration::from_secs(5), "drop took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "drop took {:?}",
+        t0.elapsed()
+    );
 }

@@ -134,7 +134,8 @@ pub fn resolve_rank_device(
     if spec == Spec::Cpu {
         return Ok(Device::Cpu);
     }
-    let (device, warning) = decide(spec, local_rank, local_size, &Probe::gather()).map_err(BadInput)?;
+    let (device, warning) =
+        decide(spec, local_rank, local_size, &Probe::gather()).map_err(BadInput)?;
     if let Some(w) = warning {
         eprintln!("warning: {w}");
     }
@@ -212,14 +213,20 @@ mod tests {
             // Rank 0 of 3 would get a GPU of its own, but rank 2 would not: all ranks fail
             // alike, before anything starts.
             let e = decide(spec, 0, 3, &p).unwrap_err();
-            assert!(e.contains("3 ranks") && e.contains("only 2 CUDA device"), "{e}");
+            assert!(
+                e.contains("3 ranks") && e.contains("only 2 CUDA device"),
+                "{e}"
+            );
         }
     }
 
     #[test]
     fn cuda_index_is_checked_and_not_shared_by_ranks() {
         let p = probe(Ok(2), gpu_driver("580.159.04", 13000, 2));
-        assert_eq!(decide(Spec::CudaIndex(1), 0, 1, &p), Ok((Device::Cuda(1), None)));
+        assert_eq!(
+            decide(Spec::CudaIndex(1), 0, 1, &p),
+            Ok((Device::Cuda(1), None))
+        );
         let e = decide(Spec::CudaIndex(2), 0, 1, &p).unwrap_err();
         assert!(e.contains("cuda:2") && e.contains("2 CUDA device"), "{e}");
         let e = decide(Spec::CudaIndex(0), 0, 2, &p).unwrap_err();
@@ -234,8 +241,14 @@ mod tests {
     #[test]
     fn cuda_without_a_gpu_names_what_is_missing() {
         let e = decide(Spec::Cuda, 0, 1, &no_gpu()).unwrap_err();
-        assert!(e.starts_with("trainer.device is cuda but CUDA cannot be used"), "{e}");
-        assert!(e.contains("no NVIDIA driver") && e.contains("libcuda.so.1"), "{e}");
+        assert!(
+            e.starts_with("trainer.device is cuda but CUDA cannot be used"),
+            "{e}"
+        );
+        assert!(
+            e.contains("no NVIDIA driver") && e.contains("libcuda.so.1"),
+            "{e}"
+        );
         assert!(e.contains("libcudart.so.13"), "{e}");
         let e = decide(Spec::CudaIndex(0), 0, 1, &no_gpu()).unwrap_err();
         assert!(e.contains("cuda:0"), "{e}");
@@ -250,7 +263,13 @@ mod tests {
         let (dev, warning) = decide(Spec::Auto, 0, 1, &p).unwrap();
         assert_eq!(dev, Device::Cpu);
         let w = warning.expect("a warning");
-        for want in ["NVIDIA H200", "550.54.15", "CUDA 12.4", ">= 580", "on the CPU"] {
+        for want in [
+            "NVIDIA H200",
+            "550.54.15",
+            "CUDA 12.4",
+            ">= 580",
+            "on the CPU",
+        ] {
             assert!(w.contains(want), "{want:?} missing from: {w}");
         }
         let e = decide(Spec::Cuda, 0, 1, &p).unwrap_err();
@@ -266,7 +285,10 @@ mod tests {
         let (dev, warning) = decide(Spec::Auto, 0, 1, &p).unwrap();
         assert_eq!(dev, Device::Cpu);
         let w = warning.unwrap();
-        assert!(w.contains("libcublas.so.13") && !w.contains(">= 580"), "{w}");
+        assert!(
+            w.contains("libcublas.so.13") && !w.contains(">= 580"),
+            "{w}"
+        );
     }
 
     #[test]

@@ -334,20 +334,32 @@ mod tests {
 
     #[test]
     fn an_old_driver_is_named_with_what_it_needs() {
-        let p = present(Some("550.54.15"), Some(12040), None).problem().unwrap();
+        let p = present(Some("550.54.15"), Some(12040), None)
+            .problem()
+            .unwrap();
         assert!(p.contains("550.54.15") && p.contains("CUDA 12.4"), "{p}");
         assert!(p.contains(">= 580") && p.contains("CUDA 13.0"), "{p}");
         // Known by the CUDA version alone (no /proc, as under gVisor).
         let p = present(None, Some(12080), None).problem().unwrap();
         assert!(p.contains("12.8") && p.contains(">= 580"), "{p}");
-        assert_eq!(present(Some("580.159.04"), Some(13000), None).problem(), None);
-        let p = present(Some("580.159.04"), Some(13000), Some("cuInit failed: CUDA_ERROR_NO_DEVICE (100)"))
-            .problem()
-            .unwrap();
+        assert_eq!(
+            present(Some("580.159.04"), Some(13000), None).problem(),
+            None
+        );
+        let p = present(
+            Some("580.159.04"),
+            Some(13000),
+            Some("cuInit failed: CUDA_ERROR_NO_DEVICE (100)"),
+        )
+        .problem()
+        .unwrap();
         assert!(p.contains("CUDA_ERROR_NO_DEVICE"), "{p}");
         let absent = DriverProbe::Absent("libcuda.so.1: cannot open shared object file".into());
         assert!(!absent.has_gpu());
-        assert!(absent.problem().unwrap().contains("no NVIDIA driver (libcuda.so.1"));
+        assert!(absent
+            .problem()
+            .unwrap()
+            .contains("no NVIDIA driver (libcuda.so.1"));
     }
 
     #[test]

@@ -50,14 +50,20 @@ fn check_driver(tag: &str, stub_output: Option<&str>) -> (i32, String) {
 fn driver_550_warns_naming_both_versions() {
     let (code, stderr) = check_driver("550", Some("550.54.15\n550.54.15\n"));
     assert_eq!(code, 0, "a warning, not a failure");
-    assert!(stderr.starts_with("setup: warning: NVIDIA driver 550.54.15 is older than 580"), "{stderr}");
+    assert!(
+        stderr.starts_with("setup: warning: NVIDIA driver 550.54.15 is older than 580"),
+        "{stderr}"
+    );
     assert!(stderr.contains("CUDA 13"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
 #[test]
 fn driver_580_is_silent() {
-    assert_eq!(check_driver("580", Some("580.159.04\n")), (0, String::new()));
+    assert_eq!(
+        check_driver("580", Some("580.159.04\n")),
+        (0, String::new())
+    );
     assert_eq!(check_driver("590", Some("590.12\n")), (0, String::new()));
 }
 
@@ -67,14 +73,20 @@ fn unreadable_versions_warn() {
     assert_eq!(code, 0);
     assert!(stderr.contains("reports no driver version"), "{stderr}");
     let (_, stderr) = check_driver("junk", Some("N/A\n"));
-    assert!(stderr.contains("cannot read the NVIDIA driver version") && stderr.contains("N/A"), "{stderr}");
+    assert!(
+        stderr.contains("cannot read the NVIDIA driver version") && stderr.contains("N/A"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn no_nvidia_smi_is_silent() {
     let (code, stderr) = check_driver("none", None);
     assert_eq!(code, 0);
-    assert!(stderr.is_empty() || stderr.starts_with("skipped"), "{stderr}");
+    assert!(
+        stderr.is_empty() || stderr.starts_with("skipped"),
+        "{stderr}"
+    );
 }
 
 #[test]
