@@ -34,6 +34,10 @@ impl Communicator for OnDevice {
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
+    /// The callers' side: CPU tensors in and out.
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
     fn all_to_all(&mut self, input: &Tensor, send: &[i64], recv: &[i64]) -> Result<Tensor> {
         let x = self.there(input);
         let y = self.inner.all_to_all(&x, send, recv)?;
@@ -73,7 +77,7 @@ fn nccl_backend_conforms_p1() {
     let Some(dev) = moe_comm::cuda::test_cuda_device() else {
         return;
     };
-    let nccl = NcclComm::new(&mut LocalComm, 0, Duration::from_secs(60))
+    let nccl = NcclComm::new(&mut LocalComm::default(), 0, Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("NCCL on {dev:?}: {e}"));
     // A CPU tensor is refused, naming both devices.
     let mut raw: Box<dyn Communicator> = Box::new(nccl);
