@@ -12,19 +12,21 @@
 //! all-to-allv), on torch's current CUDA stream of the communicator's device, obtained
 //! through the C++ shim (c10's device-guard interface, no CUDA headers needed).
 //!
-//! Errors and stuck collectives: every collective records a CUDA event after it and hands it
-//! to a [`Watchdog`] thread, which polls `ncclCommGetAsyncError` and the events and, on an
-//! asynchronous error or a collective older than `parallel.timeout_s`, aborts the
-//! communicator (`ncclCommAbort`) so that no rank hangs; the next call returns the failure,
-//! naming the collective, the rank and the timeout. `Drop` never blocks: it destroys the
-//! communicator only when nothing is pending and nothing failed, and aborts it otherwise.
+//! Errors and stuck collectives: a [`Watchdog`] thread times every call into NCCL (which can
+//! block on the host while connecting to or splitting with a dead peer) and every collective
+//! on the GPU (a CUDA event recorded after it). It polls `ncclCommGetAsyncError` and those
+//! markers and, on an asynchronous error or a collective older than `parallel.timeout_s`,
+//! aborts the communicator (`ncclCommAbort`) so that no rank hangs; the next call returns the
+//! failure, naming the collective, the rank and the timeout. `Drop` never blocks: it destroys
+//! the communicator only when nothing is pending and nothing failed, and aborts it otherwise.
+//! Not covered: `ncclCommInitRank` itself (there is no communicator to abort yet).
 
 use crate::args::{check_all_to_all, invalid};
 use crate::watchdog::{Failure, Limits, Watchdog, Watched};
 use crate::{CommError, Communicator, Result};
 use cudarc::nccl::sys::{cudaStream_t, ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -258,6 +260,24 @@ struct Event(*mut c_void);
 // SAFETY: a cudaEvent_t may be queried and destroyed from any thread.
 unsafe impl Send for Event {}
 
+/// What the watchdog waits for: the host side of a call into NCCL (which blocks while NCCL
+/// connects to, or splits with, peers that may never come), then the GPU side.
+enum Work {
+    /// Done when the call into NCCL returned.
+    Host(Arc<AtomicBool>),
+    /// Done when the collective ran on the GPU.
+    Device(Event),
+}
+
+/// Marks the host side of a call done when dropped (also on an early return).
+struct HostCall(Arc<AtomicBool>);
+
+impl Drop for HostCall {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
 const LIVE: u8 = 0;
 const ABORTED: u8 = 1;
 const DESTROYED: u8 = 2;
@@ -323,9 +343,13 @@ impl Handle {
 }
 
 impl Watched for Arc<Handle> {
-    type Work = Event;
+    type Work = Work;
 
-    fn is_done(&self, work: &Event) -> std::result::Result<bool, String> {
+    fn is_done(&self, work: &Work) -> std::result::Result<bool, String> {
+        let work = match work {
+            Work::Host(done) => return Ok(done.load(Ordering::Acquire)),
+            Work::Device(event) => event,
+        };
         let mut err = [0u8; 1024];
         // SAFETY: `work.0` is a live event from moe_shim_cuda_event_record; the shim catches
         // all C++ exceptions and writes at most `err.len()` bytes.
@@ -339,9 +363,11 @@ impl Watched for Arc<Handle> {
         }
     }
 
-    fn release(&self, work: Event) {
-        // SAFETY: a live event, destroyed once (it is consumed here).
-        unsafe { moe_shim_cuda_event_destroy(work.0, self.device) };
+    fn release(&self, work: Work) {
+        if let Work::Device(event) = work {
+            // SAFETY: a live event, destroyed once (it is consumed here).
+            unsafe { moe_shim_cuda_event_destroy(event.0, self.device) };
+        }
     }
 
     fn async_error(&self) -> Option<String> {
@@ -494,9 +520,14 @@ impl NcclComm {
         self.watchdog.check().map_err(CommError::Watchdog)
     }
 
-    /// Starts a call into NCCL: refused once the communicator failed or was aborted.
-    fn enter(&self) -> Result<(MutexGuard<'_, ()>, ncclComm_t)> {
+    /// Starts call `op` into NCCL: refused once the communicator failed or was aborted. The
+    /// watchdog times the call itself until the returned [`HostCall`] is dropped.
+    fn enter(&self, op: &'static str) -> Result<(HostCall, MutexGuard<'_, ()>, ncclComm_t)> {
         self.failed()?;
+        let done = Arc::new(AtomicBool::new(false));
+        self.watchdog
+            .watch(op, Instant::now(), Work::Host(done.clone()));
+        let host = HostCall(done);
         let guard = self.handle.calls.lock().map_err(|_| CommError::Poisoned)?;
         if self.handle.state.load(Ordering::Acquire) != LIVE {
             self.failed()?;
@@ -505,7 +536,7 @@ impl NcclComm {
                 self.rank, self.size
             )));
         }
-        Ok((guard, self.handle.comm))
+        Ok((host, guard, self.handle.comm))
     }
 
     /// After collective `op` was enqueued (at `started`): hands its completion event to the
@@ -521,7 +552,7 @@ impl NcclComm {
                 shim_err(&err)
             )));
         }
-        self.watchdog.watch(op, started, Event(ev));
+        self.watchdog.watch(op, started, Work::Device(Event(ev)));
         Ok(())
     }
 }
@@ -584,7 +615,7 @@ impl Communicator for NcclComm {
         let lib = self.handle.lib;
         let started = Instant::now();
         {
-            let (_calls, comm) = self.enter()?;
+            let (_host, _calls, comm) = self.enter(OP)?;
             // SAFETY: ncclGroupStart takes no arguments; the group is closed below on every
             // path.
             check(lib, "ncclGroupStart", unsafe { (lib.group_start)() })?;
@@ -626,7 +657,7 @@ impl Communicator for NcclComm {
         let stream = self.stream()?;
         let started = Instant::now();
         {
-            let (_calls, comm) = self.enter()?;
+            let (_host, _calls, comm) = self.enter(OP)?;
             // SAFETY: both buffers are contiguous device memory of `numel` elements of
             // `dtype`; `comm` is live while `_calls` is held.
             let rc = unsafe {
@@ -655,7 +686,7 @@ impl Communicator for NcclComm {
         let stream = self.stream()?;
         let started = Instant::now();
         {
-            let (_calls, comm) = self.enter()?;
+            let (_host, _calls, comm) = self.enter(OP)?;
             // SAFETY: `out` holds size x nbytes(x) contiguous bytes; `x` holds nbytes(x).
             let rc = unsafe {
                 (self.handle.lib.all_gather)(
@@ -686,7 +717,7 @@ impl Communicator for NcclComm {
         let stream = self.stream()?;
         let started = Instant::now();
         {
-            let (_calls, comm) = self.enter()?;
+            let (_host, _calls, comm) = self.enter(OP)?;
             // SAFETY: `x` and `out` are contiguous device buffers of nbytes(x) bytes.
             let rc = unsafe {
                 (self.handle.lib.broadcast)(
@@ -717,13 +748,14 @@ impl Communicator for NcclComm {
     }
 
     fn split(&mut self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
+        const OP: &str = "split";
         let c = c_int::try_from(color).map_err(|_| invalid("split", format!("color {color}")))?;
         let k = c_int::try_from(key).map_err(|_| invalid("split", format!("key {key}")))?;
         let lib = self.handle.lib;
         let mut sub: ncclComm_t = std::ptr::null_mut();
         set_device(self.device)?;
         {
-            let (_calls, comm) = self.enter()?;
+            let (_host, _calls, comm) = self.enter(OP)?;
             // SAFETY: `comm` is live, `sub` is writable, a null config asks for the parent's
             // configuration.
             let rc = unsafe { (lib.comm_split)(comm, c, k, &mut sub, std::ptr::null_mut()) };

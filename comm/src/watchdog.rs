@@ -536,6 +536,20 @@ mod tests {
         assert_eq!(*fake.released.lock().unwrap(), vec![9]);
     }
 
+    #[test]
+    fn limits_follow_the_timeout() {
+        let l = Limits::for_timeout(Duration::from_secs(60));
+        assert_eq!(
+            (l.poll, l.grace),
+            (Duration::from_secs(1), Duration::from_secs(60))
+        );
+        let l = Limits::for_timeout(Duration::from_millis(50));
+        assert_eq!(
+            (l.poll, l.grace),
+            (Duration::from_millis(10), Duration::from_secs(10))
+        );
+    }
+
     /// The real thread, real clock: a stuck collective is aborted within a few polls of its
     /// deadline, and one that completes in time is not.
     #[test]
