@@ -245,7 +245,7 @@ for c in "${checks[@]}"; do
   fi
   [ "$limit" -le "$((left - 5))" ] || limit=$((left - 5))
   t0=$SECONDS
-  out=$(timeout -k 5 "$limit" "$0" --one "$name" 2>&1)
+  out=$(timeout -k 5 "$limit" bash "$ROOT/scripts/gpu-check.sh" --one "$name" 2>&1)
   rc=$?
   secs=$((SECONDS - t0))
   note=$(printf '%s\n' "$out" | sed '/^[[:space:]]*$/d' | tail -n 1 | cut -c1-220)
