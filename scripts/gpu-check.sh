@@ -4,7 +4,9 @@
 # check's log in $OUT/gpu-check.log, when $OUT is set).
 #
 #   here:   make gpu-bundle        (builds; gathers gpu-bundle/: moe, test executables, libs)
-#   there:  bash scripts/gpu-check.sh   with the device tool, carry ["gpu-bundle"]
+#   there:  the device tool's run with command "bash scripts/gpu-check.sh", carry
+#           ["gpu-bundle"] and timeout_s 540, from the checkout the session started in
+#           (the one the tool sends), after `make gpu-bundle` there
 #
 # Checks: the driver and libraries (nvidia-smi, libtorch_cuda loads and sees the GPU,
 # libnccl.so.2 found), the quickstart trained 20 steps on cuda in fp32 and in bf16 (the
