@@ -13,41 +13,43 @@ source scripts/env.sh
 out=gpu-bundle
 limit_mib=60 # the device tool carries 64 MiB in all, the working tree included
 
-# "package selector name": the test executables gpu-check.sh runs.
-tests=(
-  "moe-comm --lib comm_unit"
-  "moe-comm --test=nccl_conformance nccl_conformance"
-  "moe-model --test=router router"
-  "moe-model --test=experts_grouped experts_grouped"
-  "moe-launch --bin=moe launch_unit"
-)
+# The test executables gpu-check.sh runs: (target name, target kind) -> file name.
+tests='{"moe_comm lib": "comm_unit", "nccl_conformance test": "nccl_conformance",
+  "router test": "router", "experts_grouped test": "experts_grouped", "moe bin": "launch_unit"}'
 
-cargo build --release -p moe-launch --bin moe
+# Whole-workspace builds only: a build of one package unifies features differently and
+# rebuilds shared libraries, which would leave other test binaries (and examples) stale.
+cargo build --release --workspace --bins --examples
 rm -rf "$out"
 mkdir -p "$out/bin" "$out/tests" "$out/lib"
 cp target/release/moe "$out/bin/moe"
 
-for t in "${tests[@]}"; do
-  read -r pkg sel name <<<"$t"
-  # The executable of that target, from cargo's own report (names carry a hash).
-  exe=$(cargo test --release -p "$pkg" "$sel" --no-run --message-format=json 2>/dev/null |
-    python3 -c '
-import json, sys
-exe = None
+# Their paths, from cargo's own report (names carry a hash).
+cargo test --release --workspace --no-run --message-format=json 2>/dev/null |
+  WANT=$tests python3 -c '
+import json, os, sys
+want = json.loads(os.environ["WANT"])
+found = {}
 for line in sys.stdin:
     try:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        exe = m["executable"]
-print(exe or "")')
-  if [ -z "$exe" ] || [ ! -x "$exe" ]; then
-    echo "gpu-bundle: no test executable for $pkg $sel" >&2
-    exit 1
-  fi
+    if m.get("reason") != "compiler-artifact" or not m.get("executable") or not m["profile"]["test"]:
+        continue
+    key = m["target"]["name"] + " " + m["target"]["kind"][0]
+    if key in want:
+        found[want[key]] = m["executable"]
+missing = sorted(set(want.values()) - set(found))
+if missing:
+    sys.exit("gpu-bundle: no test executable for " + ", ".join(missing))
+for name, exe in sorted(found.items()):
+    print(name, exe)
+' >"$out/.tests"
+while read -r name exe; do
   cp "$exe" "$out/tests/$name"
-done
+done <"$out/.tests"
+rm "$out/.tests"
 
 # System libraries linked by the executables, except the C/C++ runtime every machine has
 # and libtorch's (taken from the GPU machine's torch).

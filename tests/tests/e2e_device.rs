@@ -24,7 +24,7 @@ fn startup_line_names_parameters_device_precision_and_data() {
     .ok();
     let first = f.stdout.lines().next().unwrap_or_default();
     // The quickstart: 8 experts of 4 layers, 1.84M parameters of which 0.66M are active.
-    for want in ["1.84M params (660.61K active)", "device Cpu", "fp32"] {
+    for want in ["1.84M params (660.61K active)", "device cpu", "fp32"] {
         assert!(first.contains(want), "{want:?} missing from {first:?}");
     }
     let data = f
