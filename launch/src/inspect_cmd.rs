@@ -13,8 +13,8 @@
 //!   s = num_shared * shared_hidden:
 //!
 //! ```text
-//! n * [ L * (16 d + b (4 q + 2 kv))            residual and norms (f32); q, k, v, the
-//!                                              GQA-expanded k and v, attention output
+//! n * [ L * (16 d + b A)                       residual and norms (f32); attention's
+//!                                              tensors A (below)
 //!     + dense_layers * b (d + 3 f)             FFN input, gate, up, gate * up
 //!     + moe_layers * (4 (d + 3 E)              router input, logits, scores (f32)
 //!                     + b (k (2 d + 3 h)       routed rows, their gate, up, product, output
@@ -22,17 +22,25 @@
 //!     + 8 v + b d ]                            logits and their softmax (f32)
 //! ```
 //!
+//!   with A = 4 q + 2 kv for `mha` (q, k, v, the GQA-expanded k and v, the output) and, for
+//!   `mla`, A = r_q + (r_kv + rope) + r_kv + H (2 qk + nope + 2 v) (query latent, kv latent
+//!   and its norm, q, the up-projected k_nope and v, the full k, the output).
+//!
 //! - all-to-all bytes per rank per step:
 //!   `T * k * d * b * 2 (dispatch + combine) * (P-1)/P * 2 (forward + backward) * moe_layers`
 //!   with T = batch_size * seq_len * grad_accum tokens per rank per step; (P-1)/P is the
 //!   share of rows leaving the rank under balanced routing.
-//! - FLOPs per token: forward 2 * (matmul parameters active per token) + 2 * L * seq_len * q
-//!   (causal attention scores and values, half the square); training 3x forward (Kaplan et
-//!   al. 2020, "Scaling Laws for Neural Language Models", §2.1).
+//! - FLOPs per token: forward 2 * (matmul parameters active per token) + L * seq_len * S
+//!   (causal attention scores and values, half the square) with S = 2 q for `mha` and
+//!   S = H (qk + v) for `mla`; training 3x forward (Kaplan et al. 2020, "Scaling Laws for
+//!   Neural Language Models", §2.1).
+//! - ranks per token: the most EP ranks one token's rows reach, `min(k, P)`, or with group
+//!   limiting the ranks its `group_topk` groups can span.
 
 use crate::cli::InspectArgs;
 use crate::config_load;
 use crate::exit_code::BadInput;
+use moe_model::config::{AttentionKind, ModelConfig, MoeConfig};
 use moe_model::count::{count_params, ParamCount, Sharding};
 use moe_trainer::config::{ExperimentConfig, Precision};
 use serde_json::json;
@@ -51,8 +59,58 @@ struct Report {
     activation_tokens: u64,
     activation_bytes: u64,
     a2a_bytes: u64,
+    max_ranks_per_token: u64,
     flops_forward: u64,
     flops_train: u64,
+}
+
+/// Attention's activation elements per token and layer (A) and its score/value FLOPs per
+/// token, layer and context position (S); see the module docs.
+fn attention_terms(m: &ModelConfig) -> (u64, u64) {
+    let u = |v: i64| v.max(0) as u64;
+    let a = &m.attention;
+    match a.kind {
+        AttentionKind::Mha => {
+            let q = u(m.num_heads * m.head_dim());
+            let kv = u(m.num_kv_heads * m.head_dim());
+            (4 * q + 2 * kv, 2 * q)
+        }
+        AttentionKind::Mla => {
+            let h = u(m.num_heads);
+            let (qk, nope, v) = (u(a.qk_head_dim()), u(a.qk_nope_head_dim), u(a.v_head_dim));
+            let (r_q, r_kv) = (a.q_lora_rank.map_or(0, u), u(a.kv_lora_rank));
+            (
+                r_q + (r_kv + u(a.qk_rope_head_dim)) + r_kv + h * (2 * qk + nope + 2 * v),
+                h * (qk + v),
+            )
+        }
+    }
+}
+
+/// The most EP ranks (of `p`, each holding `E/p` consecutive experts) one token's rows can
+/// reach: `min(k, p)`, and with group limiting (groups of `E/G` consecutive experts) no more
+/// than the ranks `group_topk` groups overlap.
+fn max_ranks_per_token(moe: &MoeConfig, p: u64) -> u64 {
+    let u = |v: i64| v.max(0) as u64;
+    let plain = u(moe.top_k).min(p);
+    match moe.group_limit() {
+        Some((g, gk)) => {
+            let (e, g, gk) = (u(moe.num_experts), u(g), u(gk));
+            let (per_group, per_rank) = (e / g.max(1), e / p.max(1));
+            // Ranks one group of consecutive experts overlaps (an upper bound when neither
+            // size divides the other: the group may straddle one more boundary).
+            let per_rank = per_rank.max(1);
+            let ranks_per_group = if per_rank % per_group.max(1) == 0 {
+                1
+            } else if per_group % per_rank == 0 {
+                per_group / per_rank
+            } else {
+                per_group.div_ceil(per_rank) + 1
+            };
+            plain.min(gk * ranks_per_group.min(p))
+        }
+        None => plain,
+    }
 }
 
 fn analyse(cfg: &ExperimentConfig, ep_size: i64) -> anyhow::Result<Report> {
@@ -72,14 +130,13 @@ fn analyse(cfg: &ExperimentConfig, ep_size: i64) -> anyhow::Result<Report> {
         Precision::Bf16 => 2,
     };
     let (d, l, v) = (u(m.d_model), u(m.num_layers), u(m.vocab_size));
-    let q = u(m.num_heads * m.head_dim());
-    let kv = u(m.num_kv_heads * m.head_dim());
+    let (attn_act, attn_flops) = attention_terms(m);
     let (k, h, f) = (u(moe.top_k), u(moe.expert_hidden), u(m.ffn_hidden));
     let s = u(moe.num_shared_experts * moe.shared_hidden());
     let seq = u(cfg.data.seq_len);
 
     let n = u(t.batch_size) * seq;
-    let per_token = l * (16 * d + b * (4 * q + 2 * kv))
+    let per_token = l * (16 * d + b * attn_act)
         + count.dense_layers * b * (d + 3 * f)
         + count.moe_layers * (4 * (d + 3 * u(e)) + b * (k * (2 * d + 3 * h) + 3 * s))
         + 8 * v
@@ -91,7 +148,7 @@ fn analyse(cfg: &ExperimentConfig, ep_size: i64) -> anyhow::Result<Report> {
     // The embedding is a lookup, not a matmul; a tied head multiplies by it all the same.
     let head_tied = if m.tie_embeddings { embedding } else { 0 };
     let matmul_active = count.active() - embedding - norms + head_tied;
-    let flops_forward = 2 * matmul_active + 2 * l * seq * q;
+    let flops_forward = 2 * matmul_active + l * seq * attn_flops;
     Ok(Report {
         per_rank_params: count.replicated() + count.expert_per_rank(p),
         count,
@@ -99,6 +156,7 @@ fn analyse(cfg: &ExperimentConfig, ep_size: i64) -> anyhow::Result<Report> {
         activation_tokens: n,
         activation_bytes: n * per_token,
         a2a_bytes: a2a,
+        max_ranks_per_token: max_ranks_per_token(moe, p),
         flops_forward,
         flops_train: 3 * flops_forward,
     })
@@ -163,6 +221,7 @@ fn to_json(cfg: &ExperimentConfig, r: &Report) -> serde_json::Value {
         },
         "activations": { "tokens": r.activation_tokens, "bytes": r.activation_bytes },
         "all_to_all_bytes_per_step": r.a2a_bytes,
+        "max_ranks_per_token": r.max_ranks_per_token,
         "flops_per_token": { "forward": r.flops_forward, "train": r.flops_train },
     })
 }
@@ -176,15 +235,30 @@ fn to_table(cfg: &ExperimentConfig, file: &str, r: &Report) -> String {
         o.push('\n');
     };
     line(format!("model {} ({file})", cfg.run.name));
+    let a = &m.attention;
+    let heads = match a.kind {
+        AttentionKind::Mha => format!(
+            "{} heads / {} kv heads of {}",
+            m.num_heads,
+            m.num_kv_heads,
+            m.head_dim()
+        ),
+        AttentionKind::Mla => format!(
+            "MLA {} heads (qk {}+{} rope, v {}, q rank {}, kv rank {})",
+            m.num_heads,
+            a.qk_nope_head_dim,
+            a.qk_rope_head_dim,
+            a.v_head_dim,
+            a.q_lora_rank.map_or("none".to_string(), |r| r.to_string()),
+            a.kv_lora_rank
+        ),
+    };
     line(format!(
-        "  d_model {}, {} layers ({} MoE, {} dense), {} heads / {} kv heads of {}, vocab {}, {} embeddings",
+        "  d_model {}, {} layers ({} MoE, {} dense), {heads}, vocab {}, {} embeddings",
         m.d_model,
         m.num_layers,
         c.moe_layers,
         c.dense_layers,
-        m.num_heads,
-        m.num_kv_heads,
-        m.head_dim(),
         m.vocab_size,
         if m.tie_embeddings { "tied" } else { "untied" }
     ));
@@ -198,8 +272,12 @@ fn to_table(cfg: &ExperimentConfig, file: &str, r: &Report) -> String {
         } else {
             String::new()
         };
+        let groups = match moe.group_limit() {
+            Some((g, gk)) => format!(" within {gk} of {g} groups"),
+            None => String::new(),
+        };
         line(format!(
-            "  {} routed experts of hidden {} (top-{}){shared}",
+            "  {} routed experts of hidden {} (top-{}{groups}){shared}",
             moe.num_experts, moe.expert_hidden, moe.top_k
         ));
     }
@@ -260,6 +338,15 @@ fn to_table(cfg: &ExperimentConfig, file: &str, r: &Report) -> String {
     line(format!(
         "  all-to-all per step: {} (tokens * top_k * d * bytes * 2 [dispatch+combine] * (P-1)/P * 2 [fwd+bwd] * MoE layers)",
         bytes(r.a2a_bytes)
+    ));
+    line(format!(
+        "  a token's rows reach at most {} of {p} ranks{}",
+        r.max_ranks_per_token,
+        if moe.group_limit().is_some() {
+            " (group-limited routing)"
+        } else {
+            ""
+        }
     ));
     line(format!(
         "FLOPs per token: {:.3e} forward, {:.3e} training (3x forward)",
@@ -342,5 +429,27 @@ mod tests {
         assert_eq!(analyse(&cfg, 2).unwrap().a2a_bytes, 1024);
         assert_eq!(analyse(&cfg, 1).unwrap().a2a_bytes, 0);
         assert!(analyse(&cfg, 3).is_err());
+    }
+
+    /// Ranks per token by hand: 16 experts, top-4. Plain: min(4, P). 8 groups of 2 on
+    /// 8 ranks of 2: each group is one rank, 2 groups -> 2 ranks. 4 groups of 4 on 8 ranks
+    /// of 2: a group spans 2 ranks, 1 group -> 2. 8 groups of 2 on 2 ranks of 8: every group
+    /// inside one rank, at most min(2 groups, 2 ranks) = 2. 8 groups of 2 on 16 ranks of 1:
+    /// 2 groups span 4 ranks.
+    #[test]
+    fn ranks_per_token_by_hand() {
+        let moe = |groups: Option<(i64, i64)>| MoeConfig {
+            num_experts: 16,
+            top_k: 4,
+            num_groups: groups.map(|g| g.0),
+            group_topk: groups.map(|g| g.1),
+            ..MoeConfig::default()
+        };
+        assert_eq!(max_ranks_per_token(&moe(None), 8), 4);
+        assert_eq!(max_ranks_per_token(&moe(None), 2), 2);
+        assert_eq!(max_ranks_per_token(&moe(Some((8, 2))), 8), 2);
+        assert_eq!(max_ranks_per_token(&moe(Some((4, 1))), 8), 2);
+        assert_eq!(max_ranks_per_token(&moe(Some((8, 2))), 2), 2);
+        assert_eq!(max_ranks_per_token(&moe(Some((8, 2))), 16), 4);
     }
 }

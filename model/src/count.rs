@@ -7,7 +7,7 @@
 //! dense parameter (embedding and LM head included, although a token reads one embedding
 //! row), the shared experts, and `top_k / num_experts` of the routed experts.
 
-use crate::config::{ModelConfig, MoeConfig};
+use crate::config::{AttentionKind, ModelConfig, MoeConfig};
 use crate::{ModelError, Result};
 
 /// How a component is laid out over an expert-parallel group.
@@ -89,6 +89,33 @@ impl ParamCount {
     }
 }
 
+/// Parameters of one block's attention (validated config). MHA: wq `[d, q]`, wk and wv
+/// `[d, kv]`, wo `[q, d]`. MLA: wq_a `[d, r_q]`, q_norm `[r_q]` and wq_b `[r_q, H*qk]` (or wq
+/// `[d, H*qk]`), wkv_a `[d, r_kv + rope]`, kv_norm `[r_kv]`, wkv_b `[r_kv, H*(nope + v)]`,
+/// wo `[H*v, d]`.
+fn attention_per_layer(model: &ModelConfig, q: u64, kv: u64) -> u64 {
+    let u = |v: i64| v as u64;
+    let d = u(model.d_model);
+    let a = &model.attention;
+    match a.kind {
+        AttentionKind::Mha => 2 * d * q + 2 * d * kv,
+        AttentionKind::Mla => {
+            let h = u(model.num_heads);
+            let qk = u(a.qk_head_dim());
+            let query = match a.q_lora_rank {
+                Some(r) => d * u(r) + u(r) + u(r) * h * qk,
+                None => d * h * qk,
+            };
+            let r_kv = u(a.kv_lora_rank);
+            query
+                + d * (r_kv + u(a.qk_rope_head_dim))
+                + r_kv
+                + r_kv * h * u(a.qk_nope_head_dim + a.v_head_dim)
+                + h * u(a.v_head_dim) * d
+        }
+    }
+}
+
 /// Counts the parameters `TransformerLm::new(model, moe, ..)` creates. Errors on a config
 /// it would reject ([`MoeConfig::validate`]).
 pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> {
@@ -123,10 +150,9 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
     let embedding = v * d;
     let components = vec![
         both("embedding", embedding, Sharding::Replicated),
-        // wq [d, H*hd], wk and wv [d, KV*hd], wo [H*hd, d].
         both(
             "attention",
-            l * (2 * d * q + 2 * d * kv),
+            l * attention_per_layer(model, q, kv),
             Sharding::Replicated,
         ),
         // Two RMSNorm scales per block plus the final one.
@@ -204,6 +230,46 @@ mod tests {
         assert_eq!(c.active(), total - 45_097_156_608 * 3 / 4);
         assert_eq!(c.expert_per_rank(8), 45_097_156_608 / 8);
         assert_eq!((c.moe_layers, c.dense_layers), (32, 0));
+    }
+
+    /// DeepSeek-V3's MLA by hand (config.json: d 7168, 128 heads, q_lora_rank 1536,
+    /// kv_lora_rank 512, qk_nope 128, qk_rope 64, v 128): wq_a 7168*1536 = 11,010,048,
+    /// q_norm 1536, wq_b 1536*128*192 = 37,748,736, wkv_a 7168*576 = 4,128,768, kv_norm 512,
+    /// wkv_b 512*128*256 = 16,777,216, wo 128*128*7168 = 117,440,512: 187,107,328 per layer.
+    #[test]
+    fn mla_by_hand() {
+        use crate::config::AttentionConfig;
+        let model = ModelConfig {
+            d_model: 7168,
+            num_layers: 2,
+            num_heads: 128,
+            num_kv_heads: 128,
+            attention: AttentionConfig {
+                kind: AttentionKind::Mla,
+                q_lora_rank: Some(1536),
+                kv_lora_rank: 512,
+                qk_nope_head_dim: 128,
+                qk_rope_head_dim: 64,
+                v_head_dim: 128,
+                softmax_scale: None,
+            },
+            ..ModelConfig::default()
+        };
+        let c = count_params(&model, &MoeConfig::default()).unwrap();
+        assert_eq!(c.get("attention").unwrap().params, 2 * 187_107_328);
+        let no_q_lora = ModelConfig {
+            attention: AttentionConfig {
+                q_lora_rank: None,
+                ..model.attention.clone()
+            },
+            ..model
+        };
+        // wq 7168*128*192 = 176,160,768 replaces the three query tensors.
+        let c = count_params(&no_q_lora, &MoeConfig::default()).unwrap();
+        assert_eq!(
+            c.get("attention").unwrap().params,
+            2 * (187_107_328 - 48_760_320 + 176_160_768)
+        );
     }
 
     #[test]

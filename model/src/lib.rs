@@ -14,6 +14,8 @@ pub mod dispatcher;
 pub mod error;
 pub mod experts;
 pub mod init;
+pub mod mixer;
+pub mod mla;
 pub mod mlp;
 pub mod moe_layer;
 pub mod norm;

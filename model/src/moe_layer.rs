@@ -326,7 +326,7 @@ impl MoeLayer {
         let cfg = &self.cfg;
         let probs_ne = routing.probs_ne.f_detach()?;
         let sums_n = probs_ne.f_sum_dim_intlist(1, false, Kind::Float)?;
-        let normalised = cfg.norm_topk_prob
+        let normalised = cfg.renormalises_topk()
             || (cfg.score_function == ScoreFunction::Softmax && !cfg.pre_softmax);
         let rs = cfg.route_scale;
         let tol = 1e-4 * rs.max(1.0);

@@ -9,9 +9,9 @@
 //! float32 for the loss. A float64 `compute_kind` with float64 parameters runs everything
 //! in float64 (gradient checks).
 
-use crate::attention::Attention;
 use crate::config::{ModelConfig, MoeConfig};
 use crate::dispatcher::Dispatcher;
+use crate::mixer::TokenMixer;
 use crate::mlp::SwiGlu;
 use crate::moe_layer::{MoeForward, MoeLayer, MoeStats};
 use crate::norm::{accum_kind, RmsNorm};
@@ -76,7 +76,7 @@ enum Ffn {
 #[derive(Debug)]
 struct Block {
     attn_norm: RmsNorm,
-    attn: Attention,
+    attn: TokenMixer,
     ffn_norm: RmsNorm,
     ffn: Ffn,
 }
@@ -146,7 +146,7 @@ impl TransformerLm {
                 };
                 Ok(Block {
                     attn_norm: RmsNorm::new(d, model.norm_eps, device)?,
-                    attn: Attention::new(model, &format!("layers.{i}.attn"), seed, device)?,
+                    attn: TokenMixer::new(model, &format!("layers.{i}.attn"), seed, device)?,
                     ffn_norm: RmsNorm::new(d, model.norm_eps, device)?,
                     ffn,
                 })
@@ -170,7 +170,7 @@ impl TransformerLm {
             norm: RmsNorm::new(d, model.norm_eps, device)?,
             lm_head_vd,
             rope: Rope::new(
-                model.head_dim(),
+                model.rope_dim(),
                 model.max_seq_len,
                 model.rope_theta,
                 device,

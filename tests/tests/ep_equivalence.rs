@@ -183,7 +183,7 @@ fn seq_aux_loss_and_shared_experts_equal_single_process() {
     cfg.moe.aux_loss = moe_model::config::AuxLossKind::SeqAuxLoss;
     cfg.moe.num_shared_experts = 1;
     cfg.moe.score_function = moe_model::config::ScoreFunction::Sigmoid;
-    cfg.moe.norm_topk_prob = true;
+    cfg.moe.norm_topk_prob = Some(true);
     cfg.moe.bias_update_rate = 0.01;
     compare("ep2-seq-aux-sigmoid-shared-bias", &cfg, 2, 2);
 }

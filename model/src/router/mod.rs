@@ -17,8 +17,10 @@ mod capacity;
 mod losses;
 mod route;
 mod select;
+mod traffic;
 
 pub use bias::update_expert_bias;
 pub use capacity::capacity;
 pub use losses::{aux_loss, AuxStats};
 pub use route::{route, RouterInput, Routing};
+pub use traffic::{dispatch_traffic, DispatchTraffic};
