@@ -86,7 +86,8 @@ struct Block {
 /// `num_experts: 1` dense baseline) use a dense SwiGLU of width `model.ffn_hidden`.
 ///
 /// Parameter names: `embed.weight`, `layers.{i}.attn_norm.weight`,
-/// `layers.{i}.attn.{wq,wk,wv,wo}`, `layers.{i}.ffn_norm.weight`,
+/// `layers.{i}.attn.{wq,wk,wv,wo}` (MLA: see [`crate::mla::Mla::new`]),
+/// `layers.{i}.ffn_norm.weight`,
 /// `layers.{i}.ffn.{w_gate,w_up,w_down}` (dense) or `layers.{i}.moe.*` (see
 /// [`MoeLayer::params`]), `norm.weight`, `lm_head.weight` (absent when tied).
 #[derive(Debug)]
