@@ -26,6 +26,8 @@
 //!   `mla`, A = r_q + (r_kv + rope) + r_kv + H (2 qk + nope + 2 v) (query latent, kv latent
 //!   and its norm, q, the up-projected k_nope and v, the full k, the output).
 //!
+//! - multi-token prediction (`model.mtp_depth: 1`) counts as one more block (MoE or dense)
+//!   with its own logits, in activations, all-to-all and FLOPs (plus one more LM-head matmul).
 //! - all-to-all bytes per rank per step:
 //!   `T * k * d * b * 2 (dispatch + combine) * (P-1)/P * 2 (forward + backward) * moe_layers`
 //!   with T = batch_size * seq_len * grad_accum tokens per rank per step; (P-1)/P is the
@@ -136,19 +138,34 @@ fn analyse(cfg: &ExperimentConfig, ep_size: i64) -> anyhow::Result<Report> {
     let seq = u(cfg.data.seq_len);
 
     let n = u(t.batch_size) * seq;
-    let per_token = l * (16 * d + b * attn_act)
-        + count.dense_layers * b * (d + 3 * f)
-        + count.moe_layers * (4 * (d + 3 * u(e)) + b * (k * (2 * d + 3 * h) + 3 * s))
-        + 8 * v
-        + b * d;
+    // The multi-token prediction block (if any) is one more block, MoE or dense, with its own
+    // logits.
+    let mtp = u(m.mtp_depth);
+    let mtp_moe = u64::from(
+        count
+            .get("mtp_routed_experts")
+            .is_some_and(|c| c.params > 0),
+    );
+    let (blocks, moe_blocks) = (l + mtp, count.moe_layers + mtp_moe);
+    let dense_blocks = count.dense_layers + mtp - mtp_moe;
+    let per_token = blocks * (16 * d + b * attn_act)
+        + dense_blocks * b * (d + 3 * f)
+        + moe_blocks * (4 * (d + 3 * u(e)) + b * (k * (2 * d + 3 * h) + 3 * s))
+        + (1 + mtp) * (8 * v + b * d);
     let step_tokens = n * u(t.grad_accum);
-    let a2a = step_tokens * k * d * b * 2 * 2 * count.moe_layers * (p - 1) / p;
+    let a2a = step_tokens * k * d * b * 2 * 2 * moe_blocks * (p - 1) / p;
     let norms = count.get("norms").map_or(0, |c| c.params);
     let embedding = count.get("embedding").map_or(0, |c| c.params);
-    // The embedding is a lookup, not a matmul; a tied head multiplies by it all the same.
+    // The embedding is a lookup, not a matmul; a tied head multiplies by it all the same, and
+    // the prediction module multiplies by the (shared) head once more.
+    let head = if m.tie_embeddings {
+        embedding
+    } else {
+        count.get("lm_head").map_or(0, |c| c.params)
+    };
     let head_tied = if m.tie_embeddings { embedding } else { 0 };
-    let matmul_active = count.active() - embedding - norms + head_tied;
-    let flops_forward = 2 * matmul_active + l * seq * attn_flops;
+    let matmul_active = count.active() - embedding - norms + head_tied + mtp * head;
+    let flops_forward = 2 * matmul_active + blocks * seq * attn_flops;
     Ok(Report {
         per_rank_params: count.replicated() + count.expert_per_rank(p),
         count,
@@ -204,6 +221,9 @@ fn to_json(cfg: &ExperimentConfig, r: &Report) -> serde_json::Value {
         "name": cfg.run.name,
         "total_params": c.total(),
         "active_params": c.active(),
+        "mtp_params": c.mtp(),
+        "total_params_without_mtp": c.total_without_mtp(),
+        "active_params_without_mtp": c.active_without_mtp(),
         "breakdown": breakdown,
         "moe_layers": c.moe_layers,
         "dense_layers": c.dense_layers,
@@ -306,6 +326,14 @@ fn to_table(cfg: &ExperimentConfig, file: &str, r: &Report) -> String {
         short(c.total()),
         short(c.active())
     ));
+    if c.mtp() > 0 {
+        line(format!(
+            "  {:<16} {:>18} {:>18}",
+            "without mtp",
+            short(c.total_without_mtp()),
+            short(c.active_without_mtp())
+        ));
+    }
     line(String::new());
     let p = r.ep_size;
     let pr = r.per_rank_params;

@@ -116,6 +116,27 @@ fn analytic_counts_equal_allocated_params() {
             moe.clone(),
         ),
         (
+            "multi-token prediction, MoE block",
+            ModelConfig {
+                mtp_depth: 1,
+                ..base.clone()
+            },
+            moe.clone(),
+        ),
+        (
+            "multi-token prediction, dense block (moe_every 2), MLA",
+            ModelConfig {
+                mtp_depth: 1,
+                num_layers: 3,
+                attention: mla(Some(6)),
+                ..base.clone()
+            },
+            MoeConfig {
+                moe_every: 2,
+                ..moe.clone()
+            },
+        ),
+        (
             "dense baseline",
             base.clone(),
             MoeConfig {
@@ -136,13 +157,29 @@ fn analytic_counts_equal_allocated_params() {
             "{what}: replicated"
         );
         // Per-component check against the parameter names.
-        let by_name = |pred: &dyn Fn(&str) -> bool| -> u64 {
+        // The prediction block is `layers.{num_layers}`; the main components exclude it.
+        let mtp_prefix = format!("layers.{}.", m.num_layers);
+        let numel_where = |pred: &dyn Fn(&str) -> bool| -> u64 {
             full.params()
                 .iter()
                 .filter(|p| pred(&p.name))
                 .map(|p| p.tensor.numel() as u64)
                 .sum()
         };
+        let by_name = |pred: &dyn Fn(&str) -> bool| -> u64 {
+            numel_where(&|n| !n.starts_with(&mtp_prefix) && pred(n))
+        };
+        let get_or_0 = |n: &str| c.get(n).map_or(0, |x| x.params);
+        assert_eq!(
+            get_or_0("mtp"),
+            numel_where(&|n| n.starts_with(&mtp_prefix) && !n.contains(".experts.")),
+            "{what}: mtp"
+        );
+        assert_eq!(
+            get_or_0("mtp_routed_experts"),
+            numel_where(&|n| n.starts_with(&mtp_prefix) && n.contains(".experts.")),
+            "{what}: mtp_routed_experts"
+        );
         let get = |n: &str| c.get(n).unwrap().params;
         assert_eq!(
             get("embedding"),
@@ -185,7 +222,7 @@ fn analytic_counts_equal_allocated_params() {
             "{what}"
         );
         // Active: routed experts count k/E of their parameters, the rest in full.
-        let routed = get("routed_experts");
+        let routed = get("routed_experts") + get_or_0("mtp_routed_experts");
         let expect_active = c.total() - routed + routed / e.num_experts as u64 * e.top_k as u64;
         assert_eq!(c.active(), expect_active, "{what}: active");
         for p in [1i64, 2, 4] {
@@ -330,8 +367,9 @@ fn full_size_configs_report_published_counts() {
             start.elapsed().as_secs_f64() < 10.0,
             "{name}: inspect must not allocate"
         );
-        let ours_total = u(&v, "/total_params");
-        let ours_active = u(&v, "/active_params");
+        // Published counts leave out multi-token prediction (DeepSeek-V3's 671B / 37B).
+        let ours_total = u(&v, "/total_params_without_mtp");
+        let ours_active = u(&v, "/active_params_without_mtp");
         let (t, a) = (
             (ours_total + missing) as f64,
             (ours_active + missing) as f64,
@@ -357,6 +395,14 @@ fn full_size_configs_report_published_counts() {
         ),
         46_702_792_704
     );
+    // DeepSeek-V3's released checkpoint holds 685B: 671B plus a 14B prediction module that
+    // stores its own copies of the embedding and the LM head (2 * 129280 * 7168 =
+    // 1,853,358,080), which ours shares with the main model.
+    let v = json_of(&["inspect", "--config", "configs/deepseek-v3.yaml", "--json"]);
+    let with_copies = (u(&v, "/total_params") + 1_853_358_080) as f64;
+    assert!((with_copies / 685e9 - 1.0).abs() <= 0.005, "{with_copies}");
+    let mtp = u(&v, "/mtp_params") + 1_853_358_080;
+    assert!((mtp as f64 / 14e9 - 1.0).abs() <= 0.05, "mtp {mtp}");
 }
 
 /// Switch-Base-8 is an encoder-decoder with ReLU FFNs, which our model cannot express; its

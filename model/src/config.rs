@@ -36,6 +36,10 @@ pub struct ModelConfig {
     pub init_std: f64,
     /// Attention kind and its shape (`model.attention.*`).
     pub attention: AttentionConfig,
+    /// Multi-token prediction depth (DeepSeek-V3 section 2.2): 0 for none, or 1 for one extra
+    /// block `layers.{num_layers}` predicting the token after next from the last hidden
+    /// state and the next token's embedding (weighted by `trainer.mtp_loss_weight`).
+    pub mtp_depth: i64,
 }
 
 impl Default for ModelConfig {
@@ -54,6 +58,7 @@ impl Default for ModelConfig {
             tie_embeddings: false,
             init_std: 0.02,
             attention: AttentionConfig::default(),
+            mtp_depth: 0,
         }
     }
 }
@@ -398,6 +403,12 @@ impl MoeConfig {
             ));
         }
         errs.extend(model.attention.validate());
+        if !(0..=1).contains(&model.mtp_depth) {
+            errs.push(format!(
+                "model.mtp_depth ({}) must be 0 or 1 (one prediction module is supported)",
+                model.mtp_depth
+            ));
+        }
         if moe.top_k > moe.num_experts {
             errs.push(format!(
                 "moe.top_k ({}) must be <= moe.num_experts ({})",

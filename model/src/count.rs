@@ -23,7 +23,8 @@ pub enum Sharding {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Component {
     /// Stable name: `embedding`, `attention`, `norms`, `router`, `routed_experts`,
-    /// `shared_experts`, `dense_ffn`, `lm_head`.
+    /// `shared_experts`, `dense_ffn`, `lm_head`, and with multi-token prediction `mtp` (its
+    /// block without the routed experts, its norms and projection) and `mtp_routed_experts`.
     pub name: &'static str,
     /// Parameters in the whole model.
     pub params: u64,
@@ -55,6 +56,32 @@ impl ParamCount {
     /// Parameters one token uses.
     pub fn active(&self) -> u64 {
         self.components.iter().map(|c| c.active).sum()
+    }
+
+    /// Parameters of the multi-token prediction module (0 without one).
+    pub fn mtp(&self) -> u64 {
+        self.components
+            .iter()
+            .filter(|c| c.name.starts_with("mtp"))
+            .map(|c| c.params)
+            .sum()
+    }
+
+    /// [`ParamCount::total`] without the multi-token prediction module (how DeepSeek-V3's
+    /// 671B is counted).
+    pub fn total_without_mtp(&self) -> u64 {
+        self.total() - self.mtp()
+    }
+
+    /// [`ParamCount::active`] without the multi-token prediction module.
+    pub fn active_without_mtp(&self) -> u64 {
+        self.active()
+            - self
+                .components
+                .iter()
+                .filter(|c| c.name.starts_with("mtp"))
+                .map(|c| c.active)
+                .sum::<u64>()
     }
 
     /// Parameters every rank holds.
@@ -184,6 +211,26 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
             Sharding::Replicated,
         ),
     ];
+    let mut components = components;
+    if model.mtp_depth > 0 {
+        // The block `layers.{L}`: MoE where block L would be, else dense.
+        let is_moe = has_moe && moe.is_moe_layer(model.num_layers);
+        let ffn = if is_moe {
+            d * e + if shared_h > 0 { swiglu(shared_h) } else { 0 }
+        } else {
+            swiglu(u(model.ffn_hidden))
+        };
+        // enorm, hnorm, the block's two norms and the final norm; eh_proj [2d, d].
+        let replicated = 5 * d + 2 * d * d + attention_per_layer(model, q, kv) + ffn;
+        components.push(both("mtp", replicated, Sharding::Replicated));
+        let experts = if is_moe { e * swiglu(h) } else { 0 };
+        components.push(Component {
+            name: "mtp_routed_experts",
+            params: experts,
+            active: if is_moe { k * swiglu(h) } else { 0 },
+            sharding: Sharding::Expert,
+        });
+    }
     Ok(ParamCount {
         components,
         moe_layers,

@@ -18,6 +18,7 @@ pub mod mixer;
 pub mod mla;
 pub mod mlp;
 pub mod moe_layer;
+pub mod mtp;
 pub mod norm;
 pub mod param;
 pub mod rope;
