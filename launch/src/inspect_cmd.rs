@@ -22,9 +22,13 @@
 //!     + 8 v + b d ]                            logits and their softmax (f32)
 //! ```
 //!
-//!   with A = 4 q + 2 kv for `mha` (q, k, v, the GQA-expanded k and v, the output) and, for
-//!   `mla`, A = r_q + (r_kv + rope) + r_kv + H (2 qk + nope + 2 v) (query latent, kv latent
-//!   and its norm, q, the up-projected k_nope and v, the full k, the output).
+//!   with A summed over the blocks: 4 q + 2 kv for `mha` (q, k, v, the GQA-expanded k and v,
+//!   the output); for `mla`, r_q + (r_kv + rope) + r_kv + H (2 qk + nope + 2 v) (query
+//!   latent, kv latent and its norm, q, the up-projected k_nope and v, the full k, the
+//!   output); for `gated_deltanet`, 6 q + 2 kv in its full-attention blocks (plus the gate and
+//!   the gated output) and, in its DeltaNet blocks, the projections, convolution, rule
+//!   inputs and output plus `Hv (3 C + dk + dv)` per token for the chunk's matrices (C the
+//!   chunk size).
 //!
 //! - multi-token prediction (`model.mtp_depth: 1`) counts as one more block (MoE or dense)
 //!   with its own logits, in activations, all-to-all and FLOPs (plus one more LM-head matmul).
@@ -32,9 +36,11 @@
 //!   `T * k * d * b * 2 (dispatch + combine) * (P-1)/P * 2 (forward + backward) * moe_layers`
 //!   with T = batch_size * seq_len * grad_accum tokens per rank per step; (P-1)/P is the
 //!   share of rows leaving the rank under balanced routing.
-//! - FLOPs per token: forward 2 * (matmul parameters active per token) + L * seq_len * S
+//! - FLOPs per token: forward 2 * (matmul parameters active per token) + seq_len * sum S
 //!   (causal attention scores and values, half the square) with S = 2 q for `mha` and
-//!   S = H (qk + v) for `mla`; training 3x forward (Kaplan et al. 2020, "Scaling Laws for
+//!   gated full attention and S = H (qk + v) for `mla`, plus for each gated DeltaNet block
+//!   `Hv (4 C dk + C (dk + dv) + 2 C dv + 6 dk dv)` (chunk scores, system, solves,
+//!   intra-chunk product, state read and update: linear in seq_len); training 3x forward (Kaplan et al. 2020, "Scaling Laws for
 //!   Neural Language Models", §2.1).
 //! - ranks per token: the most EP ranks one token's rows reach, `min(k, P)`, or with group
 //!   limiting the ranks its `group_topk` groups can span.
@@ -66,17 +72,16 @@ struct Report {
     flops_train: u64,
 }
 
-/// Attention's activation elements per token and layer (A) and its score/value FLOPs per
-/// token, layer and context position (S); see the module docs.
-fn attention_terms(m: &ModelConfig) -> (u64, u64) {
+/// Attention's activation elements per token (A), score/value FLOPs per token and context
+/// position (S) and context-independent mixer FLOPs per token (F) of block `layer`; see the
+/// module docs.
+fn attention_terms(m: &ModelConfig, layer: i64) -> (u64, u64, u64) {
     let u = |v: i64| v.max(0) as u64;
     let a = &m.attention;
+    let q = u(m.num_heads * m.head_dim());
+    let kv = u(m.num_kv_heads * m.head_dim());
     match a.kind {
-        AttentionKind::Mha => {
-            let q = u(m.num_heads * m.head_dim());
-            let kv = u(m.num_kv_heads * m.head_dim());
-            (4 * q + 2 * kv, 2 * q)
-        }
+        AttentionKind::Mha => (4 * q + 2 * kv, 2 * q, 0),
         AttentionKind::Mla => {
             let h = u(m.num_heads);
             let (qk, nope, v) = (u(a.qk_head_dim()), u(a.qk_nope_head_dim), u(a.v_head_dim));
@@ -84,7 +89,24 @@ fn attention_terms(m: &ModelConfig) -> (u64, u64) {
             (
                 r_q + (r_kv + u(a.qk_rope_head_dim)) + r_kv + h * (2 * qk + nope + 2 * v),
                 h * (qk + v),
+                0,
             )
+        }
+        // Gated attention: MHA's tensors plus the gate and the gated output.
+        AttentionKind::GatedDeltanet if a.is_full_attention(layer) => (6 * q + 2 * kv, 2 * q, 0),
+        AttentionKind::GatedDeltanet => {
+            let (hv, c) = (u(a.linear_num_value_heads), u(a.linear_chunk_size));
+            let (dk, dv) = (u(a.linear_key_head_dim), u(a.linear_value_head_dim));
+            let (kd, vd) = (u(a.linear_num_key_heads) * dk, hv * dv);
+            // Projections, convolution in and out, repeated q and k, z, beta and g, the rule's
+            // output and its gated norm, plus per head the chunk's C x C decay, score and
+            // system rows and the u and w rows.
+            let act = 2 * (2 * kd + vd) + 2 * hv * dk + 3 * vd + 2 * hv + hv * (3 * c + dk + dv);
+            // Per token and head: the chunk's scores and system (2 C dk each), the two
+            // triangular solves (C (dk + dv)), the intra-chunk product (2 C dv) and the state
+            // read, correction and update (6 dk dv).
+            let flops = hv * (4 * c * dk + c * (dk + dv) + 2 * c * dv + 6 * dk * dv);
+            (act, 0, flops)
         }
     }
 }
@@ -132,7 +154,15 @@ fn analyse(cfg: &ExperimentConfig, ep_size: i64) -> anyhow::Result<Report> {
         Precision::Bf16 => 2,
     };
     let (d, l, v) = (u(m.d_model), u(m.num_layers), u(m.vocab_size));
-    let (attn_act, attn_flops) = attention_terms(m);
+    let mtp = u(m.mtp_depth);
+    // Summed over the blocks, the prediction block (block num_layers) included.
+    let (mut attn_act, mut attn_seq_flops, mut attn_flops) = (0, 0, 0);
+    for layer in 0..m.num_layers + m.mtp_depth.max(0) {
+        let (a, s, f) = attention_terms(m, layer);
+        attn_act += a;
+        attn_seq_flops += s;
+        attn_flops += f;
+    }
     let (k, h, f) = (u(moe.top_k), u(moe.expert_hidden), u(m.ffn_hidden));
     let s = u(moe.num_shared_experts * moe.shared_hidden());
     let seq = u(cfg.data.seq_len);
@@ -140,7 +170,6 @@ fn analyse(cfg: &ExperimentConfig, ep_size: i64) -> anyhow::Result<Report> {
     let n = u(t.batch_size) * seq;
     // The multi-token prediction block (if any) is one more block, MoE or dense, with its own
     // logits.
-    let mtp = u(m.mtp_depth);
     let mtp_moe = u64::from(
         count
             .get("mtp_routed_experts")
@@ -148,7 +177,8 @@ fn analyse(cfg: &ExperimentConfig, ep_size: i64) -> anyhow::Result<Report> {
     );
     let (blocks, moe_blocks) = (l + mtp, count.moe_layers + mtp_moe);
     let dense_blocks = count.dense_layers + mtp - mtp_moe;
-    let per_token = blocks * (16 * d + b * attn_act)
+    let per_token = blocks * 16 * d
+        + b * attn_act
         + dense_blocks * b * (d + 3 * f)
         + moe_blocks * (4 * (d + 3 * u(e)) + b * (k * (2 * d + 3 * h) + 3 * s))
         + (1 + mtp) * (8 * v + b * d);
@@ -165,7 +195,7 @@ fn analyse(cfg: &ExperimentConfig, ep_size: i64) -> anyhow::Result<Report> {
     };
     let head_tied = if m.tie_embeddings { embedding } else { 0 };
     let matmul_active = count.active() - embedding - norms + head_tied + mtp * head;
-    let flops_forward = 2 * matmul_active + blocks * seq * attn_flops;
+    let flops_forward = 2 * matmul_active + seq * attn_seq_flops + attn_flops;
     Ok(Report {
         per_rank_params: count.replicated() + count.expert_per_rank(p),
         count,
@@ -224,6 +254,9 @@ fn to_json(cfg: &ExperimentConfig, r: &Report) -> serde_json::Value {
         "mtp_params": c.mtp(),
         "total_params_without_mtp": c.total_without_mtp(),
         "active_params_without_mtp": c.active_without_mtp(),
+        "active_params_without_embeddings": c.active_without_mtp()
+            - c.get("embedding").map_or(0, |x| x.active)
+            - c.get("lm_head").map_or(0, |x| x.active),
         "breakdown": breakdown,
         "moe_layers": c.moe_layers,
         "dense_layers": c.dense_layers,
@@ -272,6 +305,23 @@ fn to_table(cfg: &ExperimentConfig, file: &str, r: &Report) -> String {
             a.q_lora_rank.map_or("none".to_string(), |r| r.to_string()),
             a.kv_lora_rank
         ),
+        AttentionKind::GatedDeltanet => {
+            let full = (0..m.num_layers)
+                .filter(|&i| a.is_full_attention(i))
+                .count();
+            format!(
+                "{} gated DeltaNet blocks ({} qk / {} v heads of {} / {}) and {full} gated attention blocks ({} heads / {} kv heads of {}, RoPE on {})",
+                m.num_layers as usize - full,
+                a.linear_num_key_heads,
+                a.linear_num_value_heads,
+                a.linear_key_head_dim,
+                a.linear_value_head_dim,
+                m.num_heads,
+                m.num_kv_heads,
+                m.head_dim(),
+                m.rope_dim()
+            )
+        }
     };
     line(format!(
         "  d_model {}, {} layers ({} MoE, {} dense), {heads}, vocab {}, {} embeddings",

@@ -155,6 +155,18 @@ fn mla_and_group_violations_name_keys_and_lines() {
             "moe.group_topk (6) must be in 1..=moe.num_groups (5) [line 11, column 3]",
         ],
     );
+    let cfg = s.config(
+        "d.yaml",
+        "model:\n  attention:\n    kind: gated_deltanet\n    full_attention_interval: 0\n    linear_num_key_heads: 3\n",
+    );
+    let e = train_fails(&s, &cfg, &[]);
+    assert_has(
+        &e,
+        &[
+            "model.attention.full_attention_interval (0) must be positive [line 6, column 5]",
+            "model.attention.linear_num_key_heads (3) must divide model.attention.linear_num_value_heads (4) [line 7, column 5]",
+        ],
+    );
 }
 
 #[test]

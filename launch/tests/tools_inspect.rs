@@ -28,6 +28,7 @@ fn mla(q_lora_rank: Option<i64>) -> AttentionConfig {
         qk_rope_head_dim: 4,
         v_head_dim: 7,
         softmax_scale: None,
+        ..AttentionConfig::default()
     }
 }
 
@@ -137,6 +138,30 @@ fn analytic_counts_equal_allocated_params() {
             },
         ),
         (
+            "gated DeltaNet hybrid with gated shared experts",
+            ModelConfig {
+                num_layers: 4,
+                head_dim: Some(6),
+                attention: AttentionConfig {
+                    kind: AttentionKind::GatedDeltanet,
+                    full_attention_interval: 2,
+                    rotary_dim: Some(4),
+                    linear_num_key_heads: 2,
+                    linear_num_value_heads: 4,
+                    linear_key_head_dim: 3,
+                    linear_value_head_dim: 5,
+                    linear_conv_kernel: 3,
+                    ..AttentionConfig::default()
+                },
+                ..base.clone()
+            },
+            MoeConfig {
+                num_shared_experts: 1,
+                shared_expert_gate: true,
+                ..moe.clone()
+            },
+        ),
+        (
             "dense baseline",
             base.clone(),
             MoeConfig {
@@ -213,7 +238,7 @@ fn analytic_counts_equal_allocated_params() {
         );
         assert_eq!(
             get("shared_experts"),
-            by_name(&|n| n.contains(".shared.")),
+            by_name(&|n| n.contains(".shared.") || n.ends_with(".shared_gate")),
             "{what}"
         );
         assert_eq!(
@@ -403,6 +428,20 @@ fn full_size_configs_report_published_counts() {
     assert!((with_copies / 685e9 - 1.0).abs() <= 0.005, "{with_copies}");
     let mtp = u(&v, "/mtp_params") + 1_853_358_080;
     assert!((mtp as f64 / 14e9 - 1.0).abs() <= 0.05, "mtp {mtp}");
+    // Qwen3-Next-80B-A3B: "80B in total and 3B activated" (model card, two digits and one):
+    // total within 2%, and the activated count, which leaves out the embedding and LM head
+    // (0.62B; with them ours is 3.87B), within 15%, the bounds.
+    let v = json_of(&[
+        "inspect",
+        "--config",
+        "configs/qwen3-next-80b-a3b.yaml",
+        "--json",
+    ]);
+    let total = u(&v, "/total_params") as f64;
+    let active = u(&v, "/active_params_without_embeddings") as f64;
+    println!("qwen3-next-80b-a3b: total {total:e}, active without embeddings {active:e}");
+    assert!((total / 80e9 - 1.0).abs() <= 0.02, "total {total}");
+    assert!((active / 3e9 - 1.0).abs() <= 0.15, "active {active}");
 }
 
 /// Switch-Base-8 is an encoder-decoder with ReLU FFNs, which our model cannot express; its

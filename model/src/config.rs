@@ -72,6 +72,9 @@ pub enum AttentionKind {
     /// Multi-head latent attention (DeepSeek-V2/V3): low-rank queries, a compressed KV latent
     /// and a decoupled RoPE key shared by all heads.
     Mla,
+    /// Qwen3-Next's hybrid: gated DeltaNet linear attention, with gated full attention (output
+    /// gate, per-head q/k norm, partial RoPE) every `full_attention_interval`-th block.
+    GatedDeltanet,
 }
 
 /// Attention kind and shape (`model.attention:` section). The `mha` kind reads the head
@@ -96,6 +99,26 @@ pub struct AttentionConfig {
     /// MLA: softmax scale; `null` is `1 / sqrt(qk_nope_head_dim + qk_rope_head_dim)`.
     /// DeepSeek-V3's YaRN-extended checkpoints multiply it by `mscale^2`.
     pub softmax_scale: Option<f64>,
+    /// gated_deltanet: block i uses gated full attention when `(i + 1) %
+    /// full_attention_interval == 0`, gated DeltaNet otherwise (Qwen3-Next: 4).
+    pub full_attention_interval: i64,
+    /// gated_deltanet: channels of each full-attention head that RoPE rotates (partial RoPE,
+    /// even); `null` rotates all `head_dim` (Qwen3-Next: 64 of 256).
+    pub rotary_dim: Option<i64>,
+    /// gated_deltanet: query/key heads of the linear attention (`linear_num_key_heads`).
+    pub linear_num_key_heads: i64,
+    /// gated_deltanet: value heads (`linear_num_value_heads`), a multiple of the key heads.
+    pub linear_num_value_heads: i64,
+    /// gated_deltanet: query/key head width (`linear_key_head_dim`).
+    pub linear_key_head_dim: i64,
+    /// gated_deltanet: value head width (`linear_value_head_dim`).
+    pub linear_value_head_dim: i64,
+    /// gated_deltanet: width of the short causal depthwise convolution on q, k, v
+    /// (`linear_conv_kernel_dim`).
+    pub linear_conv_kernel: i64,
+    /// gated_deltanet: tokens per chunk of the chunk-wise delta rule (a speed knob: the result
+    /// does not depend on it).
+    pub linear_chunk_size: i64,
 }
 
 impl Default for AttentionConfig {
@@ -108,6 +131,14 @@ impl Default for AttentionConfig {
             qk_rope_head_dim: 16,
             v_head_dim: 32,
             softmax_scale: None,
+            full_attention_interval: 4,
+            rotary_dim: None,
+            linear_num_key_heads: 2,
+            linear_num_value_heads: 4,
+            linear_key_head_dim: 16,
+            linear_value_head_dim: 16,
+            linear_conv_kernel: 4,
+            linear_chunk_size: 64,
         }
     }
 }
@@ -118,9 +149,69 @@ impl AttentionConfig {
         self.qk_nope_head_dim + self.qk_rope_head_dim
     }
 
-    /// Rules of the MLA keys (none apply to `mha`).
-    fn validate(&self) -> Vec<String> {
+    /// Whether block `layer` uses (gated) full attention under `gated_deltanet`.
+    pub fn is_full_attention(&self, layer: i64) -> bool {
+        self.full_attention_interval > 0 && (layer + 1) % self.full_attention_interval == 0
+    }
+
+    /// Rules of the gated DeltaNet keys; `head_dim` is the full-attention head width.
+    fn validate_deltanet(&self, head_dim: i64) -> Vec<String> {
         let mut errs = Vec::new();
+        for (key, v) in [
+            (
+                "model.attention.full_attention_interval",
+                self.full_attention_interval,
+            ),
+            (
+                "model.attention.linear_num_key_heads",
+                self.linear_num_key_heads,
+            ),
+            (
+                "model.attention.linear_num_value_heads",
+                self.linear_num_value_heads,
+            ),
+            (
+                "model.attention.linear_key_head_dim",
+                self.linear_key_head_dim,
+            ),
+            (
+                "model.attention.linear_value_head_dim",
+                self.linear_value_head_dim,
+            ),
+            (
+                "model.attention.linear_conv_kernel",
+                self.linear_conv_kernel,
+            ),
+            ("model.attention.linear_chunk_size", self.linear_chunk_size),
+        ] {
+            if v <= 0 {
+                errs.push(format!("{key} ({v}) must be positive"));
+            }
+        }
+        if self.linear_num_key_heads > 0
+            && self.linear_num_value_heads % self.linear_num_key_heads != 0
+        {
+            errs.push(format!(
+                "model.attention.linear_num_key_heads ({}) must divide model.attention.linear_num_value_heads ({})",
+                self.linear_num_key_heads, self.linear_num_value_heads
+            ));
+        }
+        if let Some(r) = self.rotary_dim {
+            if r <= 0 || r % 2 != 0 || r > head_dim {
+                errs.push(format!(
+                    "model.attention.rotary_dim ({r}) must be even and in 2..=head_dim ({head_dim})"
+                ));
+            }
+        }
+        errs
+    }
+
+    /// Rules of the MLA and gated DeltaNet keys (none apply to `mha`).
+    fn validate(&self, head_dim: i64) -> Vec<String> {
+        let mut errs = Vec::new();
+        if self.kind == AttentionKind::GatedDeltanet {
+            return self.validate_deltanet(head_dim);
+        }
         if self.kind != AttentionKind::Mla {
             return errs;
         }
@@ -159,11 +250,13 @@ impl AttentionConfig {
 }
 
 impl ModelConfig {
-    /// Channels RoPE rotates per head: `head_dim` for `mha`, `qk_rope_head_dim` for `mla`.
+    /// Channels RoPE rotates per head: `head_dim` for `mha`, `qk_rope_head_dim` for `mla`,
+    /// `rotary_dim` (default `head_dim`) for the full attention of `gated_deltanet`.
     pub fn rope_dim(&self) -> i64 {
         match self.attention.kind {
             AttentionKind::Mha => self.head_dim(),
             AttentionKind::Mla => self.attention.qk_rope_head_dim,
+            AttentionKind::GatedDeltanet => self.attention.rotary_dim.unwrap_or(self.head_dim()),
         }
     }
 
@@ -233,6 +326,9 @@ pub struct MoeConfig {
     pub num_shared_experts: i64,
     /// Hidden width of each shared expert; `null` means `expert_hidden`.
     pub shared_expert_hidden: Option<i64>,
+    /// Scale the shared experts' output by a learned per-token gate `sigmoid(x . w_g)`, `w_g`
+    /// of shape `[d, 1]` (Qwen2-MoE, Qwen3-Next).
+    pub shared_expert_gate: bool,
     /// Dense blocks before the first MoE block (DeepSeek-V3 uses 3).
     pub first_dense_layers: i64,
     /// After `first_dense_layers`, every `moe_every`-th block is MoE (1 = all of them).
@@ -290,6 +386,7 @@ impl Default for MoeConfig {
             expert_hidden: 256,
             num_shared_experts: 0,
             shared_expert_hidden: None,
+            shared_expert_gate: false,
             first_dense_layers: 0,
             moe_every: 1,
             score_function: ScoreFunction::Softmax,
@@ -402,7 +499,7 @@ impl MoeConfig {
                 model.init_std
             ));
         }
-        errs.extend(model.attention.validate());
+        errs.extend(model.attention.validate(model.head_dim()));
         if !(0..=1).contains(&model.mtp_depth) {
             errs.push(format!(
                 "model.mtp_depth ({}) must be 0 or 1 (one prediction module is supported)",
@@ -425,6 +522,12 @@ impl MoeConfig {
             errs.push(format!(
                 "moe.shared_expert_hidden ({}) must be positive",
                 moe.shared_hidden()
+            ));
+        }
+        if moe.shared_expert_gate && moe.num_shared_experts <= 0 {
+            errs.push(format!(
+                "moe.shared_expert_gate (true) needs shared experts, but moe.num_shared_experts is {}",
+                moe.num_shared_experts
             ));
         }
         if moe.first_dense_layers < 0 || moe.first_dense_layers > model.num_layers {

@@ -119,13 +119,30 @@ impl ParamCount {
 /// Parameters of one block's attention (validated config). MHA: wq `[d, q]`, wk and wv
 /// `[d, kv]`, wo `[q, d]`. MLA: wq_a `[d, r_q]`, q_norm `[r_q]` and wq_b `[r_q, H*qk]` (or wq
 /// `[d, H*qk]`), wkv_a `[d, r_kv + rope]`, kv_norm `[r_kv]`, wkv_b `[r_kv, H*(nope + v)]`,
-/// wo `[H*v, d]`.
-fn attention_per_layer(model: &ModelConfig, q: u64, kv: u64) -> u64 {
+/// wo `[H*v, d]`. Gated DeltaNet: wq, wk `[d, Hk*dk]`, wv, wz `[d, Hv*dv]`, wb, wa
+/// `[d, Hv]`, conv `[2 Hk dk + Hv dv, 1, K]`, dt_bias and a_log `[Hv]`, norm `[dv]`, wo
+/// `[Hv*dv, d]`; its full-attention blocks: MHA plus wgate `[d, q]` and q/k norms `[hd]`.
+fn attention_per_layer(model: &ModelConfig, q: u64, kv: u64, layer: i64) -> u64 {
     let u = |v: i64| v as u64;
     let d = u(model.d_model);
     let a = &model.attention;
     match a.kind {
         AttentionKind::Mha => 2 * d * q + 2 * d * kv,
+        AttentionKind::GatedDeltanet if a.is_full_attention(layer) => {
+            3 * d * q + 2 * d * kv + 2 * u(model.head_dim())
+        }
+        AttentionKind::GatedDeltanet => {
+            let (hk, hv) = (u(a.linear_num_key_heads), u(a.linear_num_value_heads));
+            let (kd, vd) = (
+                hk * u(a.linear_key_head_dim),
+                hv * u(a.linear_value_head_dim),
+            );
+            d * (2 * kd + 2 * vd + 2 * hv)
+                + (2 * kd + vd) * u(a.linear_conv_kernel)
+                + 2 * hv
+                + u(a.linear_value_head_dim)
+                + vd * d
+        }
         AttentionKind::Mla => {
             let h = u(model.num_heads);
             let qk = u(a.qk_head_dim());
@@ -168,6 +185,8 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
     let dense_layers = l - moe_layers;
 
     let swiglu = |hidden: u64| 3 * d * hidden;
+    // The shared-expert gate `[d, 1]`.
+    let shared_gate = if moe.shared_expert_gate { d } else { 0 };
     let both = |name, params, sharding| Component {
         name,
         params,
@@ -179,7 +198,9 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
         both("embedding", embedding, Sharding::Replicated),
         both(
             "attention",
-            l * attention_per_layer(model, q, kv),
+            (0..model.num_layers)
+                .map(|i| attention_per_layer(model, q, kv, i))
+                .sum(),
             Sharding::Replicated,
         ),
         // Two RMSNorm scales per block plus the final one.
@@ -194,7 +215,7 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
         both(
             "shared_experts",
             if shared_h > 0 {
-                moe_layers * swiglu(shared_h)
+                moe_layers * (swiglu(shared_h) + shared_gate)
             } else {
                 0
             },
@@ -216,12 +237,18 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
         // The block `layers.{L}`: MoE where block L would be, else dense.
         let is_moe = has_moe && moe.is_moe_layer(model.num_layers);
         let ffn = if is_moe {
-            d * e + if shared_h > 0 { swiglu(shared_h) } else { 0 }
+            d * e
+                + if shared_h > 0 {
+                    swiglu(shared_h) + shared_gate
+                } else {
+                    0
+                }
         } else {
             swiglu(u(model.ffn_hidden))
         };
         // enorm, hnorm, the block's two norms and the final norm; eh_proj [2d, d].
-        let replicated = 5 * d + 2 * d * d + attention_per_layer(model, q, kv) + ffn;
+        let replicated =
+            5 * d + 2 * d * d + attention_per_layer(model, q, kv, model.num_layers) + ffn;
         components.push(both("mtp", replicated, Sharding::Replicated));
         let experts = if is_moe { e * swiglu(h) } else { 0 };
         components.push(Component {
@@ -299,6 +326,7 @@ mod tests {
                 qk_rope_head_dim: 64,
                 v_head_dim: 128,
                 softmax_scale: None,
+                ..AttentionConfig::default()
             },
             ..ModelConfig::default()
         };

@@ -10,9 +10,11 @@
 pub mod attention;
 pub mod config;
 pub mod count;
+pub mod deltanet;
 pub mod dispatcher;
 pub mod error;
 pub mod experts;
+pub mod gated_attention;
 pub mod init;
 pub mod mixer;
 pub mod mla;

@@ -211,6 +211,7 @@ mod tests {
                 qk_rope_head_dim: 4,
                 v_head_dim: 7,
                 softmax_scale: None,
+                ..AttentionConfig::default()
             },
             ..ModelConfig::default()
         }

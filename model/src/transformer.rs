@@ -123,7 +123,7 @@ impl Block {
         };
         Ok(Block {
             attn_norm: RmsNorm::new(d, model.norm_eps, device)?,
-            attn: TokenMixer::new(model, &format!("layers.{i}.attn"), seed, device)?,
+            attn: TokenMixer::new(model, i, &format!("layers.{i}.attn"), seed, device)?,
             ffn_norm: RmsNorm::new(d, model.norm_eps, device)?,
             ffn,
         })

@@ -23,6 +23,7 @@ fn model_cfg() -> ModelConfig {
             qk_rope_head_dim: 4,
             v_head_dim: 8,
             softmax_scale: None,
+            ..AttentionConfig::default()
         },
         ..ModelConfig::default()
     }

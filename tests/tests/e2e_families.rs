@@ -51,3 +51,8 @@ fn trains_in_debug_mode(config: &str, tag: &str, min_drop: f64) {
 fn deepseek_v3_tiny_trains_at_ep2_in_debug_mode() {
     trains_in_debug_mode("configs/deepseek-v3-tiny.yaml", "e2e-dsv3-tiny", 1.0);
 }
+
+#[test]
+fn qwen3_next_tiny_trains_at_ep2_in_debug_mode() {
+    trains_in_debug_mode("configs/qwen3-next-tiny.yaml", "e2e-qwen3-next-tiny", 1.0);
+}
