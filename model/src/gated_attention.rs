@@ -181,7 +181,7 @@ mod tests {
             t.set_data(&d);
         }
         // Non-trivial norm scales, so a missing or misplaced norm shows.
-        let _ = tch::no_grad(|| {
+        tch::no_grad(|| {
             m.q_norm
                 .weight_d
                 .shallow_clone()

@@ -66,6 +66,7 @@ pub fn dispatch_traffic(
     } else {
         per_token_n.f_max()?
     };
+    // host: a statistic for benches and tests, never called on the training path.
     let v = Vec::<i64>::try_from(&Tensor::f_stack(
         &[
             rows_npl.f_sum(Kind::Int64)?.f_sub(&local_rows)?,
