@@ -145,6 +145,55 @@ fn cell(s: &str) -> String {
     s.replace('|', "\\|")
 }
 
+/// The table rows of `fields` under the dotted `prefix`, with their defaults from `sdef`; a
+/// field whose type is itself a documented struct (e.g. `model.attention`) is expanded into
+/// one row per sub-key. Enum choices are appended to `choices`.
+fn rows(
+    out: &mut String,
+    choices: &mut String,
+    schema: &Schema,
+    prefix: &str,
+    fields: &[Item],
+    sdef: &serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<()> {
+    for f in fields {
+        let key = format!("{prefix}.{}", f.name);
+        if f.doc.is_empty() {
+            bail!("{key} has no doc comment");
+        }
+        if let Some((_, sub)) = schema.structs.get(&f.ty) {
+            let subdef = sdef
+                .get(&f.name)
+                .and_then(|v| v.as_object())
+                .ok_or_else(|| anyhow!("{key} missing from the default config"))?;
+            let mut want: Vec<&str> = sub.iter().map(|i| i.name.as_str()).collect();
+            let mut have: Vec<&str> = subdef.keys().map(String::as_str).collect();
+            want.sort_unstable();
+            have.sort_unstable();
+            if want != have {
+                bail!("{key}: the source declares {want:?} but the default config has {have:?}");
+            }
+            rows(out, choices, schema, &key, sub, subdef)?;
+            continue;
+        }
+        let default = sdef.get(&f.name).map(default_words).unwrap_or_default();
+        writeln!(
+            out,
+            "| `{key}` | {} | {} | {} |",
+            type_words(&f.ty, schema),
+            cell(&default),
+            cell(&f.doc)
+        )?;
+        if let Some(variants) = schema.enums.get(&f.ty) {
+            writeln!(choices, "\n`{key}`:")?;
+            for v in variants {
+                writeln!(choices, "- `{}`: {}", v.name, v.doc)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The Markdown page.
 pub fn render() -> anyhow::Result<String> {
     let schema = parse_schema(&SOURCES);
@@ -189,26 +238,7 @@ pub fn render() -> anyhow::Result<String> {
         write!(out, "\n## `{}`\n\n{}\n\n", section.name, sdoc)?;
         out.push_str("| key | type | default | meaning |\n|---|---|---|---|\n");
         let mut choices = String::new();
-        for f in fields {
-            let key = format!("{}.{}", section.name, f.name);
-            if f.doc.is_empty() {
-                bail!("{key} has no doc comment");
-            }
-            let default = sdef.get(&f.name).map(default_words).unwrap_or_default();
-            writeln!(
-                out,
-                "| `{key}` | {} | {} | {} |",
-                type_words(&f.ty, &schema),
-                cell(&default),
-                cell(&f.doc)
-            )?;
-            if let Some(variants) = schema.enums.get(&f.ty) {
-                writeln!(choices, "\n`{key}`:")?;
-                for v in variants {
-                    writeln!(choices, "- `{}`: {}", v.name, v.doc)?;
-                }
-            }
-        }
+        rows(&mut out, &mut choices, &schema, &section.name, fields, sdef)?;
         out.push_str(&choices);
     }
     Ok(out)
@@ -258,11 +288,18 @@ mod tests {
         let page = render().unwrap();
         let defaults = serde_json::to_value(ExperimentConfig::default()).unwrap();
         for (section, keys) in defaults.as_object().unwrap() {
-            for key in keys.as_object().unwrap().keys() {
-                assert!(
-                    page.contains(&format!("| `{section}.{key}` |")),
-                    "{section}.{key}"
-                );
+            for (key, v) in keys.as_object().unwrap() {
+                // A nested struct (model.attention) has one row per sub-key.
+                let subs: Vec<String> = match v.as_object() {
+                    Some(m) => m.keys().map(|s| format!("{key}.{s}")).collect(),
+                    None => vec![key.clone()],
+                };
+                for key in subs {
+                    assert!(
+                        page.contains(&format!("| `{section}.{key}` |")),
+                        "{section}.{key}"
+                    );
+                }
             }
         }
         let schema = parse_schema(&SOURCES);

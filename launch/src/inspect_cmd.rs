@@ -13,8 +13,8 @@
 //!   s = num_shared * shared_hidden:
 //!
 //! ```text
-//! n * [ L * (16 d + b (4 q + 2 kv))            residual and norms (f32); q, k, v, the
-//!                                              GQA-expanded k and v, attention output
+//! n * [ L * (16 d + b A)                       residual and norms (f32); attention's
+//!                                              tensors A (below)
 //!     + dense_layers * b (d + 3 f)             FFN input, gate, up, gate * up
 //!     + moe_layers * (4 (d + 3 E)              router input, logits, scores (f32)
 //!                     + b (k (2 d + 3 h)       routed rows, their gate, up, product, output
@@ -22,17 +22,33 @@
 //!     + 8 v + b d ]                            logits and their softmax (f32)
 //! ```
 //!
+//!   with A summed over the blocks: 4 q + 2 kv for `mha` (q, k, v, the GQA-expanded k and v,
+//!   the output); for `mla`, r_q + (r_kv + rope) + r_kv + H (2 qk + nope + 2 v) (query
+//!   latent, kv latent and its norm, q, the up-projected k_nope and v, the full k, the
+//!   output); for `gated_deltanet`, 6 q + 2 kv in its full-attention blocks (plus the gate and
+//!   the gated output) and, in its DeltaNet blocks, the projections, convolution, rule
+//!   inputs and output plus `Hv (3 C + dk + dv)` per token for the chunk's matrices (C the
+//!   chunk size).
+//!
+//! - multi-token prediction (`model.mtp_depth: 1`) counts as one more block (MoE or dense)
+//!   with its own logits, in activations, all-to-all and FLOPs (plus one more LM-head matmul).
 //! - all-to-all bytes per rank per step:
 //!   `T * k * d * b * 2 (dispatch + combine) * (P-1)/P * 2 (forward + backward) * moe_layers`
 //!   with T = batch_size * seq_len * grad_accum tokens per rank per step; (P-1)/P is the
 //!   share of rows leaving the rank under balanced routing.
-//! - FLOPs per token: forward 2 * (matmul parameters active per token) + 2 * L * seq_len * q
-//!   (causal attention scores and values, half the square); training 3x forward (Kaplan et
-//!   al. 2020, "Scaling Laws for Neural Language Models", §2.1).
+//! - FLOPs per token: forward 2 * (matmul parameters active per token) + seq_len * sum S
+//!   (causal attention scores and values, half the square) with S = 2 q for `mha` and
+//!   gated full attention and S = H (qk + v) for `mla`, plus for each gated DeltaNet block
+//!   `Hv (4 C dk + C (dk + dv) + 2 C dv + 6 dk dv)` (chunk scores, system, solves,
+//!   intra-chunk product, state read and update: linear in seq_len); training 3x forward (Kaplan et al. 2020, "Scaling Laws for
+//!   Neural Language Models", §2.1).
+//! - ranks per token: the most EP ranks one token's rows reach, `min(k, P)`, or with group
+//!   limiting the ranks its `group_topk` groups can span.
 
 use crate::cli::InspectArgs;
 use crate::config_load;
 use crate::exit_code::BadInput;
+use moe_model::config::{AttentionKind, ModelConfig, MoeConfig};
 use moe_model::count::{count_params, ParamCount, Sharding};
 use moe_trainer::config::{ExperimentConfig, Precision};
 use serde_json::json;
@@ -51,8 +67,74 @@ struct Report {
     activation_tokens: u64,
     activation_bytes: u64,
     a2a_bytes: u64,
+    max_ranks_per_token: u64,
     flops_forward: u64,
     flops_train: u64,
+}
+
+/// Attention's activation elements per token (A), score/value FLOPs per token and context
+/// position (S) and context-independent mixer FLOPs per token (F) of block `layer`; see the
+/// module docs.
+fn attention_terms(m: &ModelConfig, layer: i64) -> (u64, u64, u64) {
+    let u = |v: i64| v.max(0) as u64;
+    let a = &m.attention;
+    let q = u(m.num_heads * m.head_dim());
+    let kv = u(m.num_kv_heads * m.head_dim());
+    match a.kind {
+        AttentionKind::Mha => (4 * q + 2 * kv, 2 * q, 0),
+        AttentionKind::Mla => {
+            let h = u(m.num_heads);
+            let (qk, nope, v) = (u(a.qk_head_dim()), u(a.qk_nope_head_dim), u(a.v_head_dim));
+            let (r_q, r_kv) = (a.q_lora_rank.map_or(0, u), u(a.kv_lora_rank));
+            (
+                r_q + (r_kv + u(a.qk_rope_head_dim)) + r_kv + h * (2 * qk + nope + 2 * v),
+                h * (qk + v),
+                0,
+            )
+        }
+        // Gated attention: MHA's tensors plus the gate and the gated output.
+        AttentionKind::GatedDeltanet if a.is_full_attention(layer) => (6 * q + 2 * kv, 2 * q, 0),
+        AttentionKind::GatedDeltanet => {
+            let (hv, c) = (u(a.linear_num_value_heads), u(a.linear_chunk_size));
+            let (dk, dv) = (u(a.linear_key_head_dim), u(a.linear_value_head_dim));
+            let (kd, vd) = (u(a.linear_num_key_heads) * dk, hv * dv);
+            // Projections, convolution in and out, repeated q and k, z, beta and g, the rule's
+            // output and its gated norm, plus per head the chunk's C x C decay, score and
+            // system rows and the u and w rows.
+            let act = 2 * (2 * kd + vd) + 2 * hv * dk + 3 * vd + 2 * hv + hv * (3 * c + dk + dv);
+            // Per token and head: the chunk's scores and system (2 C dk each), the two
+            // triangular solves (C (dk + dv)), the intra-chunk product (2 C dv) and the state
+            // read, correction and update (6 dk dv).
+            let flops = hv * (4 * c * dk + c * (dk + dv) + 2 * c * dv + 6 * dk * dv);
+            (act, 0, flops)
+        }
+    }
+}
+
+/// The most EP ranks (of `p`, each holding `E/p` consecutive experts) one token's rows can
+/// reach: `min(k, p)`, and with group limiting (groups of `E/G` consecutive experts) no more
+/// than the ranks `group_topk` groups overlap.
+fn max_ranks_per_token(moe: &MoeConfig, p: u64) -> u64 {
+    let u = |v: i64| v.max(0) as u64;
+    let plain = u(moe.top_k).min(p);
+    match moe.group_limit() {
+        Some((g, gk)) => {
+            let (e, g, gk) = (u(moe.num_experts), u(g), u(gk));
+            let (per_group, per_rank) = (e / g.max(1), e / p.max(1));
+            // Ranks one group of consecutive experts overlaps (an upper bound when neither
+            // size divides the other: the group may straddle one more boundary).
+            let per_rank = per_rank.max(1);
+            let ranks_per_group = if per_rank % per_group.max(1) == 0 {
+                1
+            } else if per_group % per_rank == 0 {
+                per_group / per_rank
+            } else {
+                per_group.div_ceil(per_rank) + 1
+            };
+            plain.min(gk * ranks_per_group.min(p))
+        }
+        None => plain,
+    }
 }
 
 fn analyse(cfg: &ExperimentConfig, ep_size: i64) -> anyhow::Result<Report> {
@@ -72,26 +154,48 @@ fn analyse(cfg: &ExperimentConfig, ep_size: i64) -> anyhow::Result<Report> {
         Precision::Bf16 => 2,
     };
     let (d, l, v) = (u(m.d_model), u(m.num_layers), u(m.vocab_size));
-    let q = u(m.num_heads * m.head_dim());
-    let kv = u(m.num_kv_heads * m.head_dim());
+    let mtp = u(m.mtp_depth);
+    // Summed over the blocks, the prediction block (block num_layers) included.
+    let (mut attn_act, mut attn_seq_flops, mut attn_flops) = (0, 0, 0);
+    for layer in 0..m.num_layers + m.mtp_depth.max(0) {
+        let (a, s, f) = attention_terms(m, layer);
+        attn_act += a;
+        attn_seq_flops += s;
+        attn_flops += f;
+    }
     let (k, h, f) = (u(moe.top_k), u(moe.expert_hidden), u(m.ffn_hidden));
     let s = u(moe.num_shared_experts * moe.shared_hidden());
     let seq = u(cfg.data.seq_len);
 
     let n = u(t.batch_size) * seq;
-    let per_token = l * (16 * d + b * (4 * q + 2 * kv))
-        + count.dense_layers * b * (d + 3 * f)
-        + count.moe_layers * (4 * (d + 3 * u(e)) + b * (k * (2 * d + 3 * h) + 3 * s))
-        + 8 * v
-        + b * d;
+    // The multi-token prediction block (if any) is one more block, MoE or dense, with its own
+    // logits.
+    let mtp_moe = u64::from(
+        count
+            .get("mtp_routed_experts")
+            .is_some_and(|c| c.params > 0),
+    );
+    let (blocks, moe_blocks) = (l + mtp, count.moe_layers + mtp_moe);
+    let dense_blocks = count.dense_layers + mtp - mtp_moe;
+    let per_token = blocks * 16 * d
+        + b * attn_act
+        + dense_blocks * b * (d + 3 * f)
+        + moe_blocks * (4 * (d + 3 * u(e)) + b * (k * (2 * d + 3 * h) + 3 * s))
+        + (1 + mtp) * (8 * v + b * d);
     let step_tokens = n * u(t.grad_accum);
-    let a2a = step_tokens * k * d * b * 2 * 2 * count.moe_layers * (p - 1) / p;
+    let a2a = step_tokens * k * d * b * 2 * 2 * moe_blocks * (p - 1) / p;
     let norms = count.get("norms").map_or(0, |c| c.params);
     let embedding = count.get("embedding").map_or(0, |c| c.params);
-    // The embedding is a lookup, not a matmul; a tied head multiplies by it all the same.
+    // The embedding is a lookup, not a matmul; a tied head multiplies by it all the same, and
+    // the prediction module multiplies by the (shared) head once more.
+    let head = if m.tie_embeddings {
+        embedding
+    } else {
+        count.get("lm_head").map_or(0, |c| c.params)
+    };
     let head_tied = if m.tie_embeddings { embedding } else { 0 };
-    let matmul_active = count.active() - embedding - norms + head_tied;
-    let flops_forward = 2 * matmul_active + 2 * l * seq * q;
+    let matmul_active = count.active() - embedding - norms + head_tied + mtp * head;
+    let flops_forward = 2 * matmul_active + seq * attn_seq_flops + attn_flops;
     Ok(Report {
         per_rank_params: count.replicated() + count.expert_per_rank(p),
         count,
@@ -99,6 +203,7 @@ fn analyse(cfg: &ExperimentConfig, ep_size: i64) -> anyhow::Result<Report> {
         activation_tokens: n,
         activation_bytes: n * per_token,
         a2a_bytes: a2a,
+        max_ranks_per_token: max_ranks_per_token(moe, p),
         flops_forward,
         flops_train: 3 * flops_forward,
     })
@@ -146,6 +251,12 @@ fn to_json(cfg: &ExperimentConfig, r: &Report) -> serde_json::Value {
         "name": cfg.run.name,
         "total_params": c.total(),
         "active_params": c.active(),
+        "mtp_params": c.mtp(),
+        "total_params_without_mtp": c.total_without_mtp(),
+        "active_params_without_mtp": c.active_without_mtp(),
+        "active_params_without_embeddings": c.active_without_mtp()
+            - c.get("embedding").map_or(0, |x| x.active)
+            - c.get("lm_head").map_or(0, |x| x.active),
         "breakdown": breakdown,
         "moe_layers": c.moe_layers,
         "dense_layers": c.dense_layers,
@@ -163,6 +274,7 @@ fn to_json(cfg: &ExperimentConfig, r: &Report) -> serde_json::Value {
         },
         "activations": { "tokens": r.activation_tokens, "bytes": r.activation_bytes },
         "all_to_all_bytes_per_step": r.a2a_bytes,
+        "max_ranks_per_token": r.max_ranks_per_token,
         "flops_per_token": { "forward": r.flops_forward, "train": r.flops_train },
     })
 }
@@ -176,15 +288,47 @@ fn to_table(cfg: &ExperimentConfig, file: &str, r: &Report) -> String {
         o.push('\n');
     };
     line(format!("model {} ({file})", cfg.run.name));
+    let a = &m.attention;
+    let heads = match a.kind {
+        AttentionKind::Mha => format!(
+            "{} heads / {} kv heads of {}",
+            m.num_heads,
+            m.num_kv_heads,
+            m.head_dim()
+        ),
+        AttentionKind::Mla => format!(
+            "MLA {} heads (qk {}+{} rope, v {}, q rank {}, kv rank {})",
+            m.num_heads,
+            a.qk_nope_head_dim,
+            a.qk_rope_head_dim,
+            a.v_head_dim,
+            a.q_lora_rank.map_or("none".to_string(), |r| r.to_string()),
+            a.kv_lora_rank
+        ),
+        AttentionKind::GatedDeltanet => {
+            let full = (0..m.num_layers)
+                .filter(|&i| a.is_full_attention(i))
+                .count();
+            format!(
+                "{} gated DeltaNet blocks ({} qk / {} v heads of {} / {}) and {full} gated attention blocks ({} heads / {} kv heads of {}, RoPE on {})",
+                m.num_layers as usize - full,
+                a.linear_num_key_heads,
+                a.linear_num_value_heads,
+                a.linear_key_head_dim,
+                a.linear_value_head_dim,
+                m.num_heads,
+                m.num_kv_heads,
+                m.head_dim(),
+                m.rope_dim()
+            )
+        }
+    };
     line(format!(
-        "  d_model {}, {} layers ({} MoE, {} dense), {} heads / {} kv heads of {}, vocab {}, {} embeddings",
+        "  d_model {}, {} layers ({} MoE, {} dense), {heads}, vocab {}, {} embeddings",
         m.d_model,
         m.num_layers,
         c.moe_layers,
         c.dense_layers,
-        m.num_heads,
-        m.num_kv_heads,
-        m.head_dim(),
         m.vocab_size,
         if m.tie_embeddings { "tied" } else { "untied" }
     ));
@@ -198,8 +342,12 @@ fn to_table(cfg: &ExperimentConfig, file: &str, r: &Report) -> String {
         } else {
             String::new()
         };
+        let groups = match moe.group_limit() {
+            Some((g, gk)) => format!(" within {gk} of {g} groups"),
+            None => String::new(),
+        };
         line(format!(
-            "  {} routed experts of hidden {} (top-{}){shared}",
+            "  {} routed experts of hidden {} (top-{}{groups}){shared}",
             moe.num_experts, moe.expert_hidden, moe.top_k
         ));
     }
@@ -228,6 +376,14 @@ fn to_table(cfg: &ExperimentConfig, file: &str, r: &Report) -> String {
         short(c.total()),
         short(c.active())
     ));
+    if c.mtp() > 0 {
+        line(format!(
+            "  {:<16} {:>18} {:>18}",
+            "without mtp",
+            short(c.total_without_mtp()),
+            short(c.active_without_mtp())
+        ));
+    }
     line(String::new());
     let p = r.ep_size;
     let pr = r.per_rank_params;
@@ -260,6 +416,15 @@ fn to_table(cfg: &ExperimentConfig, file: &str, r: &Report) -> String {
     line(format!(
         "  all-to-all per step: {} (tokens * top_k * d * bytes * 2 [dispatch+combine] * (P-1)/P * 2 [fwd+bwd] * MoE layers)",
         bytes(r.a2a_bytes)
+    ));
+    line(format!(
+        "  a token's rows reach at most {} of {p} ranks{}",
+        r.max_ranks_per_token,
+        if moe.group_limit().is_some() {
+            " (group-limited routing)"
+        } else {
+            ""
+        }
     ));
     line(format!(
         "FLOPs per token: {:.3e} forward, {:.3e} training (3x forward)",
@@ -342,5 +507,27 @@ mod tests {
         assert_eq!(analyse(&cfg, 2).unwrap().a2a_bytes, 1024);
         assert_eq!(analyse(&cfg, 1).unwrap().a2a_bytes, 0);
         assert!(analyse(&cfg, 3).is_err());
+    }
+
+    /// Ranks per token by hand: 16 experts, top-4. Plain: min(4, P). 8 groups of 2 on
+    /// 8 ranks of 2: each group is one rank, 2 groups -> 2 ranks. 4 groups of 4 on 8 ranks
+    /// of 2: a group spans 2 ranks, 1 group -> 2. 8 groups of 2 on 2 ranks of 8: every group
+    /// inside one rank, at most min(2 groups, 2 ranks) = 2. 8 groups of 2 on 16 ranks of 1:
+    /// 2 groups span 4 ranks.
+    #[test]
+    fn ranks_per_token_by_hand() {
+        let moe = |groups: Option<(i64, i64)>| MoeConfig {
+            num_experts: 16,
+            top_k: 4,
+            num_groups: groups.map(|g| g.0),
+            group_topk: groups.map(|g| g.1),
+            ..MoeConfig::default()
+        };
+        assert_eq!(max_ranks_per_token(&moe(None), 8), 4);
+        assert_eq!(max_ranks_per_token(&moe(None), 2), 2);
+        assert_eq!(max_ranks_per_token(&moe(Some((8, 2))), 8), 2);
+        assert_eq!(max_ranks_per_token(&moe(Some((4, 1))), 8), 2);
+        assert_eq!(max_ranks_per_token(&moe(Some((8, 2))), 2), 2);
+        assert_eq!(max_ranks_per_token(&moe(Some((8, 2))), 16), 4);
     }
 }

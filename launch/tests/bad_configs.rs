@@ -137,6 +137,38 @@ fn all_cross_field_violations_in_one_error() {
     );
 }
 
+/// The new families' shape rules: an odd MLA RoPE width, group_topk above num_groups and
+/// experts that do not split into the groups, each naming its key and line.
+#[test]
+fn mla_and_group_violations_name_keys_and_lines() {
+    let s = Scratch::new("families");
+    let cfg = s.config(
+        "c.yaml",
+        "model:\n  attention:\n    kind: mla\n    qk_rope_head_dim: 7\nmoe:\n  num_experts: 12\n  top_k: 4\n  num_groups: 5\n  group_topk: 6\n",
+    );
+    let e = train_fails(&s, &cfg, &[]);
+    assert_has(
+        &e,
+        &[
+            "model.attention.qk_rope_head_dim (7) must be even (RoPE rotates pairs) [line 6, column 5]",
+            "moe.num_experts (12) must be divisible by moe.num_groups (5) [line 8, column 3]",
+            "moe.group_topk (6) must be in 1..=moe.num_groups (5) [line 11, column 3]",
+        ],
+    );
+    let cfg = s.config(
+        "d.yaml",
+        "model:\n  attention:\n    kind: gated_deltanet\n    full_attention_interval: 0\n    linear_num_key_heads: 3\n",
+    );
+    let e = train_fails(&s, &cfg, &[]);
+    assert_has(
+        &e,
+        &[
+            "model.attention.full_attention_interval (0) must be positive [line 6, column 5]",
+            "model.attention.linear_num_key_heads (3) must divide model.attention.linear_num_value_heads (4) [line 7, column 5]",
+        ],
+    );
+}
+
 #[test]
 fn empty_and_comment_only_files() {
     let s = Scratch::new("empty");

@@ -7,7 +7,7 @@
 //! dense parameter (embedding and LM head included, although a token reads one embedding
 //! row), the shared experts, and `top_k / num_experts` of the routed experts.
 
-use crate::config::{ModelConfig, MoeConfig};
+use crate::config::{AttentionKind, ModelConfig, MoeConfig};
 use crate::{ModelError, Result};
 
 /// How a component is laid out over an expert-parallel group.
@@ -23,7 +23,8 @@ pub enum Sharding {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Component {
     /// Stable name: `embedding`, `attention`, `norms`, `router`, `routed_experts`,
-    /// `shared_experts`, `dense_ffn`, `lm_head`.
+    /// `shared_experts`, `dense_ffn`, `lm_head`, and with multi-token prediction `mtp` (its
+    /// block without the routed experts, its norms and projection) and `mtp_routed_experts`.
     pub name: &'static str,
     /// Parameters in the whole model.
     pub params: u64,
@@ -55,6 +56,32 @@ impl ParamCount {
     /// Parameters one token uses.
     pub fn active(&self) -> u64 {
         self.components.iter().map(|c| c.active).sum()
+    }
+
+    /// Parameters of the multi-token prediction module (0 without one).
+    pub fn mtp(&self) -> u64 {
+        self.components
+            .iter()
+            .filter(|c| c.name.starts_with("mtp"))
+            .map(|c| c.params)
+            .sum()
+    }
+
+    /// [`ParamCount::total`] without the multi-token prediction module (how DeepSeek-V3's
+    /// 671B is counted).
+    pub fn total_without_mtp(&self) -> u64 {
+        self.total() - self.mtp()
+    }
+
+    /// [`ParamCount::active`] without the multi-token prediction module.
+    pub fn active_without_mtp(&self) -> u64 {
+        self.active()
+            - self
+                .components
+                .iter()
+                .filter(|c| c.name.starts_with("mtp"))
+                .map(|c| c.active)
+                .sum::<u64>()
     }
 
     /// Parameters every rank holds.
@@ -89,6 +116,50 @@ impl ParamCount {
     }
 }
 
+/// Parameters of one block's attention (validated config). MHA: wq `[d, q]`, wk and wv
+/// `[d, kv]`, wo `[q, d]`. MLA: wq_a `[d, r_q]`, q_norm `[r_q]` and wq_b `[r_q, H*qk]` (or wq
+/// `[d, H*qk]`), wkv_a `[d, r_kv + rope]`, kv_norm `[r_kv]`, wkv_b `[r_kv, H*(nope + v)]`,
+/// wo `[H*v, d]`. Gated DeltaNet: wq, wk `[d, Hk*dk]`, wv, wz `[d, Hv*dv]`, wb, wa
+/// `[d, Hv]`, conv `[2 Hk dk + Hv dv, 1, K]`, dt_bias and a_log `[Hv]`, norm `[dv]`, wo
+/// `[Hv*dv, d]`; its full-attention blocks: MHA plus wgate `[d, q]` and q/k norms `[hd]`.
+fn attention_per_layer(model: &ModelConfig, q: u64, kv: u64, layer: i64) -> u64 {
+    let u = |v: i64| v as u64;
+    let d = u(model.d_model);
+    let a = &model.attention;
+    match a.kind {
+        AttentionKind::Mha => 2 * d * q + 2 * d * kv,
+        AttentionKind::GatedDeltanet if a.is_full_attention(layer) => {
+            3 * d * q + 2 * d * kv + 2 * u(model.head_dim())
+        }
+        AttentionKind::GatedDeltanet => {
+            let (hk, hv) = (u(a.linear_num_key_heads), u(a.linear_num_value_heads));
+            let (kd, vd) = (
+                hk * u(a.linear_key_head_dim),
+                hv * u(a.linear_value_head_dim),
+            );
+            d * (2 * kd + 2 * vd + 2 * hv)
+                + (2 * kd + vd) * u(a.linear_conv_kernel)
+                + 2 * hv
+                + u(a.linear_value_head_dim)
+                + vd * d
+        }
+        AttentionKind::Mla => {
+            let h = u(model.num_heads);
+            let qk = u(a.qk_head_dim());
+            let query = match a.q_lora_rank {
+                Some(r) => d * u(r) + u(r) + u(r) * h * qk,
+                None => d * h * qk,
+            };
+            let r_kv = u(a.kv_lora_rank);
+            query
+                + d * (r_kv + u(a.qk_rope_head_dim))
+                + r_kv
+                + r_kv * h * u(a.qk_nope_head_dim + a.v_head_dim)
+                + h * u(a.v_head_dim) * d
+        }
+    }
+}
+
 /// Counts the parameters `TransformerLm::new(model, moe, ..)` creates. Errors on a config
 /// it would reject ([`MoeConfig::validate`]).
 pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> {
@@ -114,6 +185,8 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
     let dense_layers = l - moe_layers;
 
     let swiglu = |hidden: u64| 3 * d * hidden;
+    // The shared-expert gate `[d, 1]`.
+    let shared_gate = if moe.shared_expert_gate { d } else { 0 };
     let both = |name, params, sharding| Component {
         name,
         params,
@@ -123,10 +196,11 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
     let embedding = v * d;
     let components = vec![
         both("embedding", embedding, Sharding::Replicated),
-        // wq [d, H*hd], wk and wv [d, KV*hd], wo [H*hd, d].
         both(
             "attention",
-            l * (2 * d * q + 2 * d * kv),
+            (0..model.num_layers)
+                .map(|i| attention_per_layer(model, q, kv, i))
+                .sum(),
             Sharding::Replicated,
         ),
         // Two RMSNorm scales per block plus the final one.
@@ -141,7 +215,7 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
         both(
             "shared_experts",
             if shared_h > 0 {
-                moe_layers * swiglu(shared_h)
+                moe_layers * (swiglu(shared_h) + shared_gate)
             } else {
                 0
             },
@@ -158,6 +232,32 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
             Sharding::Replicated,
         ),
     ];
+    let mut components = components;
+    if model.mtp_depth > 0 {
+        // The block `layers.{L}`: MoE where block L would be, else dense.
+        let is_moe = has_moe && moe.is_moe_layer(model.num_layers);
+        let ffn = if is_moe {
+            d * e
+                + if shared_h > 0 {
+                    swiglu(shared_h) + shared_gate
+                } else {
+                    0
+                }
+        } else {
+            swiglu(u(model.ffn_hidden))
+        };
+        // enorm, hnorm, the block's two norms and the final norm; eh_proj [2d, d].
+        let replicated =
+            5 * d + 2 * d * d + attention_per_layer(model, q, kv, model.num_layers) + ffn;
+        components.push(both("mtp", replicated, Sharding::Replicated));
+        let experts = if is_moe { e * swiglu(h) } else { 0 };
+        components.push(Component {
+            name: "mtp_routed_experts",
+            params: experts,
+            active: if is_moe { k * swiglu(h) } else { 0 },
+            sharding: Sharding::Expert,
+        });
+    }
     Ok(ParamCount {
         components,
         moe_layers,
@@ -204,6 +304,47 @@ mod tests {
         assert_eq!(c.active(), total - 45_097_156_608 * 3 / 4);
         assert_eq!(c.expert_per_rank(8), 45_097_156_608 / 8);
         assert_eq!((c.moe_layers, c.dense_layers), (32, 0));
+    }
+
+    /// DeepSeek-V3's MLA by hand (config.json: d 7168, 128 heads, q_lora_rank 1536,
+    /// kv_lora_rank 512, qk_nope 128, qk_rope 64, v 128): wq_a 7168*1536 = 11,010,048,
+    /// q_norm 1536, wq_b 1536*128*192 = 37,748,736, wkv_a 7168*576 = 4,128,768, kv_norm 512,
+    /// wkv_b 512*128*256 = 16,777,216, wo 128*128*7168 = 117,440,512: 187,107,328 per layer.
+    #[test]
+    fn mla_by_hand() {
+        use crate::config::AttentionConfig;
+        let model = ModelConfig {
+            d_model: 7168,
+            num_layers: 2,
+            num_heads: 128,
+            num_kv_heads: 128,
+            attention: AttentionConfig {
+                kind: AttentionKind::Mla,
+                q_lora_rank: Some(1536),
+                kv_lora_rank: 512,
+                qk_nope_head_dim: 128,
+                qk_rope_head_dim: 64,
+                v_head_dim: 128,
+                softmax_scale: None,
+                ..AttentionConfig::default()
+            },
+            ..ModelConfig::default()
+        };
+        let c = count_params(&model, &MoeConfig::default()).unwrap();
+        assert_eq!(c.get("attention").unwrap().params, 2 * 187_107_328);
+        let no_q_lora = ModelConfig {
+            attention: AttentionConfig {
+                q_lora_rank: None,
+                ..model.attention.clone()
+            },
+            ..model
+        };
+        // wq 7168*128*192 = 176,160,768 replaces the three query tensors.
+        let c = count_params(&no_q_lora, &MoeConfig::default()).unwrap();
+        assert_eq!(
+            c.get("attention").unwrap().params,
+            2 * (187_107_328 - 48_760_320 + 176_160_768)
+        );
     }
 
     #[test]

@@ -10,12 +10,17 @@
 pub mod attention;
 pub mod config;
 pub mod count;
+pub mod deltanet;
 pub mod dispatcher;
 pub mod error;
 pub mod experts;
+pub mod gated_attention;
 pub mod init;
+pub mod mixer;
+pub mod mla;
 pub mod mlp;
 pub mod moe_layer;
+pub mod mtp;
 pub mod norm;
 pub mod param;
 pub mod rope;

@@ -9,11 +9,12 @@
 //! float32 for the loss. A float64 `compute_kind` with float64 parameters runs everything
 //! in float64 (gradient checks).
 
-use crate::attention::Attention;
 use crate::config::{ModelConfig, MoeConfig};
 use crate::dispatcher::Dispatcher;
+use crate::mixer::TokenMixer;
 use crate::mlp::SwiGlu;
 use crate::moe_layer::{MoeForward, MoeLayer, MoeStats};
+use crate::mtp::Mtp;
 use crate::norm::{accum_kind, RmsNorm};
 use crate::rope::Rope;
 use crate::{init, ModelError, Param, ParamKind, Result};
@@ -57,6 +58,9 @@ pub struct LmForward<'a> {
 pub struct LmOutput {
     /// Logits `[b, t, v]`, float32 (float64 when computing in float64).
     pub logits_btv: Tensor,
+    /// Multi-token prediction (`model.mtp_depth: 1`, `t > 1`): logits `[b, t-1, v]` whose
+    /// position i predicts the token after next, `targets[:, i+1]`.
+    pub mtp_logits_btv: Option<Tensor>,
     /// Sum over MoE layers of their load-balancing losses (x coeff); scalar with grad, 0
     /// without MoE layers.
     pub aux_loss: Tensor,
@@ -74,11 +78,116 @@ enum Ffn {
 }
 
 #[derive(Debug)]
-struct Block {
+pub(crate) struct Block {
     attn_norm: RmsNorm,
-    attn: Attention,
+    attn: TokenMixer,
     ffn_norm: RmsNorm,
     ffn: Ffn,
+}
+
+impl Block {
+    /// Block `i`: its attention, and an MoE FFN where `moe.is_moe_layer(i)` and the config has
+    /// more than one routed expert or any shared expert, else a dense SwiGLU.
+    pub(crate) fn new(
+        model: &ModelConfig,
+        moe: &MoeConfig,
+        par: ParallelInfo,
+        i: i64,
+        seed: u64,
+        device: Device,
+    ) -> Result<Self> {
+        let d = model.d_model;
+        let has_moe = moe.num_experts > 1 || moe.num_shared_experts > 0;
+        let ffn = if has_moe && moe.is_moe_layer(i) {
+            let prefix = format!("layers.{i}.moe");
+            Ffn::Moe(Box::new(MoeLayer::new(
+                model,
+                moe,
+                &prefix,
+                par.ep_rank,
+                par.ep_size,
+                seed,
+                device,
+            )?))
+        } else {
+            let prefix = format!("layers.{i}.ffn");
+            Ffn::Dense(SwiGlu::new(
+                &prefix,
+                d,
+                model.ffn_hidden,
+                model.init_std,
+                model.num_layers,
+                seed,
+                device,
+            )?)
+        };
+        Ok(Block {
+            attn_norm: RmsNorm::new(d, model.norm_eps, device)?,
+            attn: TokenMixer::new(model, i, &format!("layers.{i}.attn"), seed, device)?,
+            ffn_norm: RmsNorm::new(d, model.norm_eps, device)?,
+            ffn,
+        })
+    }
+
+    /// `x + attn(norm(x))`, then `+ ffn(norm(.))`, on the residual stream `x_btd` (kind
+    /// `accum_kind(compute_kind)`); block `i`'s MoE statistics when its FFN is MoE.
+    pub(crate) fn forward(
+        &self,
+        x_btd: &Tensor,
+        rope: &Rope,
+        ctx: &LmForward,
+        i: i64,
+        seed: u64,
+    ) -> Result<(Tensor, Option<MoeStats>)> {
+        let size = x_btd.size();
+        let [b, t, d] = size[..] else {
+            return Err(ModelError::Invalid(format!(
+                "block input must be [b, t, d], got {size:?}"
+            )));
+        };
+        let ck = ctx.compute_kind;
+        let res_kind = accum_kind(ck);
+        let h_btd = self.attn_norm.forward(x_btd)?;
+        let a_btd = self.attn.forward(&h_btd, rope, ck)?;
+        let x_btd = x_btd.f_add(&a_btd.f_to_kind(res_kind)?)?;
+        let h_btd = self.ffn_norm.forward(&x_btd)?.f_to_kind(ck)?;
+        let (f_btd, stats) = match &self.ffn {
+            Ffn::Dense(mlp) => (mlp.forward(&h_btd)?, None),
+            Ffn::Moe(moe) => {
+                let fwd = MoeForward {
+                    train: ctx.train,
+                    seq_len: t,
+                    capacity_groups: ctx.capacity_groups,
+                    dispatcher: ctx.dispatcher,
+                    jitter_seed: init::stream_seed(seed ^ ctx.step, "router_jitter", i),
+                    compute_kind: ck,
+                };
+                let (y_nd, stats) = moe.forward(&h_btd.f_reshape([b * t, d])?, &fwd)?;
+                (y_nd.f_reshape([b, t, d])?, Some(stats))
+            }
+        };
+        Ok((x_btd.f_add(&f_btd.f_to_kind(res_kind)?)?, stats))
+    }
+
+    /// The block's parameters under `layers.{i}`.
+    pub(crate) fn params(&self, i: i64) -> Vec<Param> {
+        let mut out = self.attn_norm.params(&format!("layers.{i}.attn_norm"));
+        out.extend(self.attn.params(&format!("layers.{i}.attn")));
+        out.extend(self.ffn_norm.params(&format!("layers.{i}.ffn_norm")));
+        match &self.ffn {
+            Ffn::Dense(mlp) => out.extend(mlp.params(&format!("layers.{i}.ffn"))),
+            Ffn::Moe(moe) => out.extend(moe.params(&format!("layers.{i}.moe"))),
+        }
+        out
+    }
+
+    /// The MoE layer, if the FFN is one.
+    pub(crate) fn moe(&self) -> Option<&MoeLayer> {
+        match &self.ffn {
+            Ffn::Moe(m) => Some(m.as_ref()),
+            Ffn::Dense(_) => None,
+        }
+    }
 }
 
 /// A transformer LM whose FFNs are MoE layers where `moe.is_moe_layer(i)` and the config has
@@ -86,7 +195,8 @@ struct Block {
 /// `num_experts: 1` dense baseline) use a dense SwiGLU of width `model.ffn_hidden`.
 ///
 /// Parameter names: `embed.weight`, `layers.{i}.attn_norm.weight`,
-/// `layers.{i}.attn.{wq,wk,wv,wo}`, `layers.{i}.ffn_norm.weight`,
+/// `layers.{i}.attn.{wq,wk,wv,wo}` (MLA: see [`crate::mla::Mla::new`]),
+/// `layers.{i}.ffn_norm.weight`,
 /// `layers.{i}.ffn.{w_gate,w_up,w_down}` (dense) or `layers.{i}.moe.*` (see
 /// [`MoeLayer::params`]), `norm.weight`, `lm_head.weight` (absent when tied).
 #[derive(Debug)]
@@ -98,6 +208,8 @@ pub struct TransformerLm {
     /// Untied LM head `[v, d]` (logits = `x W^T`).
     lm_head_vd: Option<Tensor>,
     rope: Rope,
+    /// DeepSeek-V3's multi-token prediction module (`model.mtp_depth: 1`).
+    mtp: Option<Mtp>,
     cfg: ModelConfig,
     seed: u64,
 }
@@ -118,40 +230,13 @@ impl TransformerLm {
         }
         let (v, d) = (model.vocab_size, model.d_model);
         let embed_vd = init::normal(seed, "embed.weight", 0, &[v, d], model.init_std, device)?;
-        let has_moe = moe.num_experts > 1 || moe.num_shared_experts > 0;
         let layers = (0..model.num_layers)
-            .map(|i| {
-                let ffn = if has_moe && moe.is_moe_layer(i) {
-                    let prefix = format!("layers.{i}.moe");
-                    Ffn::Moe(Box::new(MoeLayer::new(
-                        model,
-                        moe,
-                        &prefix,
-                        par.ep_rank,
-                        par.ep_size,
-                        seed,
-                        device,
-                    )?))
-                } else {
-                    let prefix = format!("layers.{i}.ffn");
-                    Ffn::Dense(SwiGlu::new(
-                        &prefix,
-                        d,
-                        model.ffn_hidden,
-                        model.init_std,
-                        model.num_layers,
-                        seed,
-                        device,
-                    )?)
-                };
-                Ok(Block {
-                    attn_norm: RmsNorm::new(d, model.norm_eps, device)?,
-                    attn: Attention::new(model, &format!("layers.{i}.attn"), seed, device)?,
-                    ffn_norm: RmsNorm::new(d, model.norm_eps, device)?,
-                    ffn,
-                })
-            })
+            .map(|i| Block::new(model, moe, par, i, seed, device))
             .collect::<Result<Vec<_>>>()?;
+        let mtp = match model.mtp_depth {
+            0 => None,
+            _ => Some(Mtp::new(model, moe, par, seed, device)?),
+        };
         let lm_head_vd = if model.tie_embeddings {
             None
         } else {
@@ -170,11 +255,12 @@ impl TransformerLm {
             norm: RmsNorm::new(d, model.norm_eps, device)?,
             lm_head_vd,
             rope: Rope::new(
-                model.head_dim(),
+                model.rope_dim(),
                 model.max_seq_len,
                 model.rope_theta,
                 device,
             )?,
+            mtp,
             cfg: model.clone(),
             seed,
         })
@@ -190,8 +276,8 @@ impl TransformerLm {
     /// # Shapes
     /// `tokens_bt` int64 `[b, t]` with `t <= max_seq_len` -> `logits_btv [b, t, v]`
     pub fn forward(&self, tokens_bt: &Tensor, ctx: &LmForward) -> Result<LmOutput> {
-        let (b, t) = match tokens_bt.size().as_slice() {
-            [b, t] if *t <= self.cfg.max_seq_len && *t > 0 => (*b, *t),
+        let t = match tokens_bt.size().as_slice() {
+            [_, t] if *t <= self.cfg.max_seq_len && *t > 0 => *t,
             s => {
                 return Err(ModelError::Invalid(format!(
                     "tokens must be [b, t] with 0 < t <= model.max_seq_len ({}), got {s:?}",
@@ -199,7 +285,6 @@ impl TransformerLm {
                 )))
             }
         };
-        let d = self.cfg.d_model;
         let ck = ctx.compute_kind;
         let res_kind = accum_kind(ck);
         let mut x_btd = Tensor::f_embedding(&self.embed_vd, tokens_bt, -1, false, false)?
@@ -209,38 +294,42 @@ impl TransformerLm {
         let mut z_loss = Tensor::f_zeros([], (Kind::Float, device))?;
         let mut moe_stats = Vec::new();
         for (i, block) in self.layers.iter().enumerate() {
-            let i = i as i64;
-            let h_btd = block.attn_norm.forward(&x_btd)?;
-            let a_btd = block.attn.forward(&h_btd, &self.rope, ck)?;
-            x_btd = x_btd.f_add(&a_btd.f_to_kind(res_kind)?)?;
-            let h_btd = block.ffn_norm.forward(&x_btd)?.f_to_kind(ck)?;
-            let f_btd = match &block.ffn {
-                Ffn::Dense(mlp) => mlp.forward(&h_btd)?,
-                Ffn::Moe(moe) => {
-                    let fwd = MoeForward {
-                        train: ctx.train,
-                        seq_len: t,
-                        capacity_groups: ctx.capacity_groups,
-                        dispatcher: ctx.dispatcher,
-                        jitter_seed: init::stream_seed(self.seed ^ ctx.step, "router_jitter", i),
-                        compute_kind: ck,
-                    };
-                    let (y_nd, stats) = moe.forward(&h_btd.f_reshape([b * t, d])?, &fwd)?;
-                    aux_loss = aux_loss.f_add(&stats.aux_loss.f_to_kind(Kind::Float)?)?;
-                    z_loss = z_loss.f_add(&stats.z_loss.f_to_kind(Kind::Float)?)?;
-                    moe_stats.push((i, stats));
-                    y_nd.f_reshape([b, t, d])?
-                }
-            };
-            x_btd = x_btd.f_add(&f_btd.f_to_kind(res_kind)?)?;
+            let (y_btd, stats) = block.forward(&x_btd, &self.rope, ctx, i as i64, self.seed)?;
+            x_btd = y_btd;
+            if let Some(stats) = stats {
+                aux_loss = aux_loss.f_add(&stats.aux_loss.f_to_kind(Kind::Float)?)?;
+                z_loss = z_loss.f_add(&stats.z_loss.f_to_kind(Kind::Float)?)?;
+                moe_stats.push((i as i64, stats));
+            }
         }
         let h_btd = self.norm.forward(&x_btd)?.f_to_kind(ck)?;
         let head_vd = self.lm_head_vd.as_ref().unwrap_or(&self.embed_vd);
         let logits_btv = h_btd
             .f_matmul(&head_vd.f_to_kind(ck)?.f_tr()?)?
             .f_to_kind(res_kind)?;
+        let mtp_logits_btv = match &self.mtp {
+            Some(mtp) if t > 1 => {
+                let (logits, stats) = mtp.forward(
+                    &x_btd,
+                    tokens_bt,
+                    &self.embed_vd,
+                    head_vd,
+                    &self.rope,
+                    ctx,
+                    self.seed,
+                )?;
+                if let Some(stats) = stats {
+                    aux_loss = aux_loss.f_add(&stats.aux_loss.f_to_kind(Kind::Float)?)?;
+                    z_loss = z_loss.f_add(&stats.z_loss.f_to_kind(Kind::Float)?)?;
+                    moe_stats.push((self.cfg.num_layers, stats));
+                }
+                Some(logits)
+            }
+            _ => None,
+        };
         Ok(LmOutput {
             logits_btv,
+            mtp_logits_btv,
             aux_loss,
             z_loss,
             moe: moe_stats,
@@ -258,13 +347,10 @@ impl TransformerLm {
         };
         let mut out = vec![dense("embed.weight", &self.embed_vd, false)];
         for (i, block) in self.layers.iter().enumerate() {
-            out.extend(block.attn_norm.params(&format!("layers.{i}.attn_norm")));
-            out.extend(block.attn.params(&format!("layers.{i}.attn")));
-            out.extend(block.ffn_norm.params(&format!("layers.{i}.ffn_norm")));
-            match &block.ffn {
-                Ffn::Dense(mlp) => out.extend(mlp.params(&format!("layers.{i}.ffn"))),
-                Ffn::Moe(moe) => out.extend(moe.params(&format!("layers.{i}.moe"))),
-            }
+            out.extend(block.params(i as i64));
+        }
+        if let Some(mtp) = &self.mtp {
+            out.extend(mtp.params(self.cfg.num_layers));
         }
         out.extend(self.norm.params("norm"));
         if let Some(head) = &self.lm_head_vd {
@@ -281,15 +367,14 @@ impl TransformerLm {
             .collect()
     }
 
-    /// The MoE layers with their block indices.
+    /// The MoE layers with their block indices (the multi-token prediction block, if any, is
+    /// block `num_layers`).
     pub fn moe_layers(&self) -> Vec<(i64, &MoeLayer)> {
-        self.layers
-            .iter()
+        let main = self.layers.iter().map(Block::moe);
+        let mtp = self.mtp.iter().map(|m| m.block.moe());
+        main.chain(mtp)
             .enumerate()
-            .filter_map(|(i, b)| match &b.ffn {
-                Ffn::Moe(m) => Some((i as i64, m.as_ref())),
-                Ffn::Dense(_) => None,
-            })
+            .filter_map(|(i, m)| m.map(|m| (i as i64, m)))
             .collect()
     }
 }

@@ -386,3 +386,39 @@ fn params_buffers_and_bias_update() {
         );
     }
 }
+
+/// `moe.shared_expert_gate` (Qwen2-MoE, Qwen3-Next): the gated layer's output differs from
+/// the ungated one (same seed, same weights) by exactly `(sigmoid(x w_g) - 1) * shared(x)`;
+/// its gate is a `[d, 1]` parameter named `<prefix>.shared_gate`. float32 1e-5 relative.
+#[test]
+fn shared_expert_gate_scales_the_shared_output() {
+    let (model, moe) = configs(ExpertImpl::Sequential);
+    let gated_cfg = MoeConfig {
+        shared_expert_gate: true,
+        ..moe.clone()
+    };
+    let plain = MoeLayer::new(&model, &moe, PREFIX, 0, 1, SEED, Device::Cpu).unwrap();
+    let gated = MoeLayer::new(&model, &gated_cfg, PREFIX, 0, 1, SEED, Device::Cpu).unwrap();
+    let w_g = gated.shared_gate_d1.as_ref().unwrap();
+    assert_eq!(w_g.size(), vec![D, 1]);
+    assert!(gated
+        .params(PREFIX)
+        .iter()
+        .any(|p| p.name == "layers.1.moe.shared_gate"));
+    assert!(plain.shared_gate_d1.is_none());
+    let x = values(8, D, 9);
+    let disp = Dispatcher::Local;
+    let (y_plain, _) = plain.forward(&x, &ctx(&disp, 1)).unwrap();
+    let (y_gated, _) = gated.forward(&x, &ctx(&disp, 1)).unwrap();
+    let shared = plain.shared.as_ref().unwrap().forward(&x).unwrap();
+    let want = &y_plain + (x.matmul(w_g).sigmoid() - 1.0) * shared;
+    assert_close(&y_gated, &want, "gated");
+    let mut bad = MoeConfig {
+        num_shared_experts: 0,
+        ..gated_cfg
+    };
+    bad.shared_expert_hidden = None;
+    assert!(MoeConfig::validate(&model, &bad)
+        .iter()
+        .any(|e| e.contains("moe.shared_expert_gate (true) needs shared experts")));
+}

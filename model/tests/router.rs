@@ -155,7 +155,7 @@ fn pre_softmax_is_not_renormalised_unless_norm_topk_prob() {
             TOL_F32,
             "pre",
         );
-        c.norm_topk_prob = true;
+        c.norm_topk_prob = Some(true);
         // p = torch.softmax(..); p[[1, 2]] / p[[1, 2]].sum()
         let r = run(&c, &x, None, 0, 1);
         assert_close(
@@ -174,7 +174,7 @@ fn sigmoid_selects_with_bias_and_weighs_without_it() {
         let bias = Tensor::from_slice(&[0.0f32, -1.0, 0.0, 1.0]).to_device(dev);
         let c = MoeConfig {
             score_function: ScoreFunction::Sigmoid,
-            norm_topk_prob: true,
+            norm_topk_prob: Some(true),
             route_scale: 2.5,
             ..cfg(4, 2)
         };
@@ -191,7 +191,7 @@ fn sigmoid_selects_with_bias_and_weighs_without_it() {
         // Without renormalisation the weights are the raw sigmoid scores: s[[3, 2]] * 2.5.
         let r = run(
             &MoeConfig {
-                norm_topk_prob: false,
+                norm_topk_prob: Some(false),
                 ..c.clone()
             },
             &x,
@@ -547,16 +547,21 @@ fn capacity_groups_apply_the_limit_per_group() {
 #[test]
 fn seq_aux_loss_matches_hand_value() {
     for dev in devices() {
-        // Two sequences of 2 tokens, E = 2, k = 1. s = torch.softmax(x, -1).
+        // Two sequences of 2 tokens, E = 2, k = 1. Softmax routing: s = torch.softmax(x, -1).
         // Seq 0 picks {0, 1}: E/(k T^2) * sum_e c_e P_e = 2/4 * (1 * P_0 + 1 * P_1) = 0.5 * 2 = 1.
         // Seq 1 picks {0, 0}: 2/4 * 2 * (s[2, 0] + s[3, 0]) = torch.sigmoid(3.) + torch.sigmoid(2.)
         //   = 1.8333712048003157. Mean over sequences: 1.416685602400158, times coeff 0.01.
+        // Sigmoid routing (Megatron-Core): s = torch.sigmoid(x); s = s / s.sum(-1, keepdim=True)
+        //   with the same picks gives 1.14683689945175 (seq 0 is 1 again; seq 1 differs).
         let x = logits(
             &[&[1.0, 0.0], &[0.0, 2.0], &[3.0, 0.0], &[2.0, 0.0]],
             Kind::Float,
             dev,
         );
-        for score_function in [ScoreFunction::Softmax, ScoreFunction::Sigmoid] {
+        for (score_function, want) in [
+            (ScoreFunction::Softmax, 1.416685602400158),
+            (ScoreFunction::Sigmoid, 1.14683689945175),
+        ] {
             let c = MoeConfig {
                 aux_loss: AuxLossKind::SeqAuxLoss,
                 score_function,
@@ -565,7 +570,7 @@ fn seq_aux_loss_matches_hand_value() {
             let r = run(&c, &x, None, 2, 1);
             let got = scalar(r.seq_aux_loss.as_ref().unwrap());
             assert!(
-                (got - 0.01 * 1.416685602400158).abs() < 1e-8,
+                (got - 0.01 * want).abs() < 1e-8,
                 "{score_function:?}: {got}"
             );
             // aux_loss() leaves the sequence-level kind to route().
@@ -586,6 +591,110 @@ fn seq_aux_loss_matches_hand_value() {
             },
         );
         assert!(bad.is_err(), "seq_len 3 does not divide 4 tokens");
+    }
+}
+
+#[test]
+fn sigmoid_aux_loss_uses_sigmoid_scores_normalised_over_all_experts() {
+    // Megatron-Core's compute_routing_scores_for_aux_loss for score_function "sigmoid":
+    //   X = torch.tensor([[1., 3., 2., 0.], [.5, -1., 2., 1.], [0., .1, -2., 4.]], dtype=torch.float64)
+    //   s = torch.sigmoid(X); s = s / s.sum(-1, keepdim=True)
+    //   top-2 of s (no ties): [[1, 2], [2, 3], [3, 1]] -> c = [0, 2, 2, 2]
+    //   P = s.sum(0) = [0.7223842903581997, 0.6651954364573847, 0.6953505440989642, 0.9170697290854514]
+    //   aux = E / (k N^2) * (c * P).sum() = 1.012273648729689 (a softmax of X would give
+    //   1.2263436023711451 with the same counts).
+    let x_rows: [&[f64]; 3] = [
+        &[1.0, 3.0, 2.0, 0.0],
+        &[0.5, -1.0, 2.0, 1.0],
+        &[0.0, 0.1, -2.0, 4.0],
+    ];
+    for dev in devices() {
+        let x = logits(&x_rows, Kind::Float, dev);
+        let c = MoeConfig {
+            score_function: ScoreFunction::Sigmoid,
+            aux_loss_coeff: 1.0,
+            ..cfg(4, 2)
+        };
+        // Also with a bias that changes the selection but must not enter the loss.
+        let bias = Tensor::from_slice(&[5.0f32, 0.0, 0.0, 0.0]).to_device(dev);
+        for b in [None, Some(&bias)] {
+            let r = run(&c, &x, b, 0, 1);
+            assert_close(
+                &flat(&r.aux_stats.counts_e),
+                &[0.0, 2.0, 2.0, 2.0],
+                0.0,
+                "counts",
+            );
+            assert_close(
+                &flat(&r.aux_stats.probsum_e),
+                &[
+                    0.7223842903581997,
+                    0.6651954364573847,
+                    0.6953505440989642,
+                    0.9170697290854514,
+                ],
+                TOL_F32,
+                "probsum",
+            );
+            let aux = aux_loss(&c, &r.aux_stats, &r.aux_stats.counts_e, 3).unwrap();
+            assert!(
+                (scalar(&aux) - 1.012273648729689).abs() < 1e-6,
+                "{}",
+                scalar(&aux)
+            );
+        }
+    }
+}
+
+#[test]
+fn sigmoid_renormalises_by_default_whenever_k_exceeds_one() {
+    // Megatron-Core: probs = scores / (scores.sum(-1) + 1e-20) if topk > 1 else scores.
+    // s = torch.sigmoid(torch.tensor([1., 3., 2., 0.], dtype=torch.float64))
+    // k = 2: s[[1, 2]] / s[[1, 2]].sum() = [0.5195751544086155, 0.48042484559138454]
+    // k = 1: s[1] = 0.9525741268224334, not renormalised (it would be 1).
+    for dev in devices() {
+        let x = logits(&[&[1.0, 3.0, 2.0, 0.0]], Kind::Float, dev);
+        let sig = |k: i64, norm: Option<bool>| MoeConfig {
+            score_function: ScoreFunction::Sigmoid,
+            norm_topk_prob: norm,
+            ..cfg(4, k)
+        };
+        assert!(sig(2, None).renormalises_topk());
+        let r = run(&sig(2, None), &x, None, 0, 1);
+        assert_close(
+            &dense(&r.probs_ne)[0],
+            &[0.0, 0.5195751544086155, 0.48042484559138454, 0.0],
+            TOL_F32,
+            "k=2 default",
+        );
+        let r = run(&sig(1, None), &x, None, 0, 1);
+        assert_close(
+            &dense(&r.probs_ne)[0],
+            &[0.0, 0.9525741268224334, 0.0, 0.0],
+            TOL_F32,
+            "k=1 default",
+        );
+        // The explicit key overrides the rule both ways.
+        let r = run(&sig(2, Some(false)), &x, None, 0, 1);
+        assert_close(
+            &dense(&r.probs_ne)[0],
+            &[0.0, 0.9525741268224334, 0.8807970779778823, 0.0],
+            TOL_F32,
+            "k=2 forced off",
+        );
+        let r = run(&sig(1, Some(true)), &x, None, 0, 1);
+        assert_close(
+            &dense(&r.probs_ne)[0],
+            &[0.0, 1.0, 0.0, 0.0],
+            TOL_F32,
+            "k=1 forced on",
+        );
+        // Pre-softmax keeps its default: not renormalised.
+        assert!(!MoeConfig {
+            pre_softmax: true,
+            ..cfg(4, 2)
+        }
+        .renormalises_topk());
     }
 }
 
@@ -708,7 +817,7 @@ fn gradients_match_central_finite_differences() {
         },
         MoeConfig {
             pre_softmax: true,
-            norm_topk_prob: true,
+            norm_topk_prob: Some(true),
             aux_loss: AuxLossKind::SeqAuxLoss,
             aux_loss_coeff: 0.3,
             z_loss_coeff: 0.05,
@@ -718,7 +827,7 @@ fn gradients_match_central_finite_differences() {
         },
         MoeConfig {
             score_function: ScoreFunction::Sigmoid,
-            norm_topk_prob: true,
+            norm_topk_prob: Some(true),
             route_scale: 2.5,
             aux_loss_coeff: 0.3,
             z_loss_coeff: 0.02,

@@ -130,6 +130,9 @@ pub struct TrainerConfig {
     pub threads: i64,
     /// Non-finite steps in a row before training aborts (each one is skipped and logged).
     pub max_bad_steps: u64,
+    /// Weight of the multi-token prediction loss (`model.mtp_depth: 1`) added to the LM loss:
+    /// the cross-entropy of predicting the token after next (DeepSeek-V3 uses 0.3, then 0.1).
+    pub mtp_loss_weight: f64,
 }
 
 impl Default for TrainerConfig {
@@ -153,6 +156,7 @@ impl Default for TrainerConfig {
             precision: Precision::Fp32,
             threads: 0,
             max_bad_steps: 5,
+            mtp_loss_weight: 0.3,
         }
     }
 }
@@ -346,6 +350,12 @@ impl ExperimentConfig {
             errs.push(format!(
                 "trainer.weight_decay ({}) must be >= 0",
                 t.weight_decay
+            ));
+        }
+        if !t.mtp_loss_weight.is_finite() || t.mtp_loss_weight < 0.0 {
+            errs.push(format!(
+                "trainer.mtp_loss_weight ({}) must be a finite number >= 0",
+                t.mtp_loss_weight
             ));
         }
         if t.grad_clip.is_nan() || t.grad_clip < 0.0 {

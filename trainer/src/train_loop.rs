@@ -303,13 +303,17 @@ impl Rank<'_> {
                 // Before the skip-bad-step path, which would otherwise swallow a non-finite
                 // loss; the loss flag is global so every rank stops at the same step.
                 let n = t.batch_size * cfg.data.seq_len * t.grad_accum;
-                check_invariants(
-                    step,
-                    n,
-                    cfg.moe.top_k,
-                    &layer_stats,
-                    global.non_finite == 0.0,
-                )?;
+                // The multi-token prediction block (block num_layers, last in the list) routes
+                // one token fewer per sequence.
+                let main_layers = layer_stats
+                    .iter()
+                    .take_while(|(l, _)| *l < cfg.model.num_layers)
+                    .count();
+                let (main, mtp) = layer_stats.split_at(main_layers);
+                let finite = global.non_finite == 0.0;
+                check_invariants(step, n, cfg.moe.top_k, main, finite)?;
+                let n_mtp = t.batch_size * (cfg.data.seq_len - 1) * t.grad_accum;
+                check_invariants(step, n_mtp, cfg.moe.top_k, mtp, finite)?;
             }
 
             // One collective decision for every rank: a non-finite value anywhere skips the step.
@@ -471,6 +475,12 @@ impl Rank<'_> {
             let out = self.model.forward(&inputs, &ctx)?;
             let lm_loss = lm_loss(&out.logits_btv, &targets)?;
             let mut loss = lm_loss.f_add(&out.aux_loss)?.f_add(&out.z_loss)?;
+            if let Some(mtp_logits) = &out.mtp_logits_btv {
+                loss = loss.f_add(
+                    &mtp_loss(mtp_logits, &targets)?
+                        .f_mul_scalar(self.cfg.trainer.mtp_loss_weight)?,
+                )?;
+            }
             let mut lm_loss = lm_loss;
             if inject_nan {
                 lm_loss = lm_loss.f_mul_scalar(f64::NAN)?;
@@ -815,6 +825,16 @@ pub fn lm_loss(logits_btv: &Tensor, targets_bt: &Tensor) -> Result<Tensor> {
             -100,
             0.0,
         )?)
+}
+
+/// Multi-token prediction loss: the cross-entropy of `mtp_logits_btv` (position i predicts
+/// the token after next) against `targets_bt[:, 1:]`.
+///
+/// # Shapes
+/// `mtp_logits_btv [b, t-1, v]`, `targets_bt [b, t]` -> scalar
+pub fn mtp_loss(mtp_logits_btv: &Tensor, targets_bt: &Tensor) -> Result<Tensor> {
+    let t = targets_bt.size().get(1).copied().unwrap_or(0);
+    lm_loss(mtp_logits_btv, &targets_bt.f_narrow(1, 1, t - 1)?)
 }
 
 /// max/mean of the global kept load over the MoE layers (the worst layer), as an f64 scalar

@@ -18,15 +18,17 @@ use crate::cli::BenchArgs;
 use crate::config_load;
 use anyhow::{anyhow, bail, Context};
 use moe_comm::ProcessGroups;
+use moe_model::config::AttentionKind;
 use moe_model::dispatcher::Dispatcher;
+use moe_model::mixer::TokenMixer;
 use moe_model::moe_layer::{MoeForward, MoeLayer};
 use moe_model::transformer::{LmForward, ParallelInfo, TransformerLm};
-use moe_model::{attention::Attention, mlp::SwiGlu, rope::Rope};
+use moe_model::{mlp::SwiGlu, rope::Rope};
 use moe_trainer::config::ExperimentConfig;
 use moe_trainer::data::{load_dataset, Dataset, SamplerSpec, Split};
 use moe_trainer::grad_sync::clip_grad_norm;
 use moe_trainer::optim::AdamW;
-use moe_trainer::train_loop::lm_loss;
+use moe_trainer::train_loop::{lm_loss, mtp_loss};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -138,9 +140,14 @@ impl Model {
             step,
         };
         let out = self.lm.forward(&batch.inputs_bt, &ctx)?;
-        let loss = lm_loss(&out.logits_btv, &batch.targets_bt)?
+        let mut loss = lm_loss(&out.logits_btv, &batch.targets_bt)?
             .f_add(&out.aux_loss)?
             .f_add(&out.z_loss)?;
+        if let Some(mtp_logits) = &out.mtp_logits_btv {
+            loss = loss.f_add(
+                &mtp_loss(mtp_logits, &batch.targets_bt)?.f_mul_scalar(t.mtp_loss_weight)?,
+            )?;
+        }
         loss.f_backward()?;
         let t2 = Instant::now();
         let params = self.lm.params();
@@ -182,8 +189,9 @@ impl Model {
         Ok((median(&fused), median(&reference)))
     }
 
-    /// Standalone forward+backward of one attention block and one FFN (MoE or dense) on this
-    /// model's shapes, times the number of such layers: `(attention s, ffn s)`.
+    /// Standalone forward+backward of one attention block of each kind the model uses (MHA,
+    /// MLA, gated DeltaNet, gated attention) and one FFN (MoE or dense) on this model's
+    /// shapes, times the number of such layers: `(attention s, ffn s)`.
     fn components(&self, reps: u64) -> anyhow::Result<(f64, f64)> {
         let (m, moe) = (&self.cfg.model, &self.cfg.moe);
         let (b, t, d) = (
@@ -191,8 +199,34 @@ impl Model {
             self.cfg.data.seq_len,
             m.d_model,
         );
-        let rope = Rope::new(m.head_dim(), m.max_seq_len, m.rope_theta, Device::Cpu)?;
-        let attn = Attention::new(m, "bench.attn", 1, Device::Cpu)?;
+        let rope = Rope::new(m.rope_dim(), m.max_seq_len, m.rope_theta, Device::Cpu)?;
+        // One mixer per kind: under gated_deltanet, block 0 (DeltaNet) and the first
+        // full-attention block; each weighted by its number of blocks.
+        let mut mixers: Vec<(TokenMixer, f64)> = Vec::new();
+        let full = (0..m.num_layers)
+            .filter(|&i| {
+                m.attention.kind == AttentionKind::GatedDeltanet && m.attention.is_full_attention(i)
+            })
+            .count() as f64;
+        let first_full = (0..m.num_layers).find(|&i| m.attention.is_full_attention(i));
+        match (m.attention.kind, first_full) {
+            (AttentionKind::GatedDeltanet, Some(i)) => {
+                mixers.push((TokenMixer::new(m, i, "bench.attn", 1, Device::Cpu)?, full));
+                if m.num_layers as f64 > full {
+                    let j = (0..m.num_layers)
+                        .find(|&j| !m.attention.is_full_attention(j))
+                        .unwrap_or(0);
+                    mixers.push((
+                        TokenMixer::new(m, j, "bench.attn", 1, Device::Cpu)?,
+                        m.num_layers as f64 - full,
+                    ));
+                }
+            }
+            _ => mixers.push((
+                TokenMixer::new(m, 0, "bench.attn", 1, Device::Cpu)?,
+                m.num_layers as f64,
+            )),
+        }
         let is_moe = moe.num_experts > 1 || moe.num_shared_experts > 0;
         let moe_layer = if is_moe {
             Some(MoeLayer::new(m, moe, "bench.moe", 0, 1, 1, Device::Cpu)?)
@@ -214,14 +248,18 @@ impl Model {
         let dense_layers = m.num_layers as f64 - moe_layers;
         let x =
             Tensor::f_randn([b, t, d], (Kind::Float, Device::Cpu))?.f_set_requires_grad(true)?;
-        let (mut sa, mut sf, mut sd) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut sf, mut sd) = (Vec::new(), Vec::new());
+        let mut sa: Vec<Vec<f64>> = vec![Vec::new(); mixers.len()];
         let dispatcher = Dispatcher::Local;
         for _ in 0..reps + 1 {
-            let s = Instant::now();
-            attn.forward(&x, &rope, Kind::Float)?
-                .f_sum(Kind::Float)?
-                .f_backward()?;
-            sa.push(s.elapsed().as_secs_f64());
+            for ((mixer, _), times) in mixers.iter().zip(sa.iter_mut()) {
+                let s = Instant::now();
+                mixer
+                    .forward(&x, &rope, Kind::Float)?
+                    .f_sum(Kind::Float)?
+                    .f_backward()?;
+                times.push(s.elapsed().as_secs_f64());
+            }
             if let Some(layer) = &moe_layer {
                 let s = Instant::now();
                 let ctx = MoeForward {
@@ -247,7 +285,11 @@ impl Model {
         }
         let med = |v: &[f64]| if v.len() > 1 { median(&v[1..]) } else { 0.0 };
         Ok((
-            med(&sa) * m.num_layers as f64,
+            mixers
+                .iter()
+                .zip(&sa)
+                .map(|((_, count), times)| med(times) * count)
+                .sum(),
             med(&sf) * moe_layers + med(&sd) * dense_layers,
         ))
     }
@@ -330,10 +372,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let mut report = Report::new("moe bench train: end-to-end training steps (CPU, float32)");
     let base = config_load::load(&config, &args.set)?.config;
     let (m, moe) = (&base.model, &base.moe);
+    // One process holds every expert: a config written for several ranks (ep_size > 1) is
+    // benchmarked at ep_size 1.
     let with = |extra: &[String]| -> Vec<String> {
-        args.set
-            .iter()
-            .cloned()
+        std::iter::once("parallel.ep_size=1".to_string())
+            .chain(args.set.iter().cloned())
             .chain(extra.iter().cloned())
             .collect()
     };
@@ -346,7 +389,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     } else {
         Some(train_child_rss(
             &config,
-            &args.set,
+            &with(&[]),
             steps.max(2),
             threads_max,
         )?)
@@ -361,6 +404,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
                 "moe.num_experts=1".into(),
                 "moe.top_k=1".into(),
                 "moe.num_shared_experts=0".into(),
+                "moe.shared_expert_gate=false".into(),
+                "moe.num_groups=null".into(),
+                "moe.group_topk=null".into(),
                 format!("model.ffn_hidden={}", moe.top_k * moe.expert_hidden),
             ]),
         )?,

@@ -2,14 +2,14 @@
 //! its per-sequence variant (DeepSeek-V2 `seq_aux_loss`) and the z-loss (ST-MoE, eq. 5).
 
 use super::select::{topk_mask, topk_mask_at};
-use crate::config::{AuxLossKind, MoeConfig};
+use crate::config::{AuxLossKind, MoeConfig, ScoreFunction};
 use crate::Result;
 use tch::Tensor;
 
 /// One rank's statistics for the global load-balancing loss, before the all-reduce.
 ///
-/// Both come from `s = softmax(logits)` over all E experts, whatever the routing's score
-/// function, and from the top-k of `s` taken before capacity dropping (Megatron-Core).
+/// Both come from the balancing scores `s` over all E experts (see [`aux_scores`]) and from the
+/// top-k of `s` taken before capacity dropping (Megatron-Core).
 #[derive(Debug)]
 pub struct AuxStats {
     /// `[E]` number of tokens whose top-k of `s` holds expert e; no grad.
@@ -25,22 +25,39 @@ fn zero_like(like: &Tensor) -> Result<Tensor> {
     Ok(Tensor::f_zeros([], (like.kind(), like.device()))?)
 }
 
-/// `softmax(logits)` and its top-k map, the inputs of both balancing losses.
+/// Added to the sum of the sigmoid scores before normalising, as Megatron-Core does.
+const NORM_EPS: f64 = 1e-20;
+
+/// The balancing scores `s` and their top-k map, the inputs of both balancing losses, as
+/// Megatron-Core's `compute_routing_scores_for_aux_loss` computes them: `s = softmax(logits)`
+/// for softmax routing (pre- or post-softmax alike) and, for sigmoid routing,
+/// `s = sigmoid(logits) / (sum_e sigmoid(logits) + 1e-20)`, so that each row sums to 1 in
+/// both cases. Neither the selection bias nor group limiting enter.
 ///
-/// `logits_topk_nk`, when given, holds the indices of the top-k LOGITS of each row (the
-/// router's own selection when it selects on the raw logits). Softmax is non-decreasing
-/// within a row, so the k-th largest score is the smallest score at those indices, and the
-/// map follows without a second top-k (which costs as much as the rest of the router at
-/// E=256).
+/// `topk_nk`, when given, holds the indices of the top-k entries of each row of a score that
+/// `s` is a non-decreasing function of (the logits, or the unbiased sigmoid scores: the
+/// router's own selection when it selects on them). The k-th largest `s` is then the
+/// smallest `s` at those indices, and the map follows without a second top-k (which costs as
+/// much as the rest of the router at E=256).
 ///
 /// # Shapes
-/// `logits_ne` `[N, E]`, `logits_topk_nk` i64 `[N, k]` -> `s_ne` `[N, E]`, `map_ne` bool `[N, E]`.
+/// `logits_ne` `[N, E]`, `topk_nk` i64 `[N, k]` -> `s_ne` `[N, E]`, `map_ne` bool `[N, E]`.
 pub(crate) fn aux_scores(
+    score_function: ScoreFunction,
     logits_ne: &Tensor,
     top_k: i64,
     logits_topk_nk: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
-    let s_ne = logits_ne.f_softmax(1, logits_ne.kind())?;
+    let s_ne = match score_function {
+        ScoreFunction::Softmax => logits_ne.f_softmax(1, logits_ne.kind())?,
+        ScoreFunction::Sigmoid => {
+            let sig_ne = logits_ne.f_sigmoid()?;
+            let sum_n1 = sig_ne
+                .f_sum_dim_intlist(1, true, logits_ne.kind())?
+                .f_add_scalar(NORM_EPS)?;
+            sig_ne.f_div(&sum_n1)?
+        }
+    };
     let map_ne = match logits_topk_nk {
         Some(idx_nk) => {
             let kth_n1 = s_ne

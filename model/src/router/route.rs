@@ -3,7 +3,7 @@
 use super::capacity::apply_capacity;
 use super::losses::{aux_scores, aux_stats, seq_aux_loss, z_loss, AuxStats};
 use super::select::{indices_to_map, select};
-use crate::config::{AuxLossKind, MoeConfig, ScoreFunction};
+use crate::config::{AuxLossKind, MoeConfig};
 use crate::{ModelError, Result};
 use tch::{Kind, Tensor};
 
@@ -100,6 +100,9 @@ fn validate(cfg: &MoeConfig, input: &RouterInput) -> Result<(i64, i64)> {
             cfg.top_k
         )));
     }
+    if let Some(msg) = MoeConfig::validate_groups(cfg).into_iter().next() {
+        return Err(invalid(msg));
+    }
     if let Some(b) = input.expert_bias_e {
         if b.size() != [e] {
             return Err(invalid(format!(
@@ -150,15 +153,15 @@ pub fn route(cfg: &MoeConfig, input: &RouterInput) -> Result<Routing> {
     let kept_e = capped.kept_ne.f_sum_dim_intlist(0, false, Kind::Int64)?;
     let num_kept = kept_e.f_sum(Kind::Int64)?;
 
-    // Post-softmax routing without a bias selects on the raw logits: its top-k indices are
-    // the logits' own (see `aux_scores`).
-    let on_raw_logits = cfg.score_function == ScoreFunction::Softmax
-        && !cfg.pre_softmax
-        && input.expert_bias_e.is_none();
+    // Without a bias the router selects on the logits, softmax(logits) or sigmoid(logits),
+    // all of which the balancing scores are non-decreasing in: their top-k indices are the
+    // router's own (see `aux_scores`), unless group limiting changed them.
+    let on_monotone_scores = input.expert_bias_e.is_none() && cfg.group_limit().is_none();
     let (s_ne, aux_map_ne) = aux_scores(
+        cfg.score_function,
         logits_ne,
         cfg.top_k,
-        on_raw_logits.then_some(&selection.idx_nk),
+        on_monotone_scores.then_some(&selection.idx_nk),
     )?;
     let seq_aux = match cfg.aux_loss {
         AuxLossKind::SeqAuxLoss => Some(seq_aux_loss(cfg, &s_ne, &aux_map_ne, input.seq_len)?),

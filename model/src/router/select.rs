@@ -60,6 +60,29 @@ pub(crate) fn indices_to_map(idx_nk: &Tensor, num_experts: i64) -> Result<Tensor
     Ok(zeros_ne.f_scatter_value(1, idx_nk, 1)?)
 }
 
+/// Group-limited routing (DeepSeek-V2/V3; Megatron-Core `group_limited_topk`): each group of
+/// `E / groups` consecutive experts is scored by the sum of its `per_group` largest
+/// selection scores, each row keeps its `group_topk` best groups (ties to the lower group)
+/// and every expert outside them is set to `-inf`, so a later top-k stays inside them.
+///
+/// # Shapes
+/// `sel_ne` `[N, E]` (detached) -> `[N, E]`.
+pub(crate) fn limit_to_groups(
+    sel_ne: &Tensor,
+    groups: i64,
+    group_topk: i64,
+    per_group: i64,
+) -> Result<Tensor> {
+    let (n, e) = (sel_ne.size()[0], sel_ne.size()[1]);
+    let sel_ngm = sel_ne.f_view([n, groups, e / groups])?;
+    let (top_ngp, _) = sel_ngm.f_topk(per_group, 2, true, false)?;
+    let group_score_ng = top_ngp.f_sum_dim_intlist(2, false, sel_ne.kind())?;
+    let keep_ng1 = topk_mask(&group_score_ng, group_topk)?.f_unsqueeze(2)?;
+    Ok(sel_ngm
+        .f_masked_fill(&keep_ng1.f_logical_not()?, f64::NEG_INFINITY)?
+        .f_view([n, e])?)
+}
+
 /// The selected experts of every token and their routing weights.
 pub(crate) struct Selection {
     /// i64 `[N, k]` expert ids, in descending order of the selection score.
@@ -73,6 +96,8 @@ pub(crate) struct Selection {
 /// `bias_e` (aux-loss-free balancing) is added to the selection scores only, that is to the
 /// logits for post-softmax routing, to `softmax(logits)` for pre-softmax routing and to
 /// `sigmoid(logits)` for sigmoid routing; the weights always come from the unbiased scores.
+/// Group-limited routing ([`limit_to_groups`]) ranks the groups by these selection scores too.
+/// The k weights are renormalised per [`MoeConfig::renormalises_topk`].
 ///
 /// # Shapes
 /// `logits_ne` `[N, E]`, `bias_e` `[E]` -> `idx_nk`, `weights_nk` `[N, k]`.
@@ -95,11 +120,17 @@ pub(crate) fn select(
             .f_add(&b.f_to_device(logits_ne.device())?.f_to_kind(kind)?)?,
         None => scores_ne.f_detach()?,
     };
+    let selection_ne = match cfg.group_limit() {
+        Some((groups, group_topk)) => {
+            limit_to_groups(&selection_ne, groups, group_topk, cfg.top_k / group_topk)?
+        }
+        None => selection_ne,
+    };
     let idx_nk = topk_indices(&selection_ne, cfg.top_k)?;
     let picked_nk = scores_ne.f_gather(1, &idx_nk, false)?;
     let weights_nk = if post_softmax {
         picked_nk.f_softmax(1, kind)?
-    } else if cfg.norm_topk_prob {
+    } else if cfg.renormalises_topk() {
         let sum_n1 = picked_nk
             .f_sum_dim_intlist(1, true, kind)?
             .f_add_scalar(RENORM_EPS)?;

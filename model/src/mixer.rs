@@ -1,0 +1,76 @@
+//! The attention of a block, by `model.attention.kind`: standard multi-head attention
+//! ([`Attention`]), multi-head latent attention ([`Mla`]), or Qwen3-Next's hybrid of gated
+//! DeltaNet ([`GatedDeltaNet`]) and gated full attention ([`GatedAttention`]).
+
+use crate::attention::Attention;
+use crate::config::{AttentionKind, ModelConfig};
+use crate::deltanet::GatedDeltaNet;
+use crate::gated_attention::GatedAttention;
+use crate::mla::Mla;
+use crate::rope::Rope;
+use crate::{Param, Result};
+use tch::{Device, Kind, Tensor};
+
+/// One block's attention.
+#[derive(Debug)]
+pub enum TokenMixer {
+    /// Multi-head (grouped-query) attention.
+    Mha(Attention),
+    /// Multi-head latent attention.
+    Mla(Mla),
+    /// Gated DeltaNet linear attention.
+    DeltaNet(GatedDeltaNet),
+    /// Gated full attention that rotates the first `rotary` channels of each head.
+    Gated {
+        /// The attention.
+        attn: GatedAttention,
+        /// RoPE width.
+        rotary: i64,
+    },
+}
+
+impl TokenMixer {
+    /// The kind `cfg.attention.kind` names for block `layer`, weights under `prefix`.
+    pub fn new(
+        cfg: &ModelConfig,
+        layer: i64,
+        prefix: &str,
+        seed: u64,
+        device: Device,
+    ) -> Result<Self> {
+        Ok(match cfg.attention.kind {
+            AttentionKind::Mha => Self::Mha(Attention::new(cfg, prefix, seed, device)?),
+            AttentionKind::Mla => Self::Mla(Mla::new(cfg, prefix, seed, device)?),
+            AttentionKind::GatedDeltanet if cfg.attention.is_full_attention(layer) => Self::Gated {
+                attn: GatedAttention::new(cfg, prefix, seed, device)?,
+                rotary: cfg.rope_dim(),
+            },
+            AttentionKind::GatedDeltanet => {
+                Self::DeltaNet(GatedDeltaNet::new(cfg, prefix, seed, device)?)
+            }
+        })
+    }
+
+    /// Causal self-attention; `rope` rotates [`ModelConfig::rope_dim`] channels.
+    ///
+    /// # Shapes
+    /// `x_btd [b, t, d]` -> `[b, t, d]`
+    pub fn forward(&self, x_btd: &Tensor, rope: &Rope, compute_kind: Kind) -> Result<Tensor> {
+        match self {
+            Self::Mha(a) => a.forward(x_btd, rope, compute_kind),
+            Self::Mla(a) => a.forward(x_btd, rope, compute_kind),
+            Self::DeltaNet(a) => a.forward(x_btd, compute_kind),
+            Self::Gated { attn, rotary } => attn.forward(x_btd, rope, *rotary, compute_kind),
+        }
+    }
+
+    /// The weights, named under `prefix`.
+    pub fn params(&self, prefix: &str) -> Vec<Param> {
+        match self {
+            Self::Mha(a) => a.params(prefix),
+            Self::Mla(a) => a.params(prefix),
+            Self::DeltaNet(a) => a.params(prefix),
+            Self::Gated { attn, .. } => attn.params(prefix),
+        }
+    }
+}
