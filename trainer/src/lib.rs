@@ -7,6 +7,7 @@ pub mod error;
 pub mod fault;
 pub mod fused;
 pub mod grad_sync;
+pub mod hf;
 pub mod inference;
 pub mod metrics;
 pub mod optim;
