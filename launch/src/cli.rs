@@ -58,6 +58,10 @@ pub enum Command {
     Launch(LaunchArgs),
     /// Measure the MoE layer, the all-to-all or a training step.
     Bench(Box<BenchArgs>),
+    /// Export a checkpoint to a Hugging Face folder (Mixtral).
+    Export(crate::export_cmd::ExportArgs),
+    /// Import a Hugging Face folder (Mixtral) as a run directory with a checkpoint.
+    Import(crate::import_cmd::ImportArgs),
     /// Print the config reference (docs/config-reference.md) generated from the schema.
     #[command(hide = true)]
     ConfigReference,

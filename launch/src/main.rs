@@ -8,7 +8,9 @@ mod config_reference;
 mod device;
 mod eval_cmd;
 mod exit_code;
+mod export_cmd;
 mod generate_cmd;
+mod import_cmd;
 mod inspect_cmd;
 mod launch_cmd;
 mod overrides;
@@ -75,5 +77,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::process::exit(code)
         }
         Command::Bench(a) => bench::run(*a),
+        Command::Export(a) => export_cmd::run_export(&a),
+        Command::Import(a) => import_cmd::run_import(&a),
     }
 }

@@ -6,13 +6,16 @@
 pub mod arch;
 pub mod config_map;
 pub mod export;
+pub mod import;
 pub mod names;
 pub mod outdir;
 pub mod shards;
 
 pub use arch::Arch;
+pub use import::{import, ImportReport};
 pub use export::{export, ExportOptions, ExportReport, DEFAULT_MAX_SHARD_BYTES};
 pub use shards::ExportDtype;
+
 
 use thiserror::Error;
 
