@@ -20,9 +20,8 @@ pub struct ImportArgs {
 
 /// Runs `moe import`.
 pub fn run_import(a: &ImportArgs) -> anyhow::Result<()> {
-    let render = |cfg: &moe_trainer::config::ExperimentConfig| {
-        to_yaml(cfg).map_err(|e| e.to_string())
-    };
+    let render =
+        |cfg: &moe_trainer::config::ExperimentConfig| to_yaml(cfg).map_err(|e| e.to_string());
     let r = hf::import(&a.hf, &a.out, &render).map_err(hf_error)?;
     println!(
         "imported {} ({}, {} tensors) into {}: config {}, checkpoint {}",

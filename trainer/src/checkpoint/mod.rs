@@ -28,7 +28,9 @@ mod verify;
 mod writer;
 
 pub use load::{config_mismatch, load_for_rank, ExpertSlot, Loaded};
-pub use manifest::{expert_tensor_name, ExpertEntry, FileEntry, Manifest, TensorEntry, FORMAT_NAME, FORMAT_VERSION};
+pub use manifest::{
+    expert_tensor_name, ExpertEntry, FileEntry, Manifest, TensorEntry, FORMAT_NAME, FORMAT_VERSION,
+};
 pub use snapshot::{ExpertTensor, Snapshot};
 pub use stfile::{StDtype, StFile, StTensor};
 pub use stream::{split_expert_name, CheckpointReader};

@@ -84,19 +84,16 @@ fn open_weights(dir: &Path) -> Result<(Vec<StFile>, BTreeMap<String, usize>), Hf
             .ok_or_else(|| input(&index_path, "missing field `weight_map`"))?;
         let mut files = BTreeSet::new();
         for (t, f) in map {
-            let f = f.as_str().ok_or_else(|| {
-                input(&index_path, format!("weight_map[{t}] is not a file name"))
-            })?;
+            let f = f
+                .as_str()
+                .ok_or_else(|| input(&index_path, format!("weight_map[{t}] is not a file name")))?;
             files.insert(f.to_string());
         }
         files.into_iter().collect()
     } else if dir.join(SINGLE).is_file() {
         vec![SINGLE.to_string()]
     } else {
-        return Err(input(
-            dir,
-            format!("holds neither {SINGLE} nor {INDEX}"),
-        ));
+        return Err(input(dir, format!("holds neither {SINGLE} nor {INDEX}")));
     };
     let mut files = Vec::with_capacity(names.len());
     let mut holder = BTreeMap::new();
@@ -162,7 +159,10 @@ pub fn import(
     if !errs.is_empty() {
         return Err(input(
             &hf_dir.join("config.json"),
-            format!("describes a model this build cannot run:\n  {}", errs.join("\n  ")),
+            format!(
+                "describes a model this build cannot run:\n  {}",
+                errs.join("\n  ")
+            ),
         ));
     }
     let (files, holder) = open_weights(hf_dir)?;
@@ -285,18 +285,16 @@ pub fn import(
     let staging = Staging::new(&run_dir)?;
     let yaml = render_yaml(&cfg).map_err(HfError::Failed)?;
     let yaml_path = staging.dir().join("config.yaml");
-    std::fs::write(&yaml_path, yaml).map_err(|e| HfError::Failed(format!("{}: {e}", yaml_path.display())))?;
+    std::fs::write(&yaml_path, yaml)
+        .map_err(|e| HfError::Failed(format!("{}: {e}", yaml_path.display())))?;
     let ckpt_root = staging.dir().join("checkpoints");
-    let mut ckpt = Checkpointer::new(&ckpt_root, 1, 0, 0, 1, 1)
-        .map_err(|e| HfError::Failed(e.to_string()))?;
+    let mut ckpt =
+        Checkpointer::new(&ckpt_root, 1, 0, 0, 1, 1).map_err(|e| HfError::Failed(e.to_string()))?;
     let written = ckpt
         .save(snapshot)
         .map_err(|e| HfError::Failed(e.to_string()))?;
     ckpt.wait().map_err(|e| HfError::Failed(e.to_string()))?;
-    let step_dir = written
-        .file_name()
-        .map(PathBuf::from)
-        .unwrap_or_default();
+    let step_dir = written.file_name().map(PathBuf::from).unwrap_or_default();
     let run_dir = staging.commit()?;
     Ok(ImportReport {
         arch,

@@ -12,10 +12,9 @@ pub mod outdir;
 pub mod shards;
 
 pub use arch::Arch;
-pub use import::{import, ImportReport};
 pub use export::{export, ExportOptions, ExportReport, DEFAULT_MAX_SHARD_BYTES};
+pub use import::{import, ImportReport};
 pub use shards::ExportDtype;
-
 
 use thiserror::Error;
 
