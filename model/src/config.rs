@@ -34,6 +34,11 @@ pub struct ModelConfig {
     /// Standard deviation of the normal init; residual output projections use
     /// `init_std / sqrt(2 * num_layers)` (GPT-2).
     pub init_std: f64,
+    /// Learned biases on the query, key and value projections (Qwen2, Qwen2-MoE).
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm of queries and keys before RoPE, one scale of `head_dim` each
+    /// (Qwen3, Qwen3-MoE).
+    pub qk_norm: bool,
 }
 
 impl Default for ModelConfig {
@@ -51,6 +56,8 @@ impl Default for ModelConfig {
             norm_eps: 1e-5,
             tie_embeddings: false,
             init_std: 0.02,
+            qkv_bias: false,
+            qk_norm: false,
         }
     }
 }
@@ -122,6 +129,9 @@ pub struct MoeConfig {
     pub num_shared_experts: i64,
     /// Hidden width of each shared expert; `null` means `expert_hidden`.
     pub shared_expert_hidden: Option<i64>,
+    /// Scale the shared experts' output per token by `sigmoid(x . w)` with a learned `w [d]`
+    /// (Qwen2-MoE's `shared_expert_gate`); needs shared experts.
+    pub shared_expert_gate: bool,
     /// Dense blocks before the first MoE block (DeepSeek-V3 uses 3).
     pub first_dense_layers: i64,
     /// After `first_dense_layers`, every `moe_every`-th block is MoE (1 = all of them).
@@ -166,6 +176,7 @@ impl Default for MoeConfig {
             expert_hidden: 256,
             num_shared_experts: 0,
             shared_expert_hidden: None,
+            shared_expert_gate: false,
             first_dense_layers: 0,
             moe_every: 1,
             score_function: ScoreFunction::Softmax,
@@ -272,6 +283,12 @@ impl MoeConfig {
         if moe.num_shared_experts < 0 {
             errs.push(format!(
                 "moe.num_shared_experts ({}) must be >= 0",
+                moe.num_shared_experts
+            ));
+        }
+        if moe.shared_expert_gate && moe.num_shared_experts <= 0 {
+            errs.push(format!(
+                "moe.shared_expert_gate (true) gates shared experts, but moe.num_shared_experts is {}",
                 moe.num_shared_experts
             ));
         }

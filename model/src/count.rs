@@ -103,6 +103,7 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
         u(model.num_heads * model.head_dim()),
         u(model.num_kv_heads * model.head_dim()),
     );
+    let hd = u(model.head_dim());
     let (e, k, h) = (u(moe.num_experts), u(moe.top_k), u(moe.expert_hidden));
     let shared_h = u(moe.num_shared_experts.max(0) * moe.shared_hidden());
     // The same rule as `TransformerLm::new`: a single routed expert without shared experts is
@@ -123,14 +124,18 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
     let embedding = v * d;
     let components = vec![
         both("embedding", embedding, Sharding::Replicated),
-        // wq [d, H*hd], wk and wv [d, KV*hd], wo [H*hd, d].
+        // wq [d, H*hd], wk and wv [d, KV*hd], wo [H*hd, d], biases bq [H*hd], bk, bv [KV*hd].
         both(
             "attention",
-            l * (2 * d * q + 2 * d * kv),
+            l * (2 * d * q + 2 * d * kv + if model.qkv_bias { q + 2 * kv } else { 0 }),
             Sharding::Replicated,
         ),
-        // Two RMSNorm scales per block plus the final one.
-        both("norms", (2 * l + 1) * d, Sharding::Replicated),
+        // Two RMSNorm scales per block plus the final one, and the per-head q/k norms.
+        both(
+            "norms",
+            (2 * l + 1) * d + if model.qk_norm { 2 * l * hd } else { 0 },
+            Sharding::Replicated,
+        ),
         both("router", moe_layers * d * e, Sharding::Replicated),
         Component {
             name: "routed_experts",
@@ -141,7 +146,7 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
         both(
             "shared_experts",
             if shared_h > 0 {
-                moe_layers * swiglu(shared_h)
+                moe_layers * (swiglu(shared_h) + if moe.shared_expert_gate { d } else { 0 })
             } else {
                 0
             },

@@ -28,6 +28,9 @@ pub struct MoeLayer {
     /// `num_shared_experts` shared experts as one SwiGLU of width
     /// `num_shared_experts * shared_hidden()` (see [`crate::mlp`]).
     pub shared: Option<SwiGlu>,
+    /// Shared-expert gate `[d, 1]` (`moe.shared_expert_gate`, Qwen2-MoE): the shared output
+    /// of token n is scaled by `sigmoid(x_n . w)`.
+    pub shared_gate_d1: Option<Tensor>,
     /// Aux-loss-free balancing bias f32 `[E]` (a buffer, not a parameter), when
     /// `bias_update_rate > 0`.
     pub expert_bias_e: Option<Tensor>,
@@ -149,6 +152,18 @@ impl MoeLayer {
         } else {
             None
         };
+        let shared_gate_d1 = if moe.shared_expert_gate && shared.is_some() {
+            Some(init::normal(
+                seed,
+                &format!("{prefix}.shared.out_gate"),
+                0,
+                &[model.d_model, 1],
+                model.init_std,
+                device,
+            )?)
+        } else {
+            None
+        };
         let expert_bias_e = if moe.bias_update_rate > 0.0 {
             Some(Tensor::f_zeros([e], (Kind::Float, device))?)
         } else {
@@ -158,6 +173,7 @@ impl MoeLayer {
             w_router_de,
             experts,
             shared,
+            shared_gate_d1,
             expert_bias_e,
             cfg: moe.clone(),
         })
@@ -248,7 +264,12 @@ impl MoeLayer {
         )?;
         let mut y_nd = ctx.dispatcher.combine(&y_md, meta)?;
         if let Some(shared) = &self.shared {
-            y_nd = y_nd.f_add(&shared.forward(x_nd)?.f_to_kind(y_nd.kind())?)?;
+            let mut s_nd = shared.forward(x_nd)?;
+            if let Some(g) = &self.shared_gate_d1 {
+                let gate_n1 = x_nd.f_matmul(&g.f_to_kind(x_nd.kind())?)?.f_sigmoid()?;
+                s_nd = s_nd.f_mul(&gate_n1)?;
+            }
+            y_nd = y_nd.f_add(&s_nd.f_to_kind(y_nd.kind())?)?;
         }
 
         let stats = MoeStats {
@@ -372,6 +393,14 @@ impl MoeLayer {
         params.extend(self.experts.params(&format!("{prefix}.experts")));
         if let Some(shared) = &self.shared {
             params.extend(shared.params(&format!("{prefix}.shared")));
+        }
+        if let Some(g) = &self.shared_gate_d1 {
+            params.push(Param {
+                name: format!("{prefix}.shared.out_gate"),
+                tensor: g.shallow_clone(),
+                kind: ParamKind::Dense,
+                weight_decay: true,
+            });
         }
         params
     }
