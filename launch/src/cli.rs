@@ -58,9 +58,9 @@ pub enum Command {
     Launch(LaunchArgs),
     /// Measure the MoE layer, the all-to-all or a training step.
     Bench(Box<BenchArgs>),
-    /// Export a checkpoint to a Hugging Face folder (Mixtral).
+    /// Export a checkpoint to a Hugging Face folder (Mixtral, Qwen2-MoE, Qwen3-MoE).
     Export(crate::export_cmd::ExportArgs),
-    /// Import a Hugging Face folder (Mixtral) as a run directory with a checkpoint.
+    /// Import a Hugging Face folder (Mixtral, Qwen2-MoE, Qwen3-MoE) as a run directory.
     Import(crate::import_cmd::ImportArgs),
     /// Print the config reference (docs/config-reference.md) generated from the schema.
     #[command(hide = true)]

@@ -12,6 +12,12 @@ use std::path::PathBuf;
 pub enum ArchArg {
     /// `MixtralForCausalLM`.
     Mixtral,
+    /// `Qwen2MoeForCausalLM`.
+    #[value(name = "qwen2_moe")]
+    Qwen2Moe,
+    /// `Qwen3MoeForCausalLM`.
+    #[value(name = "qwen3_moe")]
+    Qwen3Moe,
 }
 
 /// Weight dtype of `--dtype`.
@@ -55,6 +61,8 @@ pub fn run_export(a: &ExportArgs) -> anyhow::Result<()> {
     let opts = ExportOptions {
         arch: a.arch.map(|x| match x {
             ArchArg::Mixtral => Arch::Mixtral,
+            ArchArg::Qwen2Moe => Arch::Qwen2Moe,
+            ArchArg::Qwen3Moe => Arch::Qwen3Moe,
         }),
         dtype: match a.dtype {
             DtypeArg::Fp32 => ExportDtype::F32,

@@ -156,20 +156,20 @@ fn assert_same_outputs(ours: &(Vec<f64>, Vec<i64>), theirs: &(Vec<f64>, Vec<i64>
     assert!(distinct.len() > 1, "degenerate continuation {:?}", ours.1);
 }
 
-/// A tiny Mixtral-shaped model trained by the binary (150 steps, ~3 s: enough that its greedy
-/// text is not one repeated byte).
-fn train_tiny(s: &Scratch, name: &str) -> PathBuf {
+/// A tiny model trained by the binary (150 steps, ~3 s: enough that its greedy text is not
+/// one repeated byte); `model` and `moe` are extra YAML lines of those sections.
+fn train_tiny(s: &Scratch, name: &str, model: &str, moe_extra: &str) -> PathBuf {
     let out = s.0.join(name);
     let cfg = s.write(
         &format!("{name}.yaml"),
         &format!(
             "run:\n  out_dir: {}\n\
              model:\n  vocab_size: 256\n  d_model: 32\n  num_layers: 2\n  num_heads: 4\n  \
-             num_kv_heads: 2\n  max_seq_len: 64\n  rope_theta: 10000.0\n\
-             moe:\n  num_experts: 4\n  top_k: 2\n  expert_hidden: 32\n\
+             num_kv_heads: 2\n  ffn_hidden: 48\n  max_seq_len: 64\n  rope_theta: 10000.0\n{model}\
+             moe:\n  num_experts: 4\n  top_k: 2\n  expert_hidden: 32\n{moe_extra}\
              data:\n  seq_len: 32\n  synthetic_bytes: 100000\n\
              trainer:\n  max_steps: 150\n  batch_size: 4\n  lr: 1.0e-2\n  warmup_steps: 2\n  \
-             log_every: 10\n  eval_every: 0\n  device: cpu\n  threads: 1\n\
+             log_every: 50\n  eval_every: 0\n  device: cpu\n  threads: 1\n\
              checkpoint:\n  every: 0\n  keep: 1\n",
             out.display()
         ),
@@ -219,18 +219,35 @@ fn hf_tensors(dir: &Path) -> BTreeMap<String, Tensor> {
     out
 }
 
-/// Export of a briefly trained model: transformers (loading a sharded folder with its index)
-/// gives our logits and greedy text; capacity dropping is noted in one line.
-#[test]
-fn export_matches_transformers() {
-    let s = Scratch::new("hf-export");
-    let run = train_tiny(&s, "run");
+/// Export of a briefly trained model of `arch` (inferred, not passed): transformers gives our
+/// logits and greedy text. Returns the export folder.
+fn check_export(tag: &str, arch: &str, model: &str, moe_extra: &str, args: &[&str]) -> Scratch {
+    let s = Scratch::new(tag);
+    let run = train_tiny(&s, "run", model, moe_extra);
     let ckpt = only_checkpoint(&run);
     let out = s.0.join("hf");
-    // ~20 kB shards: the tiny model's 82 kB of expert weights need several.
-    let printed = export(&run, &out, &["--max-shard-size", "20000"]);
-    assert!(printed.contains("as mixtral (41 tensors)"), "{printed}");
-    assert!(!printed.contains("capacity"), "{printed}");
+    let printed = export(&run, &out, args);
+    assert!(printed.contains(&format!("as {arch} (")), "{printed}");
+    assert!(!printed.contains("note:"), "{printed}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], json!(arch));
+    assert_same_outputs(&ours(&ckpt), &theirs(&s, &out));
+    s
+}
+
+/// Mixtral, exported as ~20 kB shards (the tiny model's 82 kB of expert weights need several)
+/// that transformers loads through the index.
+#[test]
+fn export_mixtral_matches_transformers() {
+    let s = check_export(
+        "hf-exp-mixtral",
+        "mixtral",
+        "",
+        "",
+        &["--max-shard-size", "20000"],
+    );
+    let out = s.0.join("hf");
     assert!(out.join("model.safetensors.index.json").is_file());
     let shards = std::fs::read_dir(&out)
         .unwrap()
@@ -248,7 +265,36 @@ fn export_matches_transformers() {
     assert_eq!(config["architectures"], json!(["MixtralForCausalLM"]));
     assert_eq!(config["num_local_experts"], json!(4));
     assert_eq!(config["intermediate_size"], json!(32));
-    assert_same_outputs(&ours(&ckpt), &theirs(&s, &out));
+}
+
+/// Qwen2-MoE: q/k/v biases, a gated shared expert, a dense first block, top-k weights not
+/// renormalised (pre-softmax).
+#[test]
+fn export_qwen2_moe_matches_transformers() {
+    let s = check_export(
+        "hf-exp-qwen2",
+        "qwen2_moe",
+        "  qkv_bias: true\n",
+        "  num_shared_experts: 2\n  shared_expert_hidden: 24\n  shared_expert_gate: true\n  \
+         first_dense_layers: 1\n  pre_softmax: true\n",
+        &[],
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.0.join("hf/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["mlp_only_layers"], json!([0]));
+    assert_eq!(config["shared_expert_intermediate_size"], json!(48));
+    assert_eq!(config["norm_topk_prob"], json!(false));
+}
+
+/// Qwen3-MoE: per-head q/k RMSNorm, renormalised top-k.
+#[test]
+fn export_qwen3_moe_matches_transformers() {
+    let s = check_export("hf-exp-qwen3", "qwen3_moe", "  qk_norm: true\n", "", &[]);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.0.join("hf/config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["norm_topk_prob"], json!(true));
 }
 
 /// An EP=2 checkpoint exports the same bytes as its EP=1 twin (the same weights re-saved by
@@ -314,25 +360,21 @@ fn ep2_exports_the_same_bytes_as_ep1() {
     assert!(t["model.layers.1.block_sparse_moe.experts.3.w3.weight"].equal(&ours.tr()));
 }
 
-/// A random model saved by transformers (sharded) imports with the same logits and greedy
-/// text; exporting the import gives back every tensor bit for bit; the run directory trains
-/// on (`--resume auto`) at EP=2.
-#[test]
-fn import_matches_transformers_and_round_trips() {
-    let s = Scratch::new("hf-import");
+/// A random `arch` model saved by transformers imports with the same logits and greedy text,
+/// and exporting the import gives back every tensor bit for bit. Returns the run directory.
+fn check_import(s: &Scratch, arch: &str, make_args: &[&str]) -> PathBuf {
     let hf = s.0.join("ref");
-    reference(&[
+    let mut args = vec![
         "make",
         "--arch",
-        "mixtral",
+        arch,
         "--out",
         hf.to_str().unwrap(),
         "--seed",
         "3",
-        "--max-shard-size",
-        "20KB",
-    ]);
-    assert!(hf.join("model.safetensors.index.json").is_file());
+    ];
+    args.extend_from_slice(make_args);
+    reference(&args);
     let run = s.0.join("imported");
     let (code, o, e) = moe(&[
         "import",
@@ -342,8 +384,9 @@ fn import_matches_transformers_and_round_trips() {
         run.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "import failed:\n{o}\n{e}");
+    assert!(o.contains(&format!("({arch}, ")), "{o}");
     let ckpt = only_checkpoint(&run);
-    assert_same_outputs(&ours(&ckpt), &theirs(&s, &hf));
+    assert_same_outputs(&ours(&ckpt), &theirs(s, &hf));
 
     let back = s.0.join("back");
     export(&ckpt, &back, &[]);
@@ -352,7 +395,16 @@ fn import_matches_transformers_and_round_trips() {
     for (name, t) in &a {
         assert!(t.equal(&b[name]), "{name} changed in the round trip");
     }
+    run
+}
 
+/// Mixtral saved sharded; the imported run directory also trains on (`--resume auto`) at
+/// EP=2 and evaluates.
+#[test]
+fn import_mixtral_matches_transformers_and_trains_on() {
+    let s = Scratch::new("hf-imp-mixtral");
+    let run = check_import(&s, "mixtral", &["--max-shard-size", "20KB"]);
+    assert!(s.0.join("ref/model.safetensors.index.json").is_file());
     let cfg = run.join("config.yaml");
     let (code, o, e) = moe(&[
         "train",
@@ -379,6 +431,31 @@ fn import_matches_transformers_and_round_trips() {
     let (code, o, e) = moe(&["eval", "--checkpoint", run.to_str().unwrap()]);
     assert_eq!(code, 0, "eval failed:\n{o}\n{e}");
     assert!(o.contains("checkpoint step 2"), "{o}");
+}
+
+/// Qwen2-MoE with a dense first block, q/k/v biases and the gated shared expert.
+#[test]
+fn import_qwen2_moe_matches_transformers() {
+    let s = Scratch::new("hf-imp-qwen2");
+    let run = check_import(&s, "qwen2_moe", &[]);
+    let yaml = std::fs::read_to_string(run.join("config.yaml")).unwrap();
+    for want in [
+        "qkv_bias: true",
+        "first_dense_layers: 1",
+        "shared_expert_gate: true",
+        "pre_softmax: true",
+    ] {
+        assert!(yaml.contains(want), "{want} not in\n{yaml}");
+    }
+}
+
+/// Qwen3-MoE with per-head q/k norms and renormalised top-k.
+#[test]
+fn import_qwen3_moe_matches_transformers() {
+    let s = Scratch::new("hf-imp-qwen3");
+    let run = check_import(&s, "qwen3_moe", &[]);
+    let yaml = std::fs::read_to_string(run.join("config.yaml")).unwrap();
+    assert!(yaml.contains("qk_norm: true"), "{yaml}");
 }
 
 /// Rewrites `dir/model.safetensors` with `edit` applied to its tensor list.

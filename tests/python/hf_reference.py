@@ -35,6 +35,28 @@ def tiny_config(arch: str, seed: int):
         return transformers.MixtralConfig(
             intermediate_size=32, num_local_experts=4, **common
         )
+    if arch == "qwen2_moe":
+        # Block 0 dense (mlp_only_layers), block 1 MoE with the gated shared expert; top-k
+        # weights not renormalised (the class default).
+        return transformers.Qwen2MoeConfig(
+            intermediate_size=48,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=40,
+            num_experts=4,
+            decoder_sparse_step=1,
+            mlp_only_layers=[0],
+            qkv_bias=True,
+            **common,
+        )
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            intermediate_size=48,
+            moe_intermediate_size=32,
+            num_experts=4,
+            head_dim=8,
+            norm_topk_prob=True,
+            **common,
+        )
     raise SystemExit(f"unknown arch {arch}")
 
 
@@ -42,10 +64,10 @@ def make(args):
     torch.manual_seed(args.seed)
     cfg = tiny_config(args.arch, args.seed)
     model = AutoModelForCausalLM.from_config(cfg)
-    # Norm scales start at 1; perturb them so a misplaced norm weight is visible.
+    # Norm scales start at 1 and biases at 0; perturb them so a misplaced one is visible.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.add_(0.3 * torch.randn_like(p))
     kwargs = {}
     if args.max_shard_size:

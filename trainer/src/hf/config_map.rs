@@ -1,7 +1,7 @@
 //! Our experiment config <-> a Hugging Face `config.json`, driven by an [`ArchSpec`]'s
 //! tables. Both sides are handled as JSON trees addressed by dotted keys.
 
-use super::arch::{ArchSpec, Conv, RoutingRule};
+use super::arch::{ArchSpec, Conv, LayerRule, RoutingRule, SharedRule};
 use crate::config::ExperimentConfig;
 use serde_json::{json, Map, Value};
 
@@ -87,8 +87,36 @@ pub fn refusals(spec: &ArchSpec, cfg: &ExperimentConfig) -> Vec<String> {
                 ));
             }
         }
+        RoutingRule::NormTopkKey => {}
+    }
+    match spec.layers {
+        LayerRule::AllMoe => {}
+        LayerRule::MlpOnlyLayers => {
+            if !(0..cfg.model.num_layers).any(|i| cfg.moe.is_moe_layer(i)) {
+                errs.push(format!(
+                    "moe.first_dense_layers ({}) leaves no MoE block to export to {arch}",
+                    cfg.moe.first_dense_layers
+                ));
+            }
+        }
+    }
+    match spec.shared {
+        SharedRule::None => {}
+        SharedRule::OneGated => {
+            if cfg.moe.num_shared_experts < 1 {
+                errs.push(format!(
+                    "moe.num_shared_experts (0) cannot be exported to {arch}: every MoE block \
+                     has a shared expert (it needs >= 1)"
+                ));
+            }
+        }
     }
     errs
+}
+
+/// Whether our routing renormalises the top-k weights to sum 1.
+fn renormalises(cfg: &ExperimentConfig) -> bool {
+    !cfg.moe.pre_softmax || cfg.moe.norm_topk_prob
 }
 
 /// The `config.json` of `cfg` for `spec`, with `dtype` (`float32` / `bfloat16`). Call
@@ -118,7 +146,44 @@ pub fn export_config(spec: &ArchSpec, cfg: &ExperimentConfig, dtype: &str) -> Va
         };
         set_path(&mut out, r.hf, v);
     }
+    if spec.routing == RoutingRule::NormTopkKey {
+        set_path(&mut out, "norm_topk_prob", json!(renormalises(cfg)));
+    }
+    if spec.layers == LayerRule::MlpOnlyLayers {
+        let dense: Vec<i64> = (0..cfg.model.num_layers)
+            .filter(|&i| !cfg.moe.is_moe_layer(i))
+            .collect();
+        set_path(&mut out, "mlp_only_layers", json!(dense));
+        set_path(&mut out, "decoder_sparse_step", json!(1));
+    }
+    if spec.shared == SharedRule::OneGated {
+        set_path(
+            &mut out,
+            "shared_expert_intermediate_size",
+            json!(cfg.moe.num_shared_experts * cfg.moe.shared_hidden()),
+        );
+    }
     out
+}
+
+/// `first_dense_layers` and `moe_every` giving exactly the MoE blocks `moe` of `layers`, if
+/// any pair does.
+fn layer_pattern(moe: &[bool]) -> Option<(i64, i64)> {
+    let idx: Vec<i64> = (0..moe.len() as i64).filter(|&i| moe[i as usize]).collect();
+    let first = *idx.first()?;
+    let every = match idx.get(1) {
+        Some(second) => second - first,
+        None => moe.len() as i64 - first,
+    };
+    let probe = crate::config::ExperimentConfig::default().moe;
+    let cfg = moe_model::config::MoeConfig {
+        first_dense_layers: first,
+        moe_every: every,
+        ..probe
+    };
+    (0..moe.len() as i64)
+        .all(|i| cfg.is_moe_layer(i) == moe[i as usize])
+        .then_some((first, every))
 }
 
 /// Whether `v` can stand where our default `default` is (same JSON type; integers for
@@ -153,15 +218,18 @@ pub fn import_config(
                 .then(|| get_path(hf, r.legacy))
                 .flatten()
         });
+        let default = get_path(&defaults, r.ours).cloned().unwrap_or(Value::Null);
         let Some(v) = found else {
-            errs.push(format!("missing field `{}`", r.hf));
+            // Our optional keys (null by default, e.g. head_dim) may be absent there too.
+            if !default.is_null() {
+                errs.push(format!("missing field `{}`", r.hf));
+            }
             continue;
         };
         let v = match (r.conv, v.as_f64()) {
             (Conv::PerTopK, Some(x)) => json!(x * top_k),
             _ => v.clone(),
         };
-        let default = get_path(&defaults, r.ours).cloned().unwrap_or(Value::Null);
         // An explicit null head_dim means d_model / num_heads, as for us.
         if !type_fits(&default, &v) {
             errs.push(format!(
@@ -196,11 +264,71 @@ pub fn import_config(
         RoutingRule::Renormalized => {
             set_path(&mut ours, "moe.pre_softmax", json!(false));
         }
+        RoutingRule::NormTopkKey => match get_path(hf, "norm_topk_prob") {
+            Some(Value::Bool(norm)) => set_path(&mut ours, "moe.pre_softmax", json!(!norm)),
+            Some(v) => errs.push(format!(
+                "`norm_topk_prob` is {}, expected true or false",
+                show(v)
+            )),
+            None => errs.push("missing field `norm_topk_prob`".into()),
+        },
+    }
+    if spec.layers == LayerRule::MlpOnlyLayers {
+        import_layers(hf, &mut ours, &mut errs);
+    }
+    if spec.shared == SharedRule::OneGated {
+        match get_path(hf, "shared_expert_intermediate_size").and_then(Value::as_i64) {
+            Some(h) if h > 0 => {
+                set_path(&mut ours, "moe.num_shared_experts", json!(1));
+                set_path(&mut ours, "moe.shared_expert_hidden", json!(h));
+            }
+            Some(h) => errs.push(format!(
+                "`shared_expert_intermediate_size` is {h}: it must be positive"
+            )),
+            None => errs.push(
+                "missing field `shared_expert_intermediate_size` (a positive integer)".into(),
+            ),
+        }
     }
     if !errs.is_empty() {
         return Err(errs);
     }
     serde_json::from_value(ours).map_err(|e| vec![format!("translating the config: {e}")])
+}
+
+/// Our `first_dense_layers` / `moe_every` from `mlp_only_layers` and `decoder_sparse_step`.
+fn import_layers(hf: &Value, ours: &mut Value, errs: &mut Vec<String>) {
+    let n = get_path(hf, "num_hidden_layers")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let step = match get_path(hf, "decoder_sparse_step").and_then(Value::as_i64) {
+        Some(s) if s > 0 => s,
+        _ => {
+            errs.push("missing field `decoder_sparse_step` (a positive integer)".into());
+            return;
+        }
+    };
+    let only: Vec<i64> = match get_path(hf, "mlp_only_layers").and_then(Value::as_array) {
+        Some(a) => a.iter().filter_map(Value::as_i64).collect(),
+        None => {
+            errs.push("missing field `mlp_only_layers` (a list of block indices)".into());
+            return;
+        }
+    };
+    let moe: Vec<bool> = (0..n)
+        .map(|i| !only.contains(&i) && (i + 1) % step == 0)
+        .collect();
+    match layer_pattern(&moe) {
+        Some((first, every)) => {
+            set_path(ours, "moe.first_dense_layers", json!(first));
+            set_path(ours, "moe.moe_every", json!(every));
+        }
+        None => errs.push(format!(
+            "`mlp_only_layers` ({only:?}) with `decoder_sparse_step` ({step}) make blocks {:?} \
+             MoE blocks; moe.first_dense_layers and moe.moe_every cannot express that",
+            (0..n).filter(|&i| moe[i as usize]).collect::<Vec<_>>()
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -243,6 +371,59 @@ mod tests {
         let back = import_config(spec, &hf).unwrap();
         assert_eq!(back.model, cfg.model);
         assert_eq!(back.moe, cfg.moe);
+    }
+
+    /// Qwen's special keys both ways: dense blocks through `mlp_only_layers`, shared experts
+    /// merged into one of width S*h, routing through `norm_topk_prob`.
+    #[test]
+    fn qwen_layers_shared_and_routing_round_trip() {
+        let mut cfg = ExperimentConfig::default();
+        cfg.model.num_layers = 6;
+        cfg.model.qkv_bias = true;
+        cfg.moe.first_dense_layers = 1;
+        cfg.moe.moe_every = 2;
+        cfg.moe.num_shared_experts = 2;
+        cfg.moe.shared_expert_hidden = Some(64);
+        cfg.moe.shared_expert_gate = true;
+        cfg.moe.pre_softmax = true;
+        let spec = Arch::Qwen2Moe.spec();
+        assert!(
+            refusals(spec, &cfg).is_empty(),
+            "{:?}",
+            refusals(spec, &cfg)
+        );
+        assert!(!refusals(Arch::Mixtral.spec(), &cfg).is_empty());
+        assert!(!refusals(Arch::Qwen3Moe.spec(), &cfg).is_empty());
+        let hf = export_config(spec, &cfg, "float32");
+        assert_eq!(hf["mlp_only_layers"], json!([0, 2, 4]));
+        assert_eq!(hf["decoder_sparse_step"], json!(1));
+        assert_eq!(hf["shared_expert_intermediate_size"], json!(128));
+        assert_eq!(hf["norm_topk_prob"], json!(false));
+        assert_eq!(hf["qkv_bias"], json!(true));
+        let back = import_config(spec, &hf).unwrap();
+        assert_eq!((back.moe.first_dense_layers, back.moe.moe_every), (1, 2));
+        assert_eq!(
+            (back.moe.num_shared_experts, back.moe.shared_hidden()),
+            (1, 128)
+        );
+        assert!(back.moe.pre_softmax && !back.moe.norm_topk_prob);
+        assert!(back.model.qkv_bias && back.moe.shared_expert_gate);
+        // HF's own layout rule: every second block from block 1 is (1, 2) too.
+        let mut hf2 = hf.clone();
+        hf2["mlp_only_layers"] = json!([]);
+        hf2["decoder_sparse_step"] = json!(2);
+        let b2 = import_config(spec, &hf2).unwrap();
+        assert_eq!((b2.moe.first_dense_layers, b2.moe.moe_every), (1, 2));
+        // A pattern we cannot express is refused, naming the keys.
+        hf2["mlp_only_layers"] = json!([1]);
+        hf2["decoder_sparse_step"] = json!(1);
+        let errs = import_config(spec, &hf2).unwrap_err();
+        assert!(
+            errs[0].starts_with(
+                "`mlp_only_layers` ([1]) with `decoder_sparse_step` (1) make blocks [0, 2, 3, 4, 5]"
+            ),
+            "{errs:?}"
+        );
     }
 
     #[test]
