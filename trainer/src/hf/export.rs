@@ -93,12 +93,20 @@ fn notes(cfg: &ExperimentConfig, arch: Arch) -> Vec<String> {
     out
 }
 
-/// Our model tensors mapped to `spec`'s names, sorted by HF name; each with our name and
-/// whether it is transposed.
+/// Where one exported tensor comes from.
+struct Source {
+    /// Our name.
+    ours: String,
+    transpose: bool,
+    /// Its shape in the export.
+    shape: Vec<usize>,
+}
+
+/// Our model tensors mapped to `spec`'s names, sorted by HF name.
 fn plan_names(
     reader: &CheckpointReader,
     spec: &ArchSpec,
-) -> Result<BTreeMap<String, (String, bool, Vec<usize>)>, HfError> {
+) -> Result<BTreeMap<String, Source>, HfError> {
     let mut out = BTreeMap::new();
     for ours in reader.model_names() {
         let (hf, transpose) = map_name(spec.names, Side::Ours, ours).ok_or_else(|| {
@@ -110,7 +118,14 @@ fn plan_names(
         })?;
         let shape = reader.shape(ours).unwrap_or(&[]);
         let shape = mapped_shape(shape, transpose);
-        out.insert(hf, (ours.to_string(), transpose, shape));
+        out.insert(
+            hf,
+            Source {
+                ours: ours.to_string(),
+                transpose,
+                shape,
+            },
+        );
     }
     Ok(out)
 }
@@ -137,17 +152,17 @@ pub fn export(ckpt: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportRep
 
     let tensors: Vec<OutTensor> = names
         .iter()
-        .map(|(hf, (_, _, shape))| OutTensor {
+        .map(|(hf, src)| OutTensor {
             name: hf.clone(),
-            shape: shape.clone(),
+            shape: src.shape.clone(),
         })
         .collect();
     let mut read = |t: &OutTensor| {
-        let (ours, transpose, _) = &names[&t.name];
+        let src = &names[&t.name];
         let v = reader
-            .read(ours)
+            .read(&src.ours)
             .map_err(|e| HfError::Input(e.to_string()))?;
-        if *transpose {
+        if src.transpose {
             v.f_tr().map_err(|e| HfError::Failed(e.to_string()))
         } else {
             Ok(v)
