@@ -62,6 +62,10 @@ pub enum Command {
     Export(crate::export_cmd::ExportArgs),
     /// Import a Hugging Face folder (Mixtral, Qwen2-MoE, Qwen3-MoE) as a run directory.
     Import(crate::import_cmd::ImportArgs),
+    /// Train a byte-level BPE tokenizer (`moe tokenizer train`).
+    Tokenizer(crate::tokenizer_cmd::TokenizerArgs),
+    /// Prepare token files for `data.source: tokens` (`moe data prepare`).
+    Data(crate::tokenizer_cmd::DataArgs),
     /// Print the config reference (docs/config-reference.md) generated from the schema.
     #[command(hide = true)]
     ConfigReference,

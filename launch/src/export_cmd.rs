@@ -45,6 +45,10 @@ pub struct ExportArgs {
     /// Largest safetensors shard in bytes; bigger models get several shards and an index.
     #[arg(long, value_name = "BYTES", default_value_t = hf::DEFAULT_MAX_SHARD_BYTES)]
     pub max_shard_size: u64,
+    /// tokenizer.json to ship with the model (AutoTokenizer loads it); byte-level models need
+    /// none.
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// Maps an export/import error to the binary's exit codes: bad input 2, failure 1.
@@ -69,6 +73,7 @@ pub fn run_export(a: &ExportArgs) -> anyhow::Result<()> {
             DtypeArg::Bf16 => ExportDtype::Bf16,
         },
         max_shard_bytes: a.max_shard_size.max(1),
+        tokenizer: a.tokenizer.clone(),
     };
     let report = hf::export(&ckpt, &a.out, &opts).map_err(hf_error)?;
     for n in &report.notes {

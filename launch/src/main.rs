@@ -16,6 +16,7 @@ mod launch_cmd;
 mod overrides;
 mod signals;
 mod suggest;
+mod tokenizer_cmd;
 mod train_cmd;
 mod tree_de;
 mod world;
@@ -79,5 +80,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(*a),
         Command::Export(a) => export_cmd::run_export(&a),
         Command::Import(a) => import_cmd::run_import(&a),
+        Command::Tokenizer(a) => tokenizer_cmd::run_tokenizer(&a),
+        Command::Data(a) => tokenizer_cmd::run_data(&a),
     }
 }

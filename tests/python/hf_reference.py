@@ -3,6 +3,9 @@
   hf_reference.py make --arch mixtral --out DIR [--seed S] [--max-shard-size 20KB]
       A tiny random model built from transformers' own config class, saved with
       save_pretrained (no download).
+  hf_reference.py tokenize --hf DIR --text FILE
+      Prints the ids AutoTokenizer.from_pretrained(DIR) gives the text of FILE (no special
+      tokens), its decoding and the tokenizer class, as JSON.
   hf_reference.py run --hf DIR --input IN.json --output OUT.json
       Loads DIR with AutoModelForCausalLM.from_pretrained (float32, eval mode) and writes the
       logits of IN.json's "tokens" [b, t] and the greedy continuation (KV cache on, as
@@ -98,6 +101,16 @@ def run(args):
         json.dump(out, f)
 
 
+def tokenize(args):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.hf)
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    ids = tok.encode(text, add_special_tokens=False)
+    print(json.dumps({"ids": ids, "decoded": tok.decode(ids), "class": type(tok).__name__}))
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -110,8 +123,11 @@ def main():
     r.add_argument("--hf", required=True)
     r.add_argument("--input", required=True)
     r.add_argument("--output", required=True)
+    t = sub.add_parser("tokenize")
+    t.add_argument("--hf", required=True)
+    t.add_argument("--text", required=True)
     args = p.parse_args()
-    {"make": make, "run": run}[args.cmd](args)
+    {"make": make, "run": run, "tokenize": tokenize}[args.cmd](args)
 
 
 if __name__ == "__main__":

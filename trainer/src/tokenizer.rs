@@ -47,8 +47,12 @@ impl TextTokenizer {
     /// Reads `path` (a `tokenizer.json`). Errors name the file.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;
-        let inner = Tokenizer::from_bytes(&bytes)
-            .map_err(|e| bad(path, format!("not a tokenizer.json the tokenizers crate reads: {e}")))?;
+        let inner = Tokenizer::from_bytes(&bytes).map_err(|e| {
+            bad(
+                path,
+                format!("not a tokenizer.json the tokenizers crate reads: {e}"),
+            )
+        })?;
         Ok(Self {
             inner,
             path: path.to_path_buf(),
@@ -143,7 +147,11 @@ mod tests {
         let path = dir.join("tokenizer.json");
         std::fs::write(&path, &json).unwrap();
         let tok = TextTokenizer::load(&path).unwrap();
-        assert!(tok.vocab_size() > 256 && tok.vocab_size() <= 300, "{}", tok.vocab_size());
+        assert!(
+            tok.vocab_size() > 256 && tok.vocab_size() <= 300,
+            "{}",
+            tok.vocab_size()
+        );
         let text = "the cat sat on the mat.";
         let ids = tok.encode(text).unwrap();
         assert!(ids.len() < text.len(), "{ids:?}");
@@ -154,7 +162,10 @@ mod tests {
         assert!(train_bpe(&[input.clone()], 100).is_err());
         std::fs::write(&path, "{not json").unwrap();
         let err = TextTokenizer::load(&path).unwrap_err().to_string();
-        assert!(err.contains("tokenizer.json") && err.contains("not a tokenizer.json"), "{err}");
+        assert!(
+            err.contains("tokenizer.json") && err.contains("not a tokenizer.json"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -10,6 +10,7 @@ use super::shards::{write_model, ExportDtype, OutTensor};
 use super::HfError;
 use crate::checkpoint::CheckpointReader;
 use crate::config::ExperimentConfig;
+use crate::tokenizer::TextTokenizer;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,9 @@ pub struct ExportOptions {
     pub dtype: ExportDtype,
     /// Largest shard in bytes.
     pub max_shard_bytes: u64,
+    /// A `tokenizer.json` to ship with the weights (as `tokenizer.json` plus a
+    /// `tokenizer_config.json` naming `PreTrainedTokenizerFast`), so `AutoTokenizer` loads it.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// What an export wrote.
@@ -137,6 +141,10 @@ pub fn export(ckpt: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportRep
     let arch = choose_arch(&cfg, opts.arch)?;
     let spec = arch.spec();
     let names = plan_names(&reader, spec)?;
+    let tokenizer = match &opts.tokenizer {
+        Some(p) => Some(checked_tokenizer(p, &cfg)?),
+        None => None,
+    };
     let staging = Staging::new(out)?;
     let dir = staging.dir().to_path_buf();
 
@@ -172,6 +180,19 @@ pub fn export(ckpt: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportRep
         "config.json".to_string(),
         "generation_config.json".to_string(),
     ];
+    if let Some(tok) = &tokenizer {
+        let path = dir.join("tokenizer.json");
+        std::fs::copy(tok.path(), &path)
+            .map_err(|e| HfError::Failed(format!("{}: {e}", path.display())))?;
+        let tok_cfg = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": cfg.model.max_seq_len,
+            "clean_up_tokenization_spaces": false,
+        });
+        write_json(&dir.join("tokenizer_config.json"), &tok_cfg)?;
+        files.push("tokenizer.json".into());
+        files.push("tokenizer_config.json".into());
+    }
     files.extend(write_model(
         &dir,
         &tensors,
@@ -187,6 +208,21 @@ pub fn export(ckpt: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportRep
         tensors: tensors.len(),
         notes: notes(&cfg, arch),
     })
+}
+
+/// The tokenizer at `path`, if its ids fit the model's vocabulary.
+fn checked_tokenizer(path: &Path, cfg: &ExperimentConfig) -> Result<TextTokenizer, HfError> {
+    let tok = TextTokenizer::load(path).map_err(|e| HfError::Input(e.to_string()))?;
+    if tok.vocab_size() as i64 > cfg.model.vocab_size {
+        return Err(HfError::Input(format!(
+            "{}: the tokenizer has {} ids, more than the model's vocabulary \
+             (model.vocab_size {})",
+            path.display(),
+            tok.vocab_size(),
+            cfg.model.vocab_size
+        )));
+    }
+    Ok(tok)
 }
 
 pub(crate) fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), HfError> {
