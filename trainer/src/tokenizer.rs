@@ -117,8 +117,8 @@ pub fn train_bpe(inputs: &[PathBuf], vocab_size: usize) -> Result<String> {
     let mut tok = TokenizerBuilder::new()
         .with_model(BPE::default())
         .with_normalizer(None::<NormalizerWrapper>)
-        .with_pre_tokenizer(Some(level.clone()))
-        .with_post_processor(Some(level.clone()))
+        .with_pre_tokenizer(Some(level))
+        .with_post_processor(Some(level))
         .with_decoder(Some(level))
         .build()
         .map_err(|e| TrainError::Other(format!("building the tokenizer: {e}")))?;
@@ -159,7 +159,7 @@ mod tests {
         let odd = "Zebra ünïcödé \u{1F600}\n\ttabs";
         assert_eq!(tok.decode(&tok.encode(odd).unwrap()).unwrap(), odd);
         assert_eq!(tok.sha256(), sha256_hex(json.as_bytes()));
-        assert!(train_bpe(&[input.clone()], 100).is_err());
+        assert!(train_bpe(std::slice::from_ref(&input), 100).is_err());
         std::fs::write(&path, "{not json").unwrap();
         let err = TextTokenizer::load(&path).unwrap_err().to_string();
         assert!(
