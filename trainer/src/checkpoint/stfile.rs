@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Largest header accepted (the `safetensors` crate's limit).
 const MAX_HEADER: u64 = 100_000_000;
@@ -177,11 +177,19 @@ impl StFile {
         let mut f = File::open(&self.path).map_err(|e| TrainError::io(&self.path, e))?;
         f.seek(SeekFrom::Start(self.data_start + t.begin))
             .map_err(|e| TrainError::io(&self.path, e))?;
-        let mut bytes = vec![0u8; (t.end - t.begin) as usize];
-        f.read_exact(&mut bytes)
-            .map_err(|e| bad(&self.path, format!("reading tensor {name}: {e}")))?;
+        // Read straight into the tensor's memory: a large tensor is never held twice.
         let size: Vec<i64> = t.shape.iter().map(|&s| s as i64).collect();
-        let tensor = Tensor::f_from_data_size(&bytes, &size, t.dtype.kind())?;
+        let tensor = Tensor::f_empty(&size, (t.dtype.kind(), Device::Cpu))?;
+        let nbytes = (t.end - t.begin) as usize;
+        if nbytes > 0 {
+            // SAFETY: `tensor` was just allocated, contiguous on the CPU, with `numel` elements
+            // of `dtype`, i.e. exactly `nbytes` bytes (`parse_entry` checked the range against
+            // the shape and dtype); nothing else references it while the slice lives.
+            let buf =
+                unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr().cast::<u8>(), nbytes) };
+            f.read_exact(buf)
+                .map_err(|e| bad(&self.path, format!("reading tensor {name}: {e}")))?;
+        }
         Ok(tensor.f_to_kind(Kind::Float)?)
     }
 }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Element type of the exported weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,15 +141,19 @@ pub fn write_file(
                 want
             )));
         }
+        // Written from the tensor's own memory: no second copy of a large tensor.
         let v = values
-            .f_to_kind(dtype.kind())
+            .f_to_device(Device::Cpu)
+            .and_then(|v| v.f_to_kind(dtype.kind()))
             .and_then(|v| v.f_contiguous())
             .map_err(|e| failed(path, e))?;
-        let numel = t.shape.iter().product::<usize>();
-        let mut bytes = vec![0u8; numel * dtype.size() as usize];
-        v.f_copy_data_u8(&mut bytes, numel)
-            .map_err(|e| failed(path, e))?;
-        w.write_all(&bytes).map_err(|e| failed(path, e))?;
+        let nbytes = t.bytes(dtype) as usize;
+        if nbytes > 0 {
+            // SAFETY: `v` is a contiguous CPU tensor of the planned shape (checked above) and of
+            // `dtype`, so its data is exactly `nbytes` bytes; `v` outlives the slice.
+            let buf = unsafe { std::slice::from_raw_parts(v.data_ptr().cast::<u8>(), nbytes) };
+            w.write_all(buf).map_err(|e| failed(path, e))?;
+        }
     }
     w.flush().map_err(|e| failed(path, e))?;
     drop(w);
