@@ -58,6 +58,14 @@ pub enum Command {
     Launch(LaunchArgs),
     /// Measure the MoE layer, the all-to-all or a training step.
     Bench(Box<BenchArgs>),
+    /// Export a checkpoint to a Hugging Face folder (Mixtral, Qwen2-MoE, Qwen3-MoE).
+    Export(crate::export_cmd::ExportArgs),
+    /// Import a Hugging Face folder (Mixtral, Qwen2-MoE, Qwen3-MoE) as a run directory.
+    Import(crate::import_cmd::ImportArgs),
+    /// Train a byte-level BPE tokenizer (`moe tokenizer train`).
+    Tokenizer(crate::tokenizer_cmd::TokenizerArgs),
+    /// Prepare token files for `data.source: tokens` (`moe data prepare`).
+    Data(crate::tokenizer_cmd::DataArgs),
     /// Print the config reference (docs/config-reference.md) generated from the schema.
     #[command(hide = true)]
     ConfigReference,

@@ -80,7 +80,7 @@ fn single_process(cfg: &mut ExperimentConfig) {
 
 /// A checkpoint directory (has manifest.json), else the newest intact checkpoint under the
 /// directory or under its `checkpoints/` (a run's out_dir).
-fn resolve_checkpoint(p: &Path) -> anyhow::Result<PathBuf> {
+pub fn resolve_checkpoint(p: &Path) -> anyhow::Result<PathBuf> {
     if p.join("manifest.json").is_file() {
         return Ok(p.to_path_buf());
     }

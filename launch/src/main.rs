@@ -8,13 +8,16 @@ mod config_reference;
 mod device;
 mod eval_cmd;
 mod exit_code;
+mod export_cmd;
 mod generate_cmd;
 mod gpu_driver;
+mod import_cmd;
 mod inspect_cmd;
 mod launch_cmd;
 mod overrides;
 mod signals;
 mod suggest;
+mod tokenizer_cmd;
 mod train_cmd;
 mod tree_de;
 mod world;
@@ -76,5 +79,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::process::exit(code)
         }
         Command::Bench(a) => bench::run(*a),
+        Command::Export(a) => export_cmd::run_export(&a),
+        Command::Import(a) => import_cmd::run_import(&a),
+        Command::Tokenizer(a) => tokenizer_cmd::run_tokenizer(&a),
+        Command::Data(a) => tokenizer_cmd::run_data(&a),
     }
 }

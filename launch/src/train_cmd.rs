@@ -219,8 +219,7 @@ fn run_mpi(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> any
         // Every rank checks the same directory; the trainer's rank 0 writes config.yaml.
         let resume = prepare_out_dir_for(&cfg, &opts, rank == 0)?;
         let local_rank = runtime.local_rank();
-        let device =
-            resolve_rank_device(&cfg.trainer.device, local_rank, runtime.local_size())?;
+        let device = resolve_rank_device(&cfg.trainer.device, local_rank, runtime.local_size())?;
         check_precision(&cfg, device)?;
         set_threads(cfg.trainer.threads, runtime.local_size());
         if rank == 0 {

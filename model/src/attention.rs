@@ -1,8 +1,11 @@
 //! Causal multi-head self-attention with grouped key/value heads (Ainslie et al. 2023, "GQA",
 //! arXiv:2305.13245) and rotary embeddings, laid out as Llama's `LlamaAttention`: bias-free
 //! q/k/v/o projections, RoPE on q and k, `softmax(q k^T / sqrt(head_dim) + causal mask) v`.
+//! Two options make it Qwen's: biases on q/k/v (`model.qkv_bias`, Qwen2) and a per-head
+//! RMSNorm of q and k before RoPE (`model.qk_norm`, Qwen3's `q_norm`/`k_norm`).
 
 use crate::config::ModelConfig;
+use crate::norm::RmsNorm;
 use crate::rope::Rope;
 use crate::{init, ModelError, Param, ParamKind, Result};
 use tch::{Device, Kind, Tensor};
@@ -18,6 +21,11 @@ pub struct Attention {
     pub wv_dk: Tensor,
     /// Output projection `[num_heads * head_dim, d]`.
     pub wo_qd: Tensor,
+    /// Query, key and value biases `[num_heads * head_dim]`, `[num_kv_heads * head_dim]` x 2
+    /// (`model.qkv_bias`).
+    pub qkv_bias: Option<[Tensor; 3]>,
+    /// Per-head RMSNorm of queries and of keys over `head_dim` (`model.qk_norm`).
+    pub qk_norm: Option<[RmsNorm; 2]>,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
@@ -43,6 +51,23 @@ impl Attention {
             wk_dk: w("wk", &[d, kv * hd], std)?,
             wv_dk: w("wv", &[d, kv * hd], std)?,
             wo_qd: w("wo", &[h * hd, d], out_std)?,
+            qkv_bias: if cfg.qkv_bias {
+                Some([
+                    init::zeros(&[h * hd], device)?,
+                    init::zeros(&[kv * hd], device)?,
+                    init::zeros(&[kv * hd], device)?,
+                ])
+            } else {
+                None
+            },
+            qk_norm: if cfg.qk_norm {
+                Some([
+                    RmsNorm::new(hd, cfg.norm_eps, device)?,
+                    RmsNorm::new(hd, cfg.norm_eps, device)?,
+                ])
+            } else {
+                None
+            },
             num_heads: h,
             num_kv_heads: kv,
             head_dim: hd,
@@ -66,15 +91,21 @@ impl Attention {
             }
         };
         let x = x_btd.f_to_kind(compute_kind)?;
-        let heads = |w: &Tensor, n: i64| -> Result<Tensor> {
-            // [b, t, n*hd] -> [b, n, t, hd]
-            Ok(x.f_matmul(&w.f_to_kind(compute_kind)?)?
-                .f_view([b, t, n, self.head_dim])?
-                .f_transpose(1, 2)?)
+        // Projection `i` (q, k, v) as [b, n, t, hd], with its bias and, for q and k, its norm.
+        let heads = |i: usize, w: &Tensor, n: i64| -> Result<Tensor> {
+            let mut y = x.f_matmul(&w.f_to_kind(compute_kind)?)?;
+            if let Some(bias) = &self.qkv_bias {
+                y = y.f_add(&bias[i].f_to_kind(compute_kind)?)?;
+            }
+            let mut y = y.f_view([b, t, n, self.head_dim])?;
+            if let (Some(norms), true) = (&self.qk_norm, i < 2) {
+                y = norms[i].forward(&y)?;
+            }
+            Ok(y.f_transpose(1, 2)?)
         };
-        let q_bhtd = rope.apply(&heads(&self.wq_dq, self.num_heads)?)?;
-        let k_bktd = rope.apply(&heads(&self.wk_dk, self.num_kv_heads)?)?;
-        let v_bktd = heads(&self.wv_dk, self.num_kv_heads)?;
+        let q_bhtd = rope.apply(&heads(0, &self.wq_dq, self.num_heads)?)?;
+        let k_bktd = rope.apply(&heads(1, &self.wk_dk, self.num_kv_heads)?)?;
+        let v_bktd = heads(2, &self.wv_dk, self.num_kv_heads)?;
         // Query head j reads kv head j / group (the layout of `enable_gqa` and HF's
         // `repeat_kv`). Expanding instead of `enable_gqa` keeps every SDPA backend eligible
         // (memory-efficient attention rejects enable_gqa, e.g. float32 on CUDA).
@@ -102,9 +133,11 @@ impl Attention {
             .f_reshape([b, self.num_heads, t, self.head_dim])?)
     }
 
-    /// The four projections, decayed, named `<prefix>.wq|wk|wv|wo`.
+    /// The four projections, decayed, named `<prefix>.wq|wk|wv|wo`; then, when configured,
+    /// the biases `<prefix>.bq|bk|bv` and the norms `<prefix>.q_norm|k_norm.weight` (not
+    /// decayed).
     pub fn params(&self, prefix: &str) -> Vec<Param> {
-        [
+        let mut out: Vec<Param> = [
             ("wq", &self.wq_dq),
             ("wk", &self.wk_dk),
             ("wv", &self.wv_dk),
@@ -117,7 +150,22 @@ impl Attention {
             kind: ParamKind::Dense,
             weight_decay: true,
         })
-        .collect()
+        .collect();
+        if let Some(biases) = &self.qkv_bias {
+            for (n, t) in ["bq", "bk", "bv"].into_iter().zip(biases) {
+                out.push(Param {
+                    name: format!("{prefix}.{n}"),
+                    tensor: t.shallow_clone(),
+                    kind: ParamKind::Dense,
+                    weight_decay: false,
+                });
+            }
+        }
+        if let Some([q, k]) = &self.qk_norm {
+            out.extend(q.params(&format!("{prefix}.q_norm")));
+            out.extend(k.params(&format!("{prefix}.k_norm")));
+        }
+        out
     }
 }
 
@@ -138,19 +186,27 @@ mod tests {
     }
 
     /// Plain multi-head attention written out: scores, explicit -inf mask above the
-    /// diagonal, softmax, weighted sum, per head, all in float64.
+    /// diagonal, softmax, weighted sum, per head, all in float64; with the Qwen options, the
+    /// bias added to each projection and `y / sqrt(mean(y^2) + eps) * g` over each q/k head.
     fn reference(att: &Attention, rope: &Rope, x: &Tensor, heads: i64, kv: i64) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
         let hd = att.head_dim;
         let group = heads / kv;
-        let proj = |w: &Tensor, n| {
-            x.matmul(&w.to_kind(Kind::Double))
-                .view([b, t, n, hd])
-                .transpose(1, 2)
+        let proj = |i: usize, w: &Tensor, n| {
+            let mut y = x.matmul(&w.to_kind(Kind::Double));
+            if let Some(bias) = &att.qkv_bias {
+                y += bias[i].to_kind(Kind::Double);
+            }
+            let mut y = y.view([b, t, n, hd]);
+            if let (Some(norms), true) = (&att.qk_norm, i < 2) {
+                let ms = y.square().mean_dim(-1, true, Kind::Double);
+                y = &y / (ms + 1e-5).sqrt() * norms[i].weight_d.to_kind(Kind::Double);
+            }
+            y.transpose(1, 2)
         };
-        let q = rope.apply(&proj(&att.wq_dq, heads)).unwrap();
-        let k = rope.apply(&proj(&att.wk_dk, kv)).unwrap();
-        let v = proj(&att.wv_dk, kv);
+        let q = rope.apply(&proj(0, &att.wq_dq, heads)).unwrap();
+        let k = rope.apply(&proj(1, &att.wk_dk, kv)).unwrap();
+        let v = proj(2, &att.wv_dk, kv);
         let mask = Tensor::ones([t, t], (Kind::Bool, Device::Cpu)).triu(1);
         let mut outs = Vec::new();
         for h in 0..heads {
@@ -200,6 +256,50 @@ mod tests {
         let got = att.forward(&x, &rope, Kind::Double).unwrap();
         let want = reference(&att, &rope, &x, 4, 2);
         assert!(max_abs(&got, &want) < 1e-10, "{}", max_abs(&got, &want));
+    }
+
+    /// Qwen's options (q/k/v biases, per-head q/k RMSNorm) against the hand computation, with
+    /// non-trivial biases and norm scales. float64: 1e-10. Without the biases or the norms
+    /// (zeroed / unit) the output changes, so the test sees them.
+    #[test]
+    fn qkv_bias_and_qk_norm_match_hand_computation() {
+        let c = ModelConfig {
+            qkv_bias: true,
+            qk_norm: true,
+            ..cfg(4, 2)
+        };
+        let att = Attention::new(&c, "a", 5, Device::Cpu).unwrap();
+        let names: Vec<String> = att.params("a").into_iter().map(|p| p.name).collect();
+        assert_eq!(
+            names,
+            [
+                "a.wq",
+                "a.wk",
+                "a.wv",
+                "a.wo",
+                "a.bq",
+                "a.bk",
+                "a.bv",
+                "a.q_norm.weight",
+                "a.k_norm.weight"
+            ]
+        );
+        for p in att.params("a").into_iter().skip(4) {
+            let mut t = p.tensor;
+            let d = (Tensor::randn_like(&t) * 0.5 + 1.0).to_kind(Kind::Double);
+            t.set_data(&d);
+        }
+        let rope = Rope::new(c.head_dim(), c.max_seq_len, c.rope_theta, Device::Cpu).unwrap();
+        let x = Tensor::randn([2, 5, 16], (Kind::Double, Device::Cpu));
+        let got = att.forward(&x, &rope, Kind::Double).unwrap();
+        let want = reference(&att, &rope, &x, 4, 2);
+        assert!(max_abs(&got, &want) < 1e-10, "{}", max_abs(&got, &want));
+        let plain = Attention {
+            qkv_bias: None,
+            qk_norm: None,
+            ..Attention::new(&cfg(4, 2), "a", 5, Device::Cpu).unwrap()
+        };
+        assert!(max_abs(&got, &plain.forward(&x, &rope, Kind::Double).unwrap()) > 1e-3);
     }
 
     /// Changing inputs after position t leaves outputs up to t bit-identical and changes

@@ -40,6 +40,11 @@ pub struct ModelConfig {
     /// block `layers.{num_layers}` predicting the token after next from the last hidden
     /// state and the next token's embedding (weighted by `trainer.mtp_loss_weight`).
     pub mtp_depth: i64,
+    /// Learned biases on the query, key and value projections (Qwen2, Qwen2-MoE).
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm of queries and keys before RoPE, one scale of `head_dim` each
+    /// (Qwen3, Qwen3-MoE).
+    pub qk_norm: bool,
 }
 
 impl Default for ModelConfig {
@@ -59,6 +64,8 @@ impl Default for ModelConfig {
             init_std: 0.02,
             attention: AttentionConfig::default(),
             mtp_depth: 0,
+            qkv_bias: false,
+            qk_norm: false,
         }
     }
 }
@@ -326,8 +333,8 @@ pub struct MoeConfig {
     pub num_shared_experts: i64,
     /// Hidden width of each shared expert; `null` means `expert_hidden`.
     pub shared_expert_hidden: Option<i64>,
-    /// Scale the shared experts' output by a learned per-token gate `sigmoid(x . w_g)`, `w_g`
-    /// of shape `[d, 1]` (Qwen2-MoE, Qwen3-Next).
+    /// Scale the shared experts' output per token by `sigmoid(x . w)` with a learned `w [d]`
+    /// (Qwen2-MoE's `shared_expert_gate`); needs shared experts.
     pub shared_expert_gate: bool,
     /// Dense blocks before the first MoE block (DeepSeek-V3 uses 3).
     pub first_dense_layers: i64,
@@ -500,6 +507,20 @@ impl MoeConfig {
             ));
         }
         errs.extend(model.attention.validate(model.head_dim()));
+        if model.attention.kind != AttentionKind::Mha {
+            for (key, on) in [
+                ("model.qkv_bias", model.qkv_bias),
+                ("model.qk_norm", model.qk_norm),
+            ] {
+                if on {
+                    errs.push(format!(
+                        "{key} (true) applies to model.attention.kind mha, not {:?}, whose \
+                         projections and norms are its own",
+                        model.attention.kind
+                    ));
+                }
+            }
+        }
         if !(0..=1).contains(&model.mtp_depth) {
             errs.push(format!(
                 "model.mtp_depth ({}) must be 0 or 1 (one prediction module is supported)",
@@ -515,6 +536,12 @@ impl MoeConfig {
         if moe.num_shared_experts < 0 {
             errs.push(format!(
                 "moe.num_shared_experts ({}) must be >= 0",
+                moe.num_shared_experts
+            ));
+        }
+        if moe.shared_expert_gate && moe.num_shared_experts <= 0 {
+            errs.push(format!(
+                "moe.shared_expert_gate (true) gates shared experts, but moe.num_shared_experts is {}",
                 moe.num_shared_experts
             ));
         }

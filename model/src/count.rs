@@ -127,7 +127,15 @@ fn attention_per_layer(model: &ModelConfig, q: u64, kv: u64, layer: i64) -> u64 
     let d = u(model.d_model);
     let a = &model.attention;
     match a.kind {
-        AttentionKind::Mha => 2 * d * q + 2 * d * kv,
+        // wq [d, H*hd], wk and wv [d, KV*hd], wo [H*hd, d]; with `qkv_bias` the biases bq
+        // [H*hd], bk and bv [KV*hd]; with `qk_norm` one RMSNorm scale of hd for q and for k.
+        AttentionKind::Mha => {
+            let hd = u(model.head_dim());
+            2 * d * q
+                + 2 * d * kv
+                + if model.qkv_bias { q + 2 * kv } else { 0 }
+                + if model.qk_norm { 2 * hd } else { 0 }
+        }
         AttentionKind::GatedDeltanet if a.is_full_attention(layer) => {
             3 * d * q + 2 * d * kv + 2 * u(model.head_dim())
         }
@@ -185,14 +193,14 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
     let dense_layers = l - moe_layers;
 
     let swiglu = |hidden: u64| 3 * d * hidden;
-    // The shared-expert gate `[d, 1]`.
-    let shared_gate = if moe.shared_expert_gate { d } else { 0 };
     let both = |name, params, sharding| Component {
         name,
         params,
         active: params,
         sharding,
     };
+    // The shared-expert gate `[d, 1]`.
+    let shared_gate = if moe.shared_expert_gate { d } else { 0 };
     let embedding = v * d;
     let components = vec![
         both("embedding", embedding, Sharding::Replicated),
@@ -203,7 +211,8 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
                 .sum(),
             Sharding::Replicated,
         ),
-        // Two RMSNorm scales per block plus the final one.
+        // Two RMSNorm scales per block plus the final one (per-head q/k norms are counted
+        // with the attention that owns them).
         both("norms", (2 * l + 1) * d, Sharding::Replicated),
         both("router", moe_layers * d * e, Sharding::Replicated),
         Component {

@@ -72,3 +72,8 @@ pub fn normal_experts(
 pub fn ones(shape: &[i64], device: Device) -> Result<Tensor> {
     Ok(Tensor::f_ones(shape, (Kind::Float, device))?.f_set_requires_grad(true)?)
 }
+
+/// A trainable float32 tensor of zeros (biases).
+pub fn zeros(shape: &[i64], device: Device) -> Result<Tensor> {
+    Ok(Tensor::f_zeros(shape, (Kind::Float, device))?.f_set_requires_grad(true)?)
+}

@@ -28,8 +28,8 @@ pub struct MoeLayer {
     /// `num_shared_experts` shared experts as one SwiGLU of width
     /// `num_shared_experts * shared_hidden()` (see [`crate::mlp`]).
     pub shared: Option<SwiGlu>,
-    /// Shared-expert gate `[d, 1]` when `moe.shared_expert_gate`: the shared output is scaled
-    /// by `sigmoid(x . w_g)` per token.
+    /// Shared-expert gate `[d, 1]` (`moe.shared_expert_gate`, Qwen2-MoE): the shared output
+    /// of token n is scaled by `sigmoid(x_n . w)`.
     pub shared_gate_d1: Option<Tensor>,
     /// Aux-loss-free balancing bias f32 `[E]` (a buffer, not a parameter), when
     /// `bias_update_rate > 0`.
@@ -152,10 +152,10 @@ impl MoeLayer {
         } else {
             None
         };
-        let shared_gate_d1 = if moe.shared_expert_gate && moe.num_shared_experts > 0 {
+        let shared_gate_d1 = if moe.shared_expert_gate && shared.is_some() {
             Some(init::normal(
                 seed,
-                &format!("{prefix}.shared_gate"),
+                &format!("{prefix}.shared.out_gate"),
                 0,
                 &[model.d_model, 1],
                 model.init_std,
@@ -265,9 +265,9 @@ impl MoeLayer {
         let mut y_nd = ctx.dispatcher.combine(&y_md, meta)?;
         if let Some(shared) = &self.shared {
             let mut s_nd = shared.forward(x_nd)?;
-            if let Some(w_g) = &self.shared_gate_d1 {
-                let gate_n1 = x_nd.f_matmul(&w_g.f_to_kind(x_nd.kind())?)?.f_sigmoid()?;
-                s_nd = s_nd.f_mul(&gate_n1.f_to_kind(s_nd.kind())?)?;
+            if let Some(g) = &self.shared_gate_d1 {
+                let gate_n1 = x_nd.f_matmul(&g.f_to_kind(x_nd.kind())?)?.f_sigmoid()?;
+                s_nd = s_nd.f_mul(&gate_n1)?;
             }
             y_nd = y_nd.f_add(&s_nd.f_to_kind(y_nd.kind())?)?;
         }
@@ -394,10 +394,10 @@ impl MoeLayer {
         if let Some(shared) = &self.shared {
             params.extend(shared.params(&format!("{prefix}.shared")));
         }
-        if let Some(w_g) = &self.shared_gate_d1 {
+        if let Some(g) = &self.shared_gate_d1 {
             params.push(Param {
-                name: format!("{prefix}.shared_gate"),
-                tensor: w_g.shallow_clone(),
+                name: format!("{prefix}.shared.out_gate"),
+                tensor: g.shallow_clone(),
                 kind: ParamKind::Dense,
                 weight_decay: true,
             });

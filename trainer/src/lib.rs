@@ -7,12 +7,14 @@ pub mod error;
 pub mod fault;
 pub mod fused;
 pub mod grad_sync;
+pub mod hf;
 pub mod inference;
 pub mod metrics;
 pub mod optim;
 pub mod progress;
 pub mod schedule;
 pub mod tensorboard;
+pub mod tokenizer;
 pub mod train_loop;
 
 pub use error::{Result, TrainError};

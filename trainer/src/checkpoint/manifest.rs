@@ -112,7 +112,7 @@ pub(crate) struct PartMarker {
 /// The file-tensor name of global expert `global` of `param` (statistic `stat`):
 /// the id goes before the last name component, `layers.3.moe.experts.w_gate` ->
 /// `layers.3.moe.experts.17.w_gate`, and optimizer state is prefixed with `optim.`.
-pub(crate) fn expert_tensor_name(param: &str, global: i64, stat: Option<&str>) -> String {
+pub fn expert_tensor_name(param: &str, global: i64, stat: Option<&str>) -> String {
     let base = match param.rsplit_once('.') {
         Some((head, last)) => format!("{head}.{global}.{last}"),
         None => format!("{global}.{param}"),

@@ -22,11 +22,17 @@ mod fsutil;
 mod load;
 mod manifest;
 mod snapshot;
+mod stfile;
+mod stream;
 mod verify;
 mod writer;
 
 pub use load::{config_mismatch, load_for_rank, ExpertSlot, Loaded};
-pub use manifest::{ExpertEntry, FileEntry, Manifest, TensorEntry, FORMAT_NAME, FORMAT_VERSION};
+pub use manifest::{
+    expert_tensor_name, ExpertEntry, FileEntry, Manifest, TensorEntry, FORMAT_NAME, FORMAT_VERSION,
+};
 pub use snapshot::{ExpertTensor, Snapshot};
+pub use stfile::{StDtype, StFile, StTensor};
+pub use stream::{split_expert_name, CheckpointReader};
 pub use verify::{find_latest_intact, list_checkpoints, read_manifest, verify};
 pub use writer::{Checkpointer, WriteHook};

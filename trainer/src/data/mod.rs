@@ -7,6 +7,7 @@
 pub mod batch;
 pub mod dataset;
 pub mod prefetch;
+pub mod prepare;
 pub mod sampler;
 pub mod synthetic;
 pub mod text;

@@ -6,7 +6,8 @@ use std::io::ErrorKind;
 use std::path::Path;
 
 /// Reads `dir/train.bin` and `dir/val.bin` as raw little-endian bytes after checking each is
-/// present, non-empty, of even length and holds only ids `< vocab`. Errors name the file.
+/// present, non-empty, of even length and holds only ids `< vocab`, and that the sidecar
+/// `tokens.json` (written by `moe data prepare`), if any, fits `vocab`. Errors name the file.
 pub fn read_token_dir(dir: &Path, vocab: i64) -> Result<(Vec<u8>, Vec<u8>)> {
     let err = |msg: &str| TrainError::File {
         path: dir.to_path_buf(),
@@ -24,6 +25,7 @@ pub fn read_token_dir(dir: &Path, vocab: i64) -> Result<(Vec<u8>, Vec<u8>)> {
              val.bin (a UTF-8 file is data.source text)",
         ));
     }
+    super::prepare::check_sidecar(dir, vocab)?;
     Ok((
         read_bin(&dir.join("train.bin"), vocab)?,
         read_bin(&dir.join("val.bin"), vocab)?,
