@@ -170,6 +170,41 @@ fn eval_generate_and_mismatch_on_a_trained_checkpoint() {
         "{err}"
     );
     assert!(err.contains("dense.safetensors"), "{err}");
+    // It leads with the config key that differs and shows at most a few tensors.
+    assert!(
+        err.contains("  model.d_model: checkpoint 32, config 48\n"),
+        "{err}"
+    );
+    assert!(
+        err.lines().count() <= 10,
+        "{} lines:\n{err}",
+        err.lines().count()
+    );
+    // A truncated checkpoint is not a config mismatch: no hint that --config is to blame.
+    let cut = s.0.join("cut");
+    std::fs::create_dir_all(&cut).unwrap();
+    for f in std::fs::read_dir(&ckpt).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, cut.join(f.file_name().unwrap())).unwrap();
+    }
+    let dense = cut.join("dense.safetensors");
+    let len = std::fs::metadata(&dense).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dense)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let (code, _, err) = moe(&[
+        "eval",
+        "--checkpoint",
+        cut.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("dense.safetensors"), "{err}");
+    assert!(!err.contains("--config"), "{err}");
     // Not a checkpoint at all.
     let (code, _, err) = moe(&["eval", "--checkpoint", s.0.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");

@@ -13,6 +13,7 @@ pub mod optim;
 pub mod progress;
 pub mod schedule;
 pub mod tensorboard;
+pub mod tensorboard_truncate;
 pub mod train_loop;
 
 pub use error::{Result, TrainError};
