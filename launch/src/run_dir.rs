@@ -29,16 +29,16 @@ pub fn prepare(
             let existing = [out.join("metrics.jsonl"), ckpt_dir.clone()];
             let held = existing.iter().find(|p| p.exists());
             match held {
-                Some(_) if overwrite => {
-                    if is_rank0 {
-                        remove_run(out, &ckpt_dir)?;
-                        eprintln!(
-                            "--overwrite: removed the earlier run in {} (metrics, TensorBoard \
-                             events, checkpoints, config.yaml)",
-                            out.display()
-                        );
-                    }
+                Some(_) if overwrite && is_rank0 => {
+                    remove_run(out, &ckpt_dir)?;
+                    eprintln!(
+                        "--overwrite: removed the earlier run in {} (metrics, TensorBoard \
+                         events, checkpoints, config.yaml)",
+                        out.display()
+                    );
                 }
+                // Other ranks leave the deleting to rank 0.
+                Some(_) if overwrite => {}
                 Some(found) => {
                     return Err(BadInput(format!(
                         "run.out_dir {} already holds a run ({} exists); pass --resume auto to \

@@ -109,7 +109,6 @@ fn run_virtual_ranks(
         init_from,
         stop,
         capacity_groups: p,
-        quiet: false,
         config_yaml,
         live_progress: Some(opts.live_progress),
         ..RunOptions::default()
@@ -347,7 +346,7 @@ fn announce(cfg: &ExperimentConfig, opts: &TrainOpts, device: tch::Device) {
         ),
         Err(e) => format!("params unknown ({e})"),
     };
-    println!(
+    print_line(&format!(
         "moe train: {} ({}{}) on {} rank(s), ep_size {}, {params}, device {device:?}, {}, out_dir {}",
         cfg.run.name,
         opts.config_path.display(),
@@ -363,7 +362,7 @@ fn announce(cfg: &ExperimentConfig, opts: &TrainOpts, device: tch::Device) {
             Precision::Bf16 => "bf16",
         },
         cfg.run.out_dir.display()
-    );
+    ));
 }
 
 /// One rule for `trainer.precision: bf16`, whatever `trainer.device` says: it needs the

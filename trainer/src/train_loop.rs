@@ -190,12 +190,12 @@ pub fn train(
     let printing = groups.world_rank == 0 && !opts.quiet;
     let dataset = data::load_dataset(&cfg.data, cfg.model.vocab_size)?;
     if printing {
-        println!(
+        crate::progress::print_line(&format!(
             "data: {}: {} train / {} val tokens",
             dataset.origin(),
             dataset.len(data::Split::Train),
             dataset.len(data::Split::Val)
-        );
+        ));
     }
     let model = TransformerLm::new(
         &cfg.model,
