@@ -188,7 +188,11 @@ pub fn train(
     }
     check_comm_devices(&groups, device)?;
     let printing = groups.world_rank == 0 && !opts.quiet;
-    let dataset = data::load_dataset(&cfg.data, cfg.model.vocab_size)?;
+    // Every failure to load the data (missing, empty, too short, unreadable) is the data's.
+    let dataset = data::load_dataset(&cfg.data, cfg.model.vocab_size).map_err(|e| match e {
+        TrainError::File { path, msg } => TrainError::Data(format!("{}: {msg}", path.display())),
+        other => other,
+    })?;
     if printing {
         crate::progress::print_line(&format!(
             "data: {}: {} train / {} val tokens",
