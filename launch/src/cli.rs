@@ -10,11 +10,14 @@ Train and study expert-parallel Mixture-of-Experts language models.
 
 One YAML file describes an experiment (see configs/ and docs/config-reference.md); any key
 can be overridden with --set. Run on one CPU or GPU, in --debug mode (expert parallelism
-simulated by in-process ranks), or on many ranks under mpirun:
+simulated by in-process ranks), or on many ranks under mpirun. `make train` builds the
+binary as target/release/moe (the examples say `moe` for it):
 
   moe train --config configs/quickstart.yaml
   moe train --config configs/debug.yaml --debug
-  mpirun -np 2 moe train --config configs/ep2.yaml
+  moe launch --np 2 -- train --config configs/ep2.yaml
+  mpirun -np 2 --oversubscribe target/release/moe train --config configs/ep2.yaml
+  (as root, mpirun also needs --allow-run-as-root)
 
 Exit status: 0 on success, 2 for bad input (config, arguments), 1 when a run fails.";
 
@@ -33,10 +36,12 @@ pub enum Command {
     #[command(long_about = "Train a model from a YAML config.\n\n\
         The resolved config (overrides applied) is written to <run.out_dir>/config.yaml when \
         training starts, with metrics.jsonl, TensorBoard events and checkpoints beside it.\n\n\
-        Examples:\n  moe train --config configs/quickstart.yaml\n  \
-        moe train --config configs/quickstart.yaml --set trainer.max_steps=50 --set run.name=short\n  \
-        moe train --config configs/debug.yaml --debug\n  \
-        moe train --config configs/quickstart.yaml --resume auto")]
+        run.out_dir defaults to runs/<run.name>, so a new run.name is a new run directory; \
+        --overwrite starts over in a directory that holds a run.\n\n\
+        Examples (each runs as printed, also again):\n  \
+        moe train --config configs/quickstart.yaml --resume auto   # what `make train` runs: starts or continues\n  \
+        moe train --config configs/quickstart.yaml --set trainer.max_steps=50 --set run.name=short --overwrite\n  \
+        moe train --config configs/debug.yaml --debug --overwrite")]
     Train(TrainArgs),
     /// Load and validate a config without running anything; print the resolved YAML.
     #[command(
@@ -53,7 +58,7 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Run `moe` on several ranks through mpirun.
     #[command(long_about = "Run `moe` on several ranks through mpirun.\n\n\
-        Everything after `--` is the moe command each rank runs.\n\n\
+        Everything after `--` is the moe command each rank runs (a leading `moe` is allowed).\n\n\
         Example:\n  moe launch --np 2 -- train --config configs/ep2.yaml")]
     Launch(LaunchArgs),
     /// Measure the MoE layer, the all-to-all or a training step.
@@ -109,9 +114,31 @@ pub struct TrainArgs {
     /// routing invariants after every step and prints per-layer router statistics.
     #[arg(long)]
     pub debug: bool,
-    /// Continue from a checkpoint: a checkpoint path, or `auto` for the newest one of this run.
+    /// Continue from a checkpoint: `auto` for the newest one of this run, or a checkpoint, a
+    /// checkpoints directory or a run directory (its newest intact checkpoint).
     #[arg(long, value_name = "PATH|auto", value_parser = parse_resume)]
     pub resume: Option<Resume>,
+    /// Start a fresh run (step 0, a new optimizer) from the weights of a checkpoint, a
+    /// checkpoints directory or a run directory: fine-tuning. The model shape must match.
+    #[arg(long, value_name = "PATH", conflicts_with = "resume")]
+    pub init_from: Option<PathBuf>,
+    /// Start over: delete what an earlier run left in run.out_dir (metrics, TensorBoard
+    /// events, checkpoints, config.yaml) before training.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// Progress output: `live` redraws one line in place, `plain` prints a line per log
+    /// step. Default: live on a terminal with one rank, else plain.
+    #[arg(long, value_enum, value_name = "plain|live")]
+    pub progress: Option<ProgressArg>,
+}
+
+/// `--progress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressArg {
+    /// One line per log step.
+    Plain,
+    /// One line redrawn in place (a terminal).
+    Live,
 }
 
 /// `moe check`.
@@ -122,15 +149,20 @@ pub struct CheckArgs {
     /// Validate for debug mode (world size = parallel.ep_size in-process ranks).
     #[arg(long)]
     pub debug: bool,
-    /// Validate for this many ranks (default: the mpirun world size, else 1).
+    /// Validate for this many ranks (default: the mpirun world size, else parallel.ep_size,
+    /// the smallest world the config can run on).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(1..))]
     pub world_size: Option<i64>,
+    /// Print the resolved config as JSON instead of YAML.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `moe eval`.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Checkpoint to evaluate.
+    /// Checkpoint to evaluate: a checkpoint, a checkpoints directory or a run directory (its
+    /// newest intact checkpoint).
     #[arg(long, value_name = "PATH")]
     pub checkpoint: PathBuf,
     /// Config to evaluate with (default: the config stored beside the checkpoint).
@@ -139,12 +171,15 @@ pub struct EvalArgs {
     /// Override one config key (see `moe train --help`). Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Print one JSON object instead of a line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `moe generate`.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Checkpoint to sample from.
+    /// Checkpoint to sample from: a checkpoint, a checkpoints directory or a run directory.
     #[arg(long, value_name = "PATH")]
     pub checkpoint: PathBuf,
     /// Text the sample continues.
@@ -153,8 +188,8 @@ pub struct GenerateArgs {
     /// Tokens to generate.
     #[arg(long, default_value_t = 200)]
     pub tokens: usize,
-    /// Softmax temperature; 0 is greedy decoding.
-    #[arg(long, default_value_t = 0.8)]
+    /// Softmax temperature (>= 0); 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     pub temperature: f64,
     /// Sample only among the K most likely tokens.
     #[arg(long, value_name = "K")]
@@ -180,8 +215,8 @@ pub struct InspectArgs {
 /// `moe launch`.
 #[derive(Debug, Args)]
 pub struct LaunchArgs {
-    /// Number of ranks.
-    #[arg(long, value_name = "N")]
+    /// Number of ranks (at least 1).
+    #[arg(long, short = 'n', value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub np: u32,
     /// MPI hostfile for multi-node runs.
     #[arg(long, value_name = "FILE")]
@@ -322,5 +357,18 @@ mod tests {
         assert_eq!(l.np, 2);
         assert_eq!(l.args, vec!["train", "--config", "x.yaml"]);
         assert!(Cli::try_parse_from(["moe", "launch", "--np", "2"]).is_err());
+        assert!(Cli::try_parse_from(["moe", "launch", "-n", "2", "--", "train"]).is_ok());
+        assert!(Cli::try_parse_from(["moe", "launch", "-n", "0", "--", "train"]).is_err());
+        // --overwrite starts over, --resume continues: not both.
+        assert!(Cli::try_parse_from([
+            "moe",
+            "train",
+            "-c",
+            "x",
+            "--overwrite",
+            "--resume",
+            "auto"
+        ])
+        .is_err());
     }
 }

@@ -74,14 +74,43 @@ pub fn load(path: &Path, sets: &[String]) -> Result<LoadedConfig, ConfigError> {
         overrides::apply(&mut tree, ov)
             .map_err(|m| ConfigError::new(format!("--set {}: {m}", ov.raw)))?;
     }
-    let config: ExperimentConfig =
+    let mut config: ExperimentConfig =
         tree_de::from_tree(&tree).map_err(|e| ConfigError::new(describe(&file, &e)))?;
+    resolve_paths(&mut config, &tree, path);
     Ok(LoadedConfig {
         config,
         path: path.to_path_buf(),
         overrides: sets.to_vec(),
         tree,
     })
+}
+
+/// Paths that do not depend on where `moe` runs from. `run.out_dir`, when neither the file nor
+/// an override sets it, is `runs/<run.name>`, so a new `run.name` is a new run directory. A
+/// relative `data.path` written in the file is relative to the file's directory (a config
+/// finds its data from any working directory); one given with `--set` is relative to the
+/// working directory, like any path typed on the command line. `data.path` is stored
+/// absolute, so the config saved with a run (and `moe eval` of its checkpoints) finds it too.
+fn resolve_paths(cfg: &mut ExperimentConfig, tree: &Node, file: &Path) {
+    if tree.lookup("run.out_dir").is_none() {
+        cfg.run.out_dir = Path::new("runs").join(&cfg.run.name);
+    }
+    let Some(p) = cfg.data.path.as_ref().filter(|p| p.is_relative()) else {
+        return;
+    };
+    let from_override = tree
+        .lookup("data.path")
+        .is_some_and(|(_, node)| matches!(node.origin, Origin::Override(_)));
+    let base = if from_override {
+        PathBuf::new()
+    } else {
+        file.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    let joined = base.join(p);
+    let resolved = std::fs::canonicalize(&joined)
+        .or_else(|_| std::path::absolute(&joined))
+        .unwrap_or(joined);
+    cfg.data.path = Some(resolved);
 }
 
 impl LoadedConfig {

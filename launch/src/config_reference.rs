@@ -177,10 +177,15 @@ fn rows(
             continue;
         }
         let default = sdef.get(&f.name).map(default_words).unwrap_or_default();
+        // Unsigned fields whose doc says "at least 1" are validated as such.
+        let mut ty = type_words(&f.ty, schema);
+        if ty == "integer >= 0" && f.doc.to_lowercase().contains("at least 1") {
+            ty = "integer >= 1".to_owned();
+        }
         writeln!(
             out,
             "| `{key}` | {} | {} | {} |",
-            type_words(&f.ty, schema),
+            ty,
             cell(&default),
             cell(&f.doc)
         )?;

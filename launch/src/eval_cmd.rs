@@ -13,7 +13,7 @@ use crate::yaml_tree::Origin;
 use crate::{overrides, suggest, tree_de, yaml_tree};
 use anyhow::{anyhow, Context};
 use moe_model::dispatcher::Dispatcher;
-use moe_trainer::checkpoint::{find_latest_intact, read_manifest, Manifest};
+use moe_trainer::checkpoint::{read_manifest, Manifest};
 use moe_trainer::config::{Backend, ExperimentConfig};
 use moe_trainer::data::load_dataset;
 use moe_trainer::inference::{compute_kind, load_single, rank_val_loss, EvalModel};
@@ -40,7 +40,7 @@ pub fn setup(
     config: Option<&Path>,
     sets: &[String],
 ) -> anyhow::Result<CheckpointSetup> {
-    let path = resolve_checkpoint(checkpoint)?;
+    let path = crate::ckpt_lookup::resolve("--checkpoint", checkpoint)?;
     let manifest = read_manifest(&path).map_err(bad_checkpoint)?;
     let mut cfg = match config {
         Some(file) => {
@@ -76,35 +76,6 @@ pub fn setup(
 fn single_process(cfg: &mut ExperimentConfig) {
     cfg.parallel.ep_size = 1;
     cfg.parallel.backend = Backend::Local;
-}
-
-/// A checkpoint directory (has manifest.json), else the newest intact checkpoint under the
-/// directory or under its `checkpoints/` (a run's out_dir).
-pub fn resolve_checkpoint(p: &Path) -> anyhow::Result<PathBuf> {
-    if p.join("manifest.json").is_file() {
-        return Ok(p.to_path_buf());
-    }
-    if !p.is_dir() {
-        return Err(BadInput(format!(
-            "--checkpoint {}: no such checkpoint directory",
-            p.display()
-        ))
-        .into());
-    }
-    for dir in [p.to_path_buf(), p.join("checkpoints")] {
-        if let Some((found, warnings)) = find_latest_intact(&dir).map_err(bad_checkpoint)? {
-            for w in warnings {
-                eprintln!("warning: {w}");
-            }
-            return Ok(found);
-        }
-    }
-    Err(BadInput(format!(
-        "--checkpoint {}: not a checkpoint directory (no manifest.json) and holds no \
-         checkpoints (step-N/ directories) itself or under checkpoints/",
-        p.display()
-    ))
-    .into())
 }
 
 /// The config the run stored in the manifest (JSON text of the resolved config), with the
@@ -188,28 +159,29 @@ pub fn set_threads(configured: i64) {
     tch::set_num_threads(n as i32);
 }
 
-/// Runs `moe eval`: prints `val_loss X  ppl Y  (N tokens, checkpoint step S)`.
+/// Runs `moe eval`: prints `val_loss X  ppl Y  (N tokens, checkpoint step S)`, or with
+/// `json` one object with `val_loss`, `val_ppl`, `tokens`, `step`, `checkpoint`.
 ///
 /// The run's world size W decides which validation windows each rank read; the W ranks'
 /// batches are evaluated one after another here and averaged like the loop's all-reduce.
 /// Expert capacity applies per rank's batch as in training (each rank's batch is one
 /// forward), so dropping matches too.
-pub fn run_eval(checkpoint: &Path, config: Option<&Path>, sets: &[String]) -> anyhow::Result<()> {
+pub fn run_eval(
+    checkpoint: &Path,
+    config: Option<&Path>,
+    sets: &[String],
+    json: bool,
+) -> anyhow::Result<()> {
     let s = setup(checkpoint, config, sets)?;
     let cfg = &s.config;
     let device = resolve_device(&cfg.trainer.device, 0)?;
     set_threads(cfg.trainer.threads);
-    let (model, loaded) = load_single(cfg, &s.path, device).map_err(|e| {
-        let hint = if config.is_some() {
-            "\n(--config describes another model than the checkpoint holds; without --config, \
-             moe eval uses the config stored in the checkpoint)"
-        } else {
-            ""
-        };
-        match e {
-            TrainError::Checkpoint { .. } => BadInput(format!("{e}{hint}")).into(),
-            other => bad_checkpoint(other),
-        }
+    let (model, loaded) = load_single(cfg, &s.path, device).map_err(|e| match e {
+        TrainError::Checkpoint { .. } if config.is_some() => BadInput(
+            crate::ckpt_mismatch::explain(&e.to_string(), &s.manifest.config_yaml, cfg),
+        )
+        .into(),
+        other => bad_checkpoint(other),
     })?;
     let dataset = load_dataset(&cfg.data, cfg.model.vocab_size)
         .map_err(|e| anyhow!("{e}"))
@@ -236,6 +208,17 @@ pub fn run_eval(checkpoint: &Path, config: Option<&Path>, sets: &[String]) -> an
     } else {
         String::new()
     };
+    if json {
+        let obj = serde_json::json!({
+            "val_loss": val_loss,
+            "val_ppl": val_loss.exp(),
+            "tokens": tokens,
+            "step": loaded.step,
+            "checkpoint": s.path,
+        });
+        println!("{obj}");
+        return Ok(());
+    }
     println!(
         "val_loss {val_loss:.6}  ppl {:.4}  ({tokens} tokens{ranks}, checkpoint step {})",
         val_loss.exp(),

@@ -16,6 +16,19 @@ impl fmt::Display for BadInput {
 
 impl std::error::Error for BadInput {}
 
+/// A trainer error as the binary reports it: a config the rules reject, data that cannot be
+/// used, or a checkpoint that is damaged or does not fit the model is input to fix (2);
+/// anything else failed the run (1).
+pub fn from_train(e: moe_trainer::TrainError) -> anyhow::Error {
+    use moe_trainer::TrainError;
+    match e {
+        TrainError::Config(_) | TrainError::Data(_) | TrainError::Checkpoint { .. } => {
+            BadInput(e.to_string()).into()
+        }
+        other => anyhow::anyhow!("{other}"),
+    }
+}
+
 /// 2 if any error in the chain is bad input, else 1.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     let bad = err

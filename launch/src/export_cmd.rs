@@ -1,7 +1,6 @@
 //! `moe export`: a checkpoint to a Hugging Face folder (`moe_trainer::hf::export`); this
 //! file only parses, calls and reports.
 
-use crate::eval_cmd::resolve_checkpoint;
 use crate::exit_code::BadInput;
 use clap::{Args, ValueEnum};
 use moe_trainer::hf::{self, Arch, ExportDtype, ExportOptions, HfError};
@@ -73,7 +72,7 @@ pub fn return_freed_memory() {
 /// Runs `moe export`.
 pub fn run_export(a: &ExportArgs) -> anyhow::Result<()> {
     return_freed_memory();
-    let ckpt = resolve_checkpoint(&a.checkpoint)?;
+    let ckpt = crate::ckpt_lookup::resolve("--checkpoint", &a.checkpoint)?;
     let opts = ExportOptions {
         arch: a.arch.map(|x| match x {
             ArchArg::Mixtral => Arch::Mixtral,

@@ -214,6 +214,9 @@ pub fn run_inspect(a: &InspectArgs) -> anyhow::Result<()> {
     let loaded = config_load::load(&a.config.config, &a.config.set)?;
     let cfg = &loaded.config;
     let ep_size = a.ep_size.unwrap_or(cfg.parallel.ep_size);
+    // The same rules as `moe check` (at the world of `ep_size` ranks): an override `check`
+    // rejects (a sequence longer than model.max_seq_len, say) is not inspected either.
+    loaded.validate(ep_size.max(1), Vec::new())?;
     let r = analyse(cfg, ep_size)?;
     let text = if a.json {
         serde_json::to_string_pretty(&to_json(cfg, &r))? + "\n"

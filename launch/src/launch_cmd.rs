@@ -327,9 +327,12 @@ pub fn run_launch(np: usize, hostfile: Option<&Path>, moe_args: &[String]) -> Re
     }
     if let Some(h) = hostfile {
         if !h.is_file() {
-            bail!("hostfile {} does not exist", h.display());
+            bail!("--hostfile {}: no such file", h.display());
         }
     }
+    // `moe launch --np 2 -- moe train ...` reads naturally (it is the command each rank runs):
+    // the leading program name is this binary.
+    let moe_args = strip_program_name(moe_args);
     let program = std::env::current_exe().context("cannot locate the moe executable")?;
     let plan = MpirunPlan {
         np,
@@ -340,7 +343,7 @@ pub fn run_launch(np: usize, hostfile: Option<&Path>, moe_args: &[String]) -> Re
             std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()),
         ),
         program,
-        program_args: moe_args.to_vec(),
+        program_args: moe_args,
     };
     let mpirun = std::env::var_os(MPIRUN_ENV)
         .map(PathBuf::from)
@@ -363,6 +366,16 @@ pub fn run_launch(np: usize, hostfile: Option<&Path>, moe_args: &[String]) -> Re
     match worker.join() {
         Ok(result) => result,
         Err(_) => bail!("the launcher thread panicked"),
+    }
+}
+
+/// The rank command without a leading program name: `moe launch --np 2 -- moe train ..` and
+/// `.. -- target/release/moe train ..` run `train ..` on every rank, like `.. -- train ..`.
+pub fn strip_program_name(moe_args: &[String]) -> Vec<String> {
+    let is_moe = |a: &str| Path::new(a).file_name().is_some_and(|n| n == "moe");
+    match moe_args.first() {
+        Some(first) if is_moe(first) => moe_args[1..].to_vec(),
+        _ => moe_args.to_vec(),
     }
 }
 
@@ -584,6 +597,20 @@ mod tests {
             !args.contains(&"--oversubscribe".to_string()),
             "slots of a hostfile rule"
         );
+    }
+
+    #[test]
+    fn a_leading_moe_is_the_program_name() {
+        assert_eq!(strip_program_name(&s(&["moe", "train"])), s(&["train"]));
+        assert_eq!(
+            strip_program_name(&s(&["target/release/moe", "train", "-c", "x"])),
+            s(&["train", "-c", "x"])
+        );
+        assert_eq!(
+            strip_program_name(&s(&["train", "moe"])),
+            s(&["train", "moe"])
+        );
+        assert_eq!(strip_program_name(&s(&["moex"])), s(&["moex"]));
     }
 
     #[test]

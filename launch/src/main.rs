@@ -2,9 +2,12 @@
 //! `error: <paragraph>`; exit 2 for bad input, 1 for a failed run.
 
 mod bench;
+mod ckpt_lookup;
+mod ckpt_mismatch;
 mod cli;
 mod config_load;
 mod config_reference;
+mod data_check;
 mod device;
 mod eval_cmd;
 mod exit_code;
@@ -15,6 +18,8 @@ mod import_cmd;
 mod inspect_cmd;
 mod launch_cmd;
 mod overrides;
+mod run_dir;
+mod schedule_fit;
 mod signals;
 mod suggest;
 mod tokenizer_cmd;
@@ -25,6 +30,7 @@ mod yaml_tree;
 
 use clap::Parser;
 use cli::{Cli, Command};
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -41,16 +47,28 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let processes = world::launcher_processes().unwrap_or(1);
+    let launcher = world::launcher_processes();
+    let processes = launcher.unwrap_or(1);
     match cli.command {
         Command::Train(a) => {
-            let loaded = config_load::load(&a.config.config, &a.config.set)?;
+            let mut loaded = config_load::load(&a.config.config, &a.config.set)?;
+            warn_fitted_schedule(&mut loaded.config);
             let world_size = world::world_size(&loaded.config, a.debug, processes);
-            let launch_errs = world::launch_errors(&loaded.config, a.debug, processes);
+            let mut launch_errs = world::launch_errors(&loaded.config, a.debug, processes);
+            launch_errs.extend(data_check::missing_data(&loaded.config));
             loaded.validate(world_size, launch_errs)?;
+            // Live redraws garble log files and interleave across ranks: plain lines unless
+            // asked, or on a terminal with one rank.
+            let live_progress = match a.progress {
+                Some(p) => p == cli::ProgressArg::Live,
+                None => std::io::stdout().is_terminal() && world_size == 1 && processes == 1,
+            };
             let opts = train_cmd::TrainOpts {
                 debug: a.debug,
                 resume: a.resume,
+                overwrite: a.overwrite,
+                init_from: a.init_from,
+                live_progress,
                 world_size,
                 processes,
                 config_path: loaded.path,
@@ -59,22 +77,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             train_cmd::run_train(loaded.config, opts)
         }
         Command::Check(a) => {
-            let loaded = config_load::load(&a.config.config, &a.config.set)?;
+            let mut loaded = config_load::load(&a.config.config, &a.config.set)?;
+            warn_fitted_schedule(&mut loaded.config);
             let world_size = (a.world_size)
-                .unwrap_or_else(|| world::world_size(&loaded.config, a.debug, processes));
-            let launch_errs = world::launch_errors(&loaded.config, a.debug, processes);
+                .unwrap_or_else(|| world::check_world_size(&loaded.config, a.debug, launcher));
+            let mut launch_errs = world::launch_errors(&loaded.config, a.debug, processes);
+            launch_errs.extend(data_check::missing_data(&loaded.config));
             loaded.validate(world_size, launch_errs)?;
-            print!("{}", config_load::to_yaml(&loaded.config)?);
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&loaded.config)?);
+            } else {
+                print!("{}", config_load::to_yaml(&loaded.config)?);
+            }
             Ok(())
         }
         Command::ConfigReference => {
             print!("{}", config_reference::render()?);
             Ok(())
         }
-        Command::Eval(a) => eval_cmd::run_eval(&a.checkpoint, a.config.as_deref(), &a.set),
+        Command::Eval(a) => eval_cmd::run_eval(&a.checkpoint, a.config.as_deref(), &a.set, a.json),
         Command::Generate(a) => generate_cmd::run_generate(&a),
         Command::Inspect(a) => inspect_cmd::run_inspect(&a),
         Command::Launch(a) => {
+            if let Some(h) = a.hostfile.as_deref().filter(|h| !h.is_file()) {
+                return Err(exit_code::BadInput(format!(
+                    "--hostfile {}: no such file",
+                    h.display()
+                ))
+                .into());
+            }
             let code = launch_cmd::run_launch(a.np as usize, a.hostfile.as_deref(), &a.args)?;
             std::process::exit(code)
         }
@@ -83,5 +114,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import(a) => import_cmd::run_import(&a),
         Command::Tokenizer(a) => tokenizer_cmd::run_tokenizer(&a),
         Command::Data(a) => tokenizer_cmd::run_data(&a),
+    }
+}
+
+/// Clamps the schedule to short runs (`schedule_fit`), one warning line each, printed by rank
+/// 0 only under mpirun.
+fn warn_fitted_schedule(cfg: &mut moe_trainer::config::ExperimentConfig) {
+    for w in schedule_fit::fit_schedule(cfg) {
+        if world::launcher_rank() == 0 {
+            eprintln!("warning: {w}");
+        }
     }
 }

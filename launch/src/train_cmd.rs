@@ -7,8 +7,8 @@ use crate::device::{describe, resolve_device, resolve_rank_device};
 use crate::exit_code::BadInput;
 use anyhow::{anyhow, bail, Context};
 use moe_comm::{threads::threads_world_on, ProcessGroups};
-use moe_trainer::checkpoint::find_latest_intact;
 use moe_trainer::config::{Backend, DebugRanks, ExperimentConfig, Precision};
+use moe_trainer::progress::print_line;
 use moe_trainer::train_loop::{train, RunOptions, TrainSummary};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -22,6 +22,13 @@ pub struct TrainOpts {
     pub debug: bool,
     /// `--resume`.
     pub resume: Option<Resume>,
+    /// `--overwrite`: delete what an earlier run left in `run.out_dir` first.
+    pub overwrite: bool,
+    /// `--init-from`: the checkpoint (any form `crate::ckpt_lookup` accepts) whose weights
+    /// start this fresh run.
+    pub init_from: Option<std::path::PathBuf>,
+    /// Progress lines redrawn in place (a terminal, one rank) or one per log step.
+    pub live_progress: bool,
     /// The config file, for logs.
     pub config_path: PathBuf,
     /// The `--set` overrides as given, for logs.
@@ -41,7 +48,8 @@ pub fn run_train(cfg: ExperimentConfig, opts: TrainOpts) -> anyhow::Result<()> {
     if opts.processes > 1 || cfg.parallel.backend == Backend::Mpi {
         return run_mpi(cfg, opts, stop);
     }
-    let resume = prepare_out_dir(&cfg, &opts)?;
+    let resume = prepare_out_dir(&cfg, &opts, true)?;
+    let init_from = init_from(&opts)?;
     let device = resolve_device(&cfg.trainer.device, 0)?;
     check_precision(&cfg, device)?;
     if cfg.parallel.backend == Backend::Nccl && !device.is_cuda() {
@@ -57,12 +65,14 @@ pub fn run_train(cfg: ExperimentConfig, opts: TrainOpts) -> anyhow::Result<()> {
     let run = RunOptions {
         debug: false,
         resume,
+        init_from,
         stop,
         config_yaml,
+        live_progress: Some(opts.live_progress),
         ..RunOptions::default()
     };
-    let summary =
-        train(&cfg, ProcessGroups::single(device), device, &run).map_err(|e| anyhow!("{e}"))?;
+    let summary = train(&cfg, ProcessGroups::single(device), device, &run)
+        .map_err(crate::exit_code::from_train)?;
     report(&cfg, &opts, &summary);
     Ok(())
 }
@@ -76,17 +86,17 @@ fn run_virtual_ranks(
     opts: TrainOpts,
     stop: Arc<AtomicBool>,
     device: tch::Device,
-    resume: Option<PathBuf>,
+    (resume, init_from): (Option<PathBuf>, Option<PathBuf>),
 ) -> anyhow::Result<()> {
     let p = cfg.parallel.ep_size;
     set_threads(cfg.trainer.threads, 1);
     announce(&cfg, &opts, device);
     if opts.debug {
-        println!(
+        print_line(&format!(
             "debug mode: {p} virtual expert-parallel rank(s) in one autograd graph on {device:?} \
              (their batches concatenated, capacity per rank, the exchange one permutation by \
              expert); routing invariants checked after every step"
-        );
+        ));
     }
     let config_yaml = Some(crate::config_load::to_yaml(&cfg)?);
     let mut single = cfg.clone();
@@ -96,14 +106,15 @@ fn run_virtual_ranks(
     let run = RunOptions {
         debug: opts.debug,
         resume,
+        init_from,
         stop,
         capacity_groups: p,
-        quiet: false,
         config_yaml,
+        live_progress: Some(opts.live_progress),
         ..RunOptions::default()
     };
-    let summary =
-        train(&single, ProcessGroups::single(device), device, &run).map_err(|e| anyhow!("{e}"))?;
+    let summary = train(&single, ProcessGroups::single(device), device, &run)
+        .map_err(crate::exit_code::from_train)?;
     report(&cfg, &opts, &summary);
     Ok(())
 }
@@ -131,16 +142,17 @@ fn run_threads(
         }
         DebugRanks::Threads => false,
     };
-    let resume = prepare_out_dir(&cfg, &opts)?;
+    let resume = prepare_out_dir(&cfg, &opts, true)?;
+    let init_from = init_from(&opts)?;
     if virtual_ranks {
-        return run_virtual_ranks(cfg, opts, stop, device, resume);
+        return run_virtual_ranks(cfg, opts, stop, device, (resume, init_from));
     }
     set_threads(cfg.trainer.threads, p);
     announce(&cfg, &opts, device);
     if opts.debug {
-        println!(
+        print_line(&format!(
             "debug mode: {p} expert-parallel rank(s) in one process on {device:?} (threads backend); routing invariants checked after every step"
-        );
+        ));
     }
     let config_yaml = Some(crate::config_load::to_yaml(&cfg)?);
     let comms = threads_world_on(p, Duration::from_secs(cfg.parallel.timeout_s), device);
@@ -153,16 +165,18 @@ fn run_threads(
             let run = RunOptions {
                 debug: opts.debug,
                 resume: resume.clone(),
+                init_from: init_from.clone(),
                 stop: stop.clone(),
                 quiet: rank != 0,
                 config_yaml: config_yaml.clone(),
+                live_progress: Some(opts.live_progress),
                 ..RunOptions::default()
             };
             std::thread::Builder::new()
                 .name(format!("rank{rank}"))
                 .spawn(move || -> anyhow::Result<TrainSummary> {
                     let groups = ProcessGroups::new(comm, p).map_err(|e| anyhow!("{e}"))?;
-                    train(&cfg, groups, device, &run).map_err(|e| anyhow!("{e}"))
+                    train(&cfg, groups, device, &run).map_err(crate::exit_code::from_train)
                 })
                 .map_err(|e| anyhow!("spawning rank {rank}: {e}"))
         })
@@ -191,7 +205,8 @@ fn run_threads(
         }
     }
     if let Some((rank, _, e)) = first_err {
-        bail!("rank {rank} failed: {e:#}");
+        // As context, so that exit_code still sees a BadInput in the chain.
+        return Err(e.context(format!("rank {rank} failed")));
     }
     if let Some(s) = rank0 {
         report(&cfg, &opts, &s);
@@ -217,7 +232,8 @@ fn run_mpi(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> any
     }
     let result = (|| -> anyhow::Result<TrainSummary> {
         // Every rank checks the same directory; the trainer's rank 0 writes config.yaml.
-        let resume = prepare_out_dir_for(&cfg, &opts, rank == 0)?;
+        let resume = prepare_out_dir(&cfg, &opts, rank == 0)?;
+        let init_from = init_from(&opts)?;
         let local_rank = runtime.local_rank();
         let device = resolve_rank_device(&cfg.trainer.device, local_rank, runtime.local_size())?;
         check_precision(&cfg, device)?;
@@ -236,12 +252,14 @@ fn run_mpi(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> any
         let run = RunOptions {
             debug: false,
             resume,
+            init_from,
             stop,
             quiet: rank != 0,
             config_yaml,
+            live_progress: Some(opts.live_progress),
             ..RunOptions::default()
         };
-        train(&cfg, groups, device, &run).map_err(|e| anyhow!("{e}"))
+        train(&cfg, groups, device, &run).map_err(crate::exit_code::from_train)
     })();
     match result {
         Ok(s) => {
@@ -302,67 +320,21 @@ fn world_comm(
     Ok(Box::new(nccl))
 }
 
-/// Checks the output directory and resolves `--resume`. Nothing is written here: the trainer
-/// writes `config.yaml` once the data and checkpoint have loaded, so a run that fails on
-/// them leaves `out_dir` as it was.
-fn prepare_out_dir(cfg: &ExperimentConfig, opts: &TrainOpts) -> anyhow::Result<Option<PathBuf>> {
-    prepare_out_dir_for(cfg, opts, true)
-}
-
-/// A fresh run refuses a directory that already holds a run (nothing is written over);
-/// `--resume auto` takes the newest intact checkpoint (or starts fresh if there is none),
-/// `--resume PATH` that checkpoint.
-fn prepare_out_dir_for(
+/// `run.out_dir` and `--resume`, by `crate::run_dir::prepare`.
+fn prepare_out_dir(
     cfg: &ExperimentConfig,
     opts: &TrainOpts,
     is_rank0: bool,
-) -> anyhow::Result<Option<PathBuf>> {
-    let out = &cfg.run.out_dir;
-    let ckpt_dir = cfg
-        .checkpoint
-        .dir
-        .clone()
-        .unwrap_or_else(|| out.join("checkpoints"));
-    let resume = match &opts.resume {
-        None => {
-            let existing = [out.join("metrics.jsonl"), ckpt_dir.clone()];
-            if let Some(found) = existing.iter().find(|p| p.exists()) {
-                bail!(
-                    "run.out_dir {} already holds a run ({} exists); pass --resume auto to continue it, or set another run.out_dir (e.g. --set run.out_dir=runs/new)",
-                    out.display(),
-                    found.display()
-                );
-            }
-            None
-        }
-        Some(Resume::Path(p)) => {
-            if !p.join("manifest.json").exists() {
-                bail!(
-                    "--resume {}: not a checkpoint directory (no manifest.json)",
-                    p.display()
-                );
-            }
-            Some(p.clone())
-        }
-        Some(Resume::Auto) => match find_latest_intact(&ckpt_dir).map_err(|e| anyhow!("{e}"))? {
-            Some((path, warnings)) => {
-                for w in warnings {
-                    eprintln!("warning: {w}");
-                }
-                Some(path)
-            }
-            None => {
-                if is_rank0 {
-                    eprintln!(
-                        "--resume auto: no checkpoint in {}; starting from step 0",
-                        ckpt_dir.display()
-                    );
-                }
-                None
-            }
-        },
-    };
-    Ok(resume)
+) -> anyhow::Result<Option<std::path::PathBuf>> {
+    crate::run_dir::prepare(cfg, opts.resume.as_ref(), opts.overwrite, is_rank0)
+}
+
+/// The checkpoint `--init-from` names, by the lookup rule of `--resume`.
+fn init_from(opts: &TrainOpts) -> anyhow::Result<Option<std::path::PathBuf>> {
+    opts.init_from
+        .as_deref()
+        .map(|p| crate::ckpt_lookup::resolve("--init-from", p))
+        .transpose()
 }
 
 /// One line saying what runs where.
@@ -375,7 +347,7 @@ fn announce(cfg: &ExperimentConfig, opts: &TrainOpts, device: tch::Device) {
         ),
         Err(e) => format!("params unknown ({e})"),
     };
-    println!(
+    print_line(&format!(
         "moe train: {} ({}{}) on {} rank(s), ep_size {}, {params}, device {}, {}, out_dir {}",
         cfg.run.name,
         opts.config_path.display(),
@@ -392,7 +364,7 @@ fn announce(cfg: &ExperimentConfig, opts: &TrainOpts, device: tch::Device) {
             Precision::Bf16 => "bf16",
         },
         cfg.run.out_dir.display()
-    );
+    ));
 }
 
 /// One rule for `trainer.precision: bf16`, whatever `trainer.device` says: it needs the
@@ -433,7 +405,7 @@ fn install_stop_flag() -> Arc<AtomicBool> {
 
 fn report(cfg: &ExperimentConfig, opts: &TrainOpts, s: &TrainSummary) {
     if let Some(last) = s.records.last() {
-        println!(
+        print_line(&format!(
             "{}: {} steps, final loss {:.4}{}; metrics in {}",
             if s.interrupted { "stopped" } else { "done" },
             last.step,
@@ -443,22 +415,22 @@ fn report(cfg: &ExperimentConfig, opts: &TrainOpts, s: &TrainSummary) {
                 .map(|e| format!(", val_loss {:.4}", e.val_loss))
                 .unwrap_or_default(),
             cfg.run.out_dir.join("metrics.jsonl").display()
-        );
+        ));
     } else if s.bad_steps == 0 && !s.interrupted {
-        println!(
+        print_line(&format!(
             "nothing to do: the run in {} already reached trainer.max_steps ({}); raise it with --set trainer.max_steps=N to train on, or pick another run.out_dir",
             cfg.run.out_dir.display(),
             cfg.trainer.max_steps
-        );
+        ));
     }
     if s.bad_steps > 0 {
-        println!(
+        print_line(&format!(
             "skipped {} step(s) with non-finite values (see the log above)",
             s.bad_steps
-        );
+        ));
     }
     if let Some(c) = &s.last_checkpoint {
-        println!("checkpoint: {}", c.display());
+        print_line(&format!("checkpoint: {}", c.display()));
     }
     if s.interrupted {
         let sets: String = opts
@@ -466,15 +438,19 @@ fn report(cfg: &ExperimentConfig, opts: &TrainOpts, s: &TrainSummary) {
             .iter()
             .map(|o| format!(" --set {}", shell_quote(o)))
             .collect();
+        // The program as it was started (`target/release/moe`, or the absolute path `moe
+        // launch` gives its ranks), so that the line runs when pasted.
+        let prog = std::env::args().next().unwrap_or_else(|| "moe".into());
+        let prog = shell_quote(&prog);
         let launcher = if opts.processes > 1 {
-            format!("moe launch --np {} -- ", opts.processes)
+            format!("{prog} launch --np {} -- ", opts.processes)
         } else {
-            String::new()
+            format!("{prog} ")
         };
-        println!(
-            "to resume: {launcher}moe train --config {}{sets} --resume auto",
+        print_line(&format!(
+            "to resume: {launcher}train --config {}{sets} --resume auto",
             shell_quote(&opts.config_path.display().to_string())
-        );
+        ));
     }
 }
 

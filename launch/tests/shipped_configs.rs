@@ -28,6 +28,13 @@ fn every_shipped_config_is_valid() {
         assert!(text.starts_with('#'), "{rel} needs a header comment");
         // --debug validates for ep_size in-process ranks, whatever the config's ep_size is.
         let (code, out, err) = moe(&["check", "--config", &rel, "--debug"]);
+        if code == 2 && err.contains("data.path") && err.contains("does not exist") {
+            // configs/shakespeare.yaml reads shared/data/tinyshakespeare.txt beside the
+            // checkout; where it is not there, check must say so (and nothing else).
+            assert_eq!(err.matches("  - ").count(), 1, "{rel}: {err}");
+            names.push(name);
+            continue;
+        }
         assert_eq!(code, 0, "{rel} (--debug): {err}");
         let p = ep_size_of(&out).to_string();
         let (code, _, err) = moe(&["check", "--config", &rel, "--world-size", &p]);

@@ -124,6 +124,16 @@ fn eval_generate_and_mismatch_on_a_trained_checkpoint() {
     // A checkpoint directory, and a run's out_dir (newest checkpoint) both work.
     assert_eval_matches(&ckpt, &out_dir, 1);
     assert_eval_matches(&out_dir, &out_dir, 1);
+    // --json: one object with the same numbers (full precision: 1e-6 relative as above).
+    let (code, out, err) = moe(&["eval", "--checkpoint", out_dir.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let (step, want) = last_eval(&out_dir);
+    assert_eq!(v["step"].as_u64(), Some(step), "{out}");
+    assert_eq!(v["tokens"].as_u64(), Some(3 * 4 * 32), "{out}");
+    let got = v["val_loss"].as_f64().unwrap();
+    assert!((got - want).abs() <= 1e-6 * want.abs(), "{got} vs {want}");
+    assert_eq!(v["checkpoint"].as_str(), ckpt.to_str(), "{out}");
 
     // Greedy: the seed does not matter, and the output is the same every time.
     let (g1, e1) = generate(&ckpt, &["--temperature", "0", "--seed", "1"]);
@@ -170,6 +180,41 @@ fn eval_generate_and_mismatch_on_a_trained_checkpoint() {
         "{err}"
     );
     assert!(err.contains("dense.safetensors"), "{err}");
+    // It leads with the config key that differs and shows at most a few tensors.
+    assert!(
+        err.contains("  model.d_model: checkpoint 32, config 48\n"),
+        "{err}"
+    );
+    assert!(
+        err.lines().count() <= 10,
+        "{} lines:\n{err}",
+        err.lines().count()
+    );
+    // A truncated checkpoint is not a config mismatch: no hint that --config is to blame.
+    let cut = s.0.join("cut");
+    std::fs::create_dir_all(&cut).unwrap();
+    for f in std::fs::read_dir(&ckpt).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, cut.join(f.file_name().unwrap())).unwrap();
+    }
+    let dense = cut.join("dense.safetensors");
+    let len = std::fs::metadata(&dense).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dense)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let (code, _, err) = moe(&[
+        "eval",
+        "--checkpoint",
+        cut.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("dense.safetensors"), "{err}");
+    assert!(!err.contains("--config"), "{err}");
     // Not a checkpoint at all.
     let (code, _, err) = moe(&["eval", "--checkpoint", s.0.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");

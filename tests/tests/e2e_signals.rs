@@ -52,7 +52,7 @@ fn stop_and_resume(sig: libc::c_int, tag: &str) {
     let hint = f
         .stdout
         .lines()
-        .find(|l| l.starts_with("to resume: moe train --config"))
+        .find(|l| l.starts_with("to resume: ") && l.contains(" train --config"))
         .unwrap_or_default();
     assert!(
         hint.contains("--resume auto") && hint.contains("run.out_dir="),

@@ -287,11 +287,20 @@ fn bad_data_run(tag: &str, contents: Option<&[u8]>, want: &str) {
     );
     assert!(!f.status.success(), "{}", f.dump());
     let data_s = data.display().to_string();
+    // The error paragraph (a missing file is caught with the config's other problems, one
+    // per line under the `error:` line).
     let err_line = f
         .stderr
         .lines()
-        .find(|l| l.starts_with("error:"))
-        .unwrap_or_default();
+        .skip_while(|l| !l.starts_with("error:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(
+        f.status.code(),
+        Some(2),
+        "bad data is bad input\n{}",
+        f.dump()
+    );
     assert!(
         err_line.contains(&data_s),
         "the error must name {data_s}\n{}",

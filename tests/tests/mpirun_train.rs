@@ -253,9 +253,21 @@ fn sigterm_to_launch_checkpoints_and_resumes() {
     );
     eprintln!("graceful stop at step {stop_step}, {stop_secs:.1}s after SIGTERM");
 
-    // Resume under the launcher: continues at the stop step and runs to the end.
-    let mut resume = launch(2);
-    resume.args(&args).args(["--resume", "auto"]);
+    // Progress under the launcher is plain lines: no carriage returns, no terminal escapes.
+    assert!(!stdout.contains('\x1b'), "{dump}");
+    // Resume by pasting the printed command into a shell: it runs under the launcher,
+    // continues at the stop step and runs to the end.
+    let hint = stdout
+        .lines()
+        .find_map(|l| l.split_once("to resume: ").map(|(_, c)| c.to_owned()))
+        .unwrap_or_else(|| panic!("no resume command\n{dump}"));
+    assert!(hint.contains(" launch --np 2 -- train --config "), "{hint}");
+    let mut resume = Command::new("sh");
+    // Five more steps are enough to see it continue (a later --set wins).
+    let end = stop_step + 5;
+    resume
+        .current_dir(root())
+        .args(["-c", &format!("{hint} --set trainer.max_steps={end}")]);
     let f = run(&mut resume, RUN_LIMIT);
     assert!(f.status.success(), "resume failed\n{}", f.dump());
     assert!(
@@ -264,7 +276,7 @@ fn sigterm_to_launch_checkpoints_and_resumes() {
         f.dump()
     );
     let logged = metrics(&out);
-    assert_eq!(logged.keys().last().copied(), Some(steps), "{}", f.dump());
+    assert_eq!(logged.keys().last().copied(), Some(end), "{}", f.dump());
     assert!(
         printed_losses(&f.stdout).keys().next().copied() == Some(stop_step + 1),
         "the resumed run should start at step {}\n{}",
@@ -272,6 +284,25 @@ fn sigterm_to_launch_checkpoints_and_resumes() {
         f.dump()
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `moe launch --np 2 -- moe check ...` reads like the command each rank runs: the leading
+/// `moe` is the program name, not a subcommand.
+#[test]
+fn launch_accepts_a_leading_moe() {
+    const TEST: &str = "mpirun_train::launch_accepts_a_leading_moe";
+    if !have_mpirun() {
+        return skip(TEST, "mpirun not installed (apt-get install openmpi-bin)");
+    }
+    let _jobs = mpi_lock();
+    let f = run(
+        launch(2)
+            .args(["moe", "check", "--config"])
+            .arg(root().join("configs/ep2.yaml")),
+        RUN_LIMIT,
+    );
+    assert!(f.status.success(), "{}", f.dump());
+    assert!(f.stdout.contains("[rank 1]   ep_size: 2"), "{}", f.dump());
 }
 
 /// `parallel.backend: nccl` on this CPU-only machine: a clear configuration error (exit 2),

@@ -22,9 +22,11 @@ pub struct ExperimentConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
-    /// Run name, used in logs and as the TensorBoard run.
+    /// Run name: printed at start-up, and the run directory `runs/<name>` (the run TensorBoard
+    /// shows under `--logdir runs`) unless `run.out_dir` is set.
     pub name: String,
-    /// Directory for `metrics.jsonl`, TensorBoard events, checkpoints and `config.yaml`.
+    /// Directory for `metrics.jsonl`, TensorBoard events, checkpoints and `config.yaml`; when
+    /// not set, `runs/<run.name>`. Relative to the working directory.
     pub out_dir: PathBuf,
     /// Seed of everything random: init, data order, jitter. Same seed, same run.
     pub seed: u64,
@@ -58,7 +60,9 @@ pub enum DataSource {
 pub struct DataConfig {
     /// `synthetic`, `text` or `tokens`.
     pub source: DataSource,
-    /// File (`text`) or directory (`tokens`); relative paths are relative to the working dir.
+    /// File (`text`) or directory (`tokens`). A relative path in a config file is relative to
+    /// that file's directory (one given with `--set`, to the working directory); the saved
+    /// config stores it absolute.
     pub path: Option<PathBuf>,
     /// Tokens per training sequence T (windows of T+1 tokens are drawn).
     pub seq_len: i64,
@@ -94,7 +98,7 @@ pub enum Precision {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainerConfig {
-    /// Optimizer steps to run.
+    /// Optimizer steps to run; at least 1.
     pub max_steps: u64,
     /// Sequences per rank per micro-batch; the global batch is `batch_size * world * grad_accum`.
     pub batch_size: i64,
@@ -102,9 +106,11 @@ pub struct TrainerConfig {
     pub grad_accum: i64,
     /// Peak learning rate, reached after `warmup_steps`.
     pub lr: f64,
-    /// Floor of the cosine decay, reached at `max_steps`.
+    /// Floor of the cosine decay, reached at `max_steps`; `moe train` lowers one above `lr`
+    /// to `lr`, with a warning.
     pub min_lr: f64,
-    /// Linear warmup steps from 0 to `lr`.
+    /// Linear warmup steps from 0 to `lr`; `moe train` cuts more than `max_steps` to
+    /// `max_steps`, with a warning.
     pub warmup_steps: u64,
     /// AdamW decoupled weight decay; never applied to norms, biases and embeddings.
     pub weight_decay: f64,
@@ -116,7 +122,7 @@ pub struct TrainerConfig {
     pub eps: f64,
     /// Clip the global gradient norm to this; 0 disables clipping.
     pub grad_clip: f64,
-    /// Log (terminal, metrics.jsonl, TensorBoard) every this many steps.
+    /// Log (terminal, metrics.jsonl, TensorBoard) every this many steps; at least 1.
     pub log_every: u64,
     /// Evaluate on the validation split every this many steps; 0 disables eval.
     pub eval_every: u64,

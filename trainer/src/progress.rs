@@ -101,6 +101,14 @@ pub fn format_duration(secs: f64) -> String {
     }
 }
 
+/// Prints `line` to stdout, ignoring output errors: `moe train | head -1` closes the pipe, and
+/// training must go on (metrics, checkpoints) when nobody reads its stdout.
+pub fn print_line(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
 /// Prints progress lines to stdout. Output errors (a closed pipe) are ignored: progress
 /// must never stop training.
 #[derive(Debug)]
@@ -114,9 +122,13 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A live line when stdout is a terminal, plain lines otherwise.
-    pub fn new(max_steps: u64) -> Self {
-        Self::with_mode(max_steps, std::io::stdout().is_terminal())
+    /// Live (`Some(true)`) or plain (`Some(false)`) lines; `None`: a live line when stdout
+    /// is a terminal, plain lines otherwise.
+    pub fn new(max_steps: u64, live: Option<bool>) -> Self {
+        Self::with_mode(
+            max_steps,
+            live.unwrap_or_else(|| std::io::stdout().is_terminal()),
+        )
     }
 
     /// Forces live (`true`) or plain (`false`) output.

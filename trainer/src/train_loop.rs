@@ -37,6 +37,9 @@ pub struct RunOptions {
     pub debug: bool,
     /// Checkpoint directory to resume from (already resolved from `auto`).
     pub resume: Option<PathBuf>,
+    /// Checkpoint directory whose weights (and buffers) start a fresh run: step 0, a new
+    /// optimizer (fine-tuning). Exclusive with `resume`.
+    pub init_from: Option<PathBuf>,
     /// Set by SIGINT/SIGTERM: finish the step, checkpoint, exit cleanly.
     pub stop: Arc<AtomicBool>,
     /// Capacity is computed per group of N/G tokens. 1 in real runs; the single-process
@@ -44,6 +47,9 @@ pub struct RunOptions {
     pub capacity_groups: i64,
     /// Print nothing (tests).
     pub quiet: bool,
+    /// Progress lines redrawn in place (`Some(true)`) or one per log step (`Some(false)`);
+    /// `None` decides by whether stdout is a terminal.
+    pub live_progress: Option<bool>,
     /// The resolved config as YAML (the launcher's rendering), written to
     /// `<out_dir>/config.yaml` by world rank 0 only once the data has loaded, so that a run
     /// failing on its data or checkpoint leaves nothing in `out_dir`.
@@ -55,9 +61,11 @@ impl Default for RunOptions {
         Self {
             debug: false,
             resume: None,
+            init_from: None,
             stop: Arc::new(AtomicBool::new(false)),
             capacity_groups: 1,
             quiet: false,
+            live_progress: None,
             config_yaml: None,
         }
     }
@@ -180,14 +188,18 @@ pub fn train(
     }
     check_comm_devices(&groups, device)?;
     let printing = groups.world_rank == 0 && !opts.quiet;
-    let dataset = data::load_dataset(&cfg.data, cfg.model.vocab_size)?;
+    // Every failure to load the data (missing, empty, too short, unreadable) is the data's.
+    let dataset = data::load_dataset(&cfg.data, cfg.model.vocab_size).map_err(|e| match e {
+        TrainError::File { path, msg } => TrainError::Data(format!("{}: {msg}", path.display())),
+        other => other,
+    })?;
     if printing {
-        println!(
+        crate::progress::print_line(&format!(
             "data: {}: {} train / {} val tokens",
             dataset.origin(),
             dataset.len(data::Split::Train),
             dataset.len(data::Split::Val)
-        );
+        ));
     }
     let model = TransformerLm::new(
         &cfg.model,
@@ -229,7 +241,20 @@ impl Rank<'_> {
         if let Some(path) = &self.opts.resume {
             start_step = self.restore(path, &mut optimizer)?;
             if self.printing {
-                println!("resumed from {} at step {start_step}", path.display());
+                crate::progress::print_line(&format!(
+                    "resumed from {} at step {start_step}",
+                    path.display()
+                ));
+            }
+        }
+
+        if let (Some(path), None) = (&self.opts.init_from, &self.opts.resume) {
+            self.load_weights(path)?;
+            if self.printing {
+                crate::progress::print_line(&format!(
+                    "initialised the weights from {} (step 0, a new optimizer)",
+                    path.display()
+                ));
             }
         }
 
@@ -248,6 +273,7 @@ impl Rank<'_> {
             }
             if start_step > 0 {
                 truncate_metrics(&out_dir.join(crate::metrics::METRICS_FILE), start_step)?;
+                crate::tensorboard_truncate::truncate_events(&out_dir, start_step)?;
             }
             metrics = Some(MetricsWriter::open(&out_dir, start_step > 0)?);
             tb = Some(TbWriter::new(&out_dir)?);
@@ -281,7 +307,7 @@ impl Rank<'_> {
             self.placement.device,
         )?;
         let faults = crate::fault::from_env()?;
-        let mut progress = Progress::new(t.max_steps);
+        let mut progress = Progress::new(t.max_steps, self.opts.live_progress);
         let mut bad_in_a_row = 0u64;
         let run_start = Instant::now();
         let mut window_start = Instant::now();
@@ -666,13 +692,13 @@ impl Rank<'_> {
             let counts = host_read::<i64>(&Tensor::f_stack(&[&st.num_kept, &st.num_dropped], 0)?)?;
             let (kept, dropped) = (counts[0], counts[1]);
             let assigned = (kept + dropped).max(1) as f64;
-            println!(
+            crate::progress::print_line(&format!(
                 "  layer {layer:2}: load min {min:.0} mean {mean:.1} max {max:.0} (imbalance {:.2}), dropped {:.2}% (rank 0), aux {:.5}, z {:.5}",
                 if mean > 0.0 { max / mean } else { 0.0 },
                 100.0 * dropped as f64 / assigned,
                 host_read::<f64>(&st.aux_loss)?[0],
                 host_read::<f64>(&st.z_loss)?[0],
-            );
+            ));
         }
         Ok(())
     }
@@ -705,6 +731,14 @@ impl Rank<'_> {
         loaded.copy_into(&self.params, &self.model.buffers())?;
         optimizer.load_state(&loaded.optim, loaded.optim_step)?;
         Ok(loaded.step)
+    }
+
+    /// Weights and buffers only (`--init-from`): the optimizer state is not read.
+    fn load_weights(&mut self, path: &std::path::Path) -> Result<()> {
+        let slots = ExpertSlot::from_params(&self.params, self.cfg.moe.num_experts);
+        let mut loaded = load_for_rank(path, &slots)?;
+        loaded.optim.clear();
+        loaded.copy_into(&self.params, &self.model.buffers())
     }
 }
 

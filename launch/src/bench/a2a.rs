@@ -163,10 +163,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Option<Report>> {
 
 fn run_mpi(args: &BenchArgs, sizes: &[u64]) -> anyhow::Result<Option<Report>> {
     if !is_under_mpirun() {
-        bail!(
+        return Err(crate::exit_code::BadInput(
             "`moe bench a2a --backend mpi` must run under mpirun, e.g. \
              mpirun --allow-run-as-root --oversubscribe -np 2 target/release/moe bench a2a --backend mpi"
-        );
+                .into(),
+        )
+        .into());
     }
     let runtime = MpiRuntime::init().map_err(|e| anyhow!("{e}"))?;
     let mut comm = runtime.world();

@@ -1,0 +1,36 @@
+//! Whether the data a config names is there, checked before a run starts (and by
+//! `moe check`), so a typo in `data.path` is reported as bad input with the key and path
+//! instead of failing once training has begun.
+
+use moe_trainer::config::{DataSource, ExperimentConfig};
+
+/// One message per missing data file or directory; empty when the data can be read.
+pub fn missing_data(cfg: &ExperimentConfig) -> Vec<String> {
+    let Some(path) = &cfg.data.path else {
+        // Without a path: the synthetic corpus, or the "data.path is required" rule.
+        return Vec::new();
+    };
+    match cfg.data.source {
+        DataSource::Synthetic => Vec::new(),
+        DataSource::Text if !path.is_file() => vec![format!(
+            "data.path {} {} (data.source text reads one UTF-8 file)",
+            path.display(),
+            if path.is_dir() {
+                "is a directory"
+            } else {
+                "does not exist"
+            }
+        )],
+        DataSource::Text => Vec::new(),
+        DataSource::Tokens if !path.is_dir() => vec![format!(
+            "data.path {} is not a directory (data.source tokens reads train.bin and val.bin \
+             from one)",
+            path.display()
+        )],
+        DataSource::Tokens => ["train.bin", "val.bin"]
+            .iter()
+            .filter(|f| !path.join(f).is_file())
+            .map(|f| format!("data.path {}: {f} does not exist", path.display()))
+            .collect(),
+    }
+}
