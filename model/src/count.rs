@@ -128,7 +128,8 @@ fn attention_per_layer(model: &ModelConfig, q: u64, kv: u64, layer: i64) -> u64 
     let a = &model.attention;
     match a.kind {
         // wq [d, H*hd], wk and wv [d, KV*hd], wo [H*hd, d]; with `qkv_bias` the biases bq
-        // [H*hd], bk and bv [KV*hd]; with `qk_norm` one RMSNorm scale of hd for q and for k.
+        // [H*hd], bk and bv [KV*hd]; with `qk_norm` one RMSNorm scale of hd for q and for k
+        // (norms inside an attention count as attention, as for MLA and gated attention).
         AttentionKind::Mha => {
             let hd = u(model.head_dim());
             2 * d * q
@@ -211,8 +212,7 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
                 .sum(),
             Sharding::Replicated,
         ),
-        // Two RMSNorm scales per block plus the final one (per-head q/k norms are counted
-        // with the attention that owns them).
+        // Two RMSNorm scales per block plus the final one.
         both("norms", (2 * l + 1) * d, Sharding::Replicated),
         both("router", moe_layers * d * e, Sharding::Replicated),
         Component {
