@@ -100,7 +100,6 @@ fn run_virtual_ranks(
         capacity_groups: p,
         quiet: false,
         config_yaml,
-        ..RunOptions::default()
     };
     let summary =
         train(&single, ProcessGroups::single(device), device, &run).map_err(|e| anyhow!("{e}"))?;
