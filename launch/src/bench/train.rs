@@ -386,10 +386,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     // One process holds every expert: a config written for several ranks (ep_size > 1) is
     // benchmarked at ep_size 1.
     let with = |extra: &[String]| -> Vec<String> {
-        std::iter::once("parallel.ep_size=1".to_string())
-            .chain(sets.iter().cloned())
-            .chain(extra.iter().cloned())
-            .collect()
+        sets.iter().cloned().chain(extra.iter().cloned()).collect()
     };
 
     // Peak RSS first: getrusage reports the largest child so far.
