@@ -187,6 +187,21 @@ const NO_BIAS: Fixed = fixed(
     "the router has no expert-selection bias (aux-loss-free balancing)",
 );
 const NO_SCALE: Fixed = fixed("moe.route_scale", "1.0", "routing weights are not scaled");
+const MHA: Fixed = fixed(
+    "model.attention.kind",
+    "\"mha\"",
+    "its attention is multi-head attention with grouped key/value heads",
+);
+const NO_MTP: Fixed = fixed(
+    "model.mtp_depth",
+    "0",
+    "it has no multi-token prediction module",
+);
+const NO_GROUPS: Fixed = fixed(
+    "moe.num_groups",
+    "null",
+    "its router has no group-limited top-k",
+);
 
 static MIXTRAL: ArchSpec = ArchSpec {
     model_type: "mixtral",
@@ -272,6 +287,9 @@ static MIXTRAL: ArchSpec = ArchSpec {
         SOFTMAX,
         NO_BIAS,
         NO_SCALE,
+        MHA,
+        NO_MTP,
+        NO_GROUPS,
         fixed(
             "moe.first_dense_layers",
             "0",
@@ -393,6 +411,9 @@ static QWEN2_MOE: ArchSpec = ArchSpec {
         SOFTMAX,
         NO_BIAS,
         NO_SCALE,
+        MHA,
+        NO_MTP,
+        NO_GROUPS,
         NO_QK_NORM,
         fixed(
             "moe.shared_expert_gate",
@@ -444,6 +465,9 @@ static QWEN3_MOE: ArchSpec = ArchSpec {
         SOFTMAX,
         NO_BIAS,
         NO_SCALE,
+        MHA,
+        NO_MTP,
+        NO_GROUPS,
         NO_QKV_BIAS,
         fixed("model.qk_norm", "true", "it normalises every q/k head"),
         fixed(

@@ -435,6 +435,21 @@ mod tests {
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(errs[0].starts_with("moe.route_scale (2.5) cannot be exported to mixtral"));
         assert!(errs[1].contains("moe.pre_softmax (true)"), "{errs:?}");
+        // Model families no target computes: MLA attention, multi-token prediction, groups.
+        let mut cfg = ExperimentConfig::default();
+        cfg.model.attention.kind = moe_model::config::AttentionKind::Mla;
+        cfg.model.mtp_depth = 1;
+        cfg.moe.num_groups = Some(2);
+        for a in Arch::ALL {
+            let errs = refusals(a.spec(), &cfg);
+            for key in [
+                "model.attention.kind (mla)",
+                "model.mtp_depth (1)",
+                "moe.num_groups (2)",
+            ] {
+                assert!(errs.iter().any(|e| e.starts_with(key)), "{key}: {errs:?}");
+            }
+        }
     }
 
     #[test]
