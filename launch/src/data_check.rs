@@ -23,9 +23,14 @@ pub fn missing_data(cfg: &ExperimentConfig) -> Vec<String> {
         )],
         DataSource::Text => Vec::new(),
         DataSource::Tokens if !path.is_dir() => vec![format!(
-            "data.path {} is not a directory (data.source tokens reads train.bin and val.bin \
-             from one)",
-            path.display()
+            "data.path {} {} (data.source tokens reads train.bin and val.bin from a directory; \
+             `moe data prepare` writes one)",
+            path.display(),
+            if path.exists() {
+                "is not a directory"
+            } else {
+                "does not exist"
+            }
         )],
         DataSource::Tokens => ["train.bin", "val.bin"]
             .iter()
