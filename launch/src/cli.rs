@@ -284,6 +284,9 @@ pub struct BenchArgs {
     /// layer: skip the per-variant peak-memory child processes.
     #[arg(long)]
     pub no_memory: bool,
+    /// layer: `cpu`, `cuda` or `cuda:N` (on CUDA every timer waits for the device).
+    #[arg(long, default_value = "cpu", value_name = "DEVICE")]
+    pub device: String,
     /// a2a: `threads` (in-process ranks) or `mpi` (run under mpirun; also measures the raw
     /// MPI_Alltoallv ceiling and, on rank 0, the threads backend at the same rank count).
     #[arg(long, value_enum, default_value_t = BenchBackend::Threads)]

@@ -112,6 +112,8 @@ struct Setup {
     textbook: Option<Textbook>,
     sequential: Option<MoeLayer>,
     grouped: Option<MoeLayer>,
+    /// Where the inputs, weights and timed work live.
+    device: Device,
 }
 
 struct Dense {
@@ -130,9 +132,10 @@ struct Textbook {
 
 const STD: f64 = 0.02;
 
-fn leaf(shape: &[i64], std: f64, seed: i64) -> Result<Tensor> {
+fn leaf(shape: &[i64], std: f64, seed: i64, device: Device) -> Result<Tensor> {
     tch::manual_seed(seed);
     Ok(Tensor::f_randn(shape, (Kind::Float, Device::Cpu))?
+        .f_to_device(device)?
         .f_mul_scalar(std)?
         .f_set_requires_grad(true)?)
 }
@@ -145,7 +148,7 @@ fn swiglu(x: &Tensor, wg: &Tensor, wu: &Tensor, wd: &Tensor) -> Result<Tensor> {
 }
 
 impl Setup {
-    fn new(shape: Shape, only: Option<Variant>) -> Result<Self> {
+    fn new(shape: Shape, only: Option<Variant>, device: Device) -> Result<Self> {
         let Shape { e, k, d, h, n } = shape;
         let want = |v: Variant| only.is_none_or(|o| o == v);
         let model = ModelConfig {
@@ -166,15 +169,15 @@ impl Setup {
                 expert_impl: imp,
                 ..moe_cfg.clone()
             };
-            MoeLayer::new(&model, &cfg, "bench.moe", 0, 1, 7, Device::Cpu)
+            MoeLayer::new(&model, &cfg, "bench.moe", 0, 1, 7, device)
         };
         let dense = if want(Variant::Dense) {
             Some(Dense {
-                x_rd: leaf(&[n * k, d], 1.0, 11)?,
-                dy_rd: leaf(&[n * k, d], 1.0, 12)?.f_detach()?,
-                w_gate_dh: leaf(&[d, h], STD, 13)?,
-                w_up_dh: leaf(&[d, h], STD, 14)?,
-                w_down_hd: leaf(&[h, d], STD, 15)?,
+                x_rd: leaf(&[n * k, d], 1.0, 11, device)?,
+                dy_rd: leaf(&[n * k, d], 1.0, 12, device)?.f_detach()?,
+                w_gate_dh: leaf(&[d, h], STD, 13, device)?,
+                w_up_dh: leaf(&[d, h], STD, 14, device)?,
+                w_down_hd: leaf(&[h, d], STD, 15, device)?,
             })
         } else {
             None
@@ -183,14 +186,14 @@ impl Setup {
             let experts = (0..e)
                 .map(|i| {
                     Ok((
-                        init::normal(7, "bench.tb.w_gate", i, &[d, h], STD, Device::Cpu)?,
-                        init::normal(7, "bench.tb.w_up", i, &[d, h], STD, Device::Cpu)?,
-                        init::normal(7, "bench.tb.w_down", i, &[h, d], STD, Device::Cpu)?,
+                        init::normal(7, "bench.tb.w_gate", i, &[d, h], STD, device)?,
+                        init::normal(7, "bench.tb.w_up", i, &[d, h], STD, device)?,
+                        init::normal(7, "bench.tb.w_down", i, &[h, d], STD, device)?,
                     ))
                 })
                 .collect::<Result<Vec<_>>>()?;
             Some(Textbook {
-                w_router_de: init::normal(7, "bench.tb.w_router", 0, &[d, e], STD, Device::Cpu)?,
+                w_router_de: init::normal(7, "bench.tb.w_router", 0, &[d, e], STD, device)?,
                 experts,
             })
         } else {
@@ -198,8 +201,8 @@ impl Setup {
         };
         Ok(Self {
             shape,
-            x_nd: leaf(&[n, d], 1.0, 1)?,
-            dy_nd: leaf(&[n, d], 1.0, 2)?.f_detach()?,
+            x_nd: leaf(&[n, d], 1.0, 1, device)?,
+            dy_nd: leaf(&[n, d], 1.0, 2, device)?.f_detach()?,
             dense,
             textbook,
             sequential: if want(Variant::Sequential) {
@@ -213,7 +216,22 @@ impl Setup {
                 None
             },
             moe_cfg,
+            device,
         })
+    }
+
+    /// Waits for the device's queued work (a no-op on the CPU), so a timer measures the
+    /// work of its phase rather than how fast it was enqueued.
+    fn sync(&self) {
+        if let Device::Cuda(i) = self.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    }
+
+    /// Seconds since `t`, after the device finished the work enqueued since then.
+    fn lap(&self, t: Instant) -> f64 {
+        self.sync();
+        t.elapsed().as_secs_f64()
     }
 
     /// Every leaf whose gradient an iteration produces.
@@ -250,6 +268,7 @@ impl Setup {
     /// One forward + backward of `v`; returns seconds.
     fn iteration(&self, v: Variant) -> Result<f64> {
         self.clear_grads();
+        self.sync();
         let start = Instant::now();
         match v {
             Variant::Dense => {
@@ -281,7 +300,7 @@ impl Setup {
                     .f_backward()?;
             }
         }
-        Ok(start.elapsed().as_secs_f64())
+        Ok(self.lap(start))
     }
 
     /// HF Mixtral's sparse MoE block: a mask, gather, SwiGLU and scatter-add per expert.
@@ -292,7 +311,7 @@ impl Setup {
         let probs_ne = x.f_matmul(&tb.w_router_de)?.f_softmax(1, Kind::Float)?;
         let (top_nk, idx_nk) = probs_ne.f_topk(k, 1, true, true)?;
         let w_nk = top_nk.f_div(&top_nk.f_sum_dim_intlist(1, true, Kind::Float)?)?;
-        let mut y_nd = Tensor::f_zeros([n, d], (Kind::Float, Device::Cpu))?;
+        let mut y_nd = Tensor::f_zeros([n, d], (Kind::Float, self.device))?;
         for (e, (wg, wu, wd)) in tb.experts.iter().enumerate() {
             let mask_nk = idx_nk.f_eq(e as i64)?;
             let tok = mask_nk.f_any_dim(1, false)?.f_nonzero()?.f_squeeze_dim(1)?;
@@ -330,6 +349,7 @@ impl Setup {
             |y: &Tensor, g: &Tensor| -> Result<Tensor> { Ok(y.f_mul(g)?.f_sum(Kind::Float)?) };
         let mut f = [0.0; 4];
         let mut b = [0.0; 4];
+        self.sync();
 
         let t = Instant::now();
         let logits_ne = self.x_nd.f_matmul(&layer.w_router_de)?;
@@ -345,7 +365,7 @@ impl Setup {
         let counts_e = dispatcher.all_reduce_stats(&routing.aux_stats.counts_e)?;
         let aux = router::aux_loss(cfg, &routing.aux_stats, &counts_e, self.shape.n)?;
         let probs_leaf = detached_leaf(&routing.probs_ne)?;
-        f[0] = t.elapsed().as_secs_f64();
+        f[0] = self.lap(t);
 
         let t = Instant::now();
         let (x_md, rows, meta) = dispatcher.dispatch_map(
@@ -355,32 +375,32 @@ impl Setup {
             cfg.num_experts,
         )?;
         let x_md_leaf = detached_leaf(&x_md)?;
-        f[1] = t.elapsed().as_secs_f64();
+        f[1] = self.lap(t);
 
         let t = Instant::now();
         let y_md = layer.experts.forward(&x_md_leaf, &rows)?;
         let y_md_leaf = detached_leaf(&y_md)?;
-        f[2] = t.elapsed().as_secs_f64();
+        f[2] = self.lap(t);
 
         let t = Instant::now();
         let y_nd = dispatcher.combine(&y_md_leaf, meta)?;
-        f[3] = t.elapsed().as_secs_f64();
+        f[3] = self.lap(t);
 
         let t = Instant::now();
         grad_dot(&y_nd, &self.dy_nd)?.f_backward()?;
-        b[3] = t.elapsed().as_secs_f64();
+        b[3] = self.lap(t);
         let t = Instant::now();
         grad_dot(&y_md, &y_md_leaf.grad())?.f_backward()?;
-        b[2] = t.elapsed().as_secs_f64();
+        b[2] = self.lap(t);
         let t = Instant::now();
         grad_dot(&x_md, &x_md_leaf.grad())?.f_backward()?;
-        b[1] = t.elapsed().as_secs_f64();
+        b[1] = self.lap(t);
         let t = Instant::now();
         grad_dot(&routing.probs_ne, &probs_leaf.grad())?
             .f_add(&aux)?
             .f_add(&routing.z_loss)?
             .f_backward()?;
-        b[0] = t.elapsed().as_secs_f64();
+        b[0] = self.lap(t);
         Ok([f[0] + b[0], f[1] + b[1], f[2] + b[2], f[3] + b[3]])
     }
 }
@@ -436,7 +456,8 @@ pub fn memory_child(args: &BenchArgs, variant: &str) -> anyhow::Result<()> {
         .first()
         .ok_or_else(|| anyhow!("no shape given"))?;
     set_threads(args.threads.first().copied().unwrap_or(1));
-    let setup = Setup::new(shape, Some(v))?;
+    // Peak RSS is a host figure: the memory children run on the CPU.
+    let setup = Setup::new(shape, Some(v), Device::Cpu)?;
     let setup_rss_mib = proc_status_mib("VmRSS").unwrap_or(f64::NAN);
     for _ in 0..args.iters.max(1) {
         setup.iteration(v)?;
@@ -488,8 +509,12 @@ fn f2(x: f64) -> String {
 /// Runs `moe bench layer`.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let shapes = shapes(args)?;
-    let mut report =
-        Report::new("moe bench layer: one MoE layer, forward + backward (CPU, float32)");
+    let device = crate::device::resolve_device(&args.device, 0)?;
+    let measure_memory = !args.no_memory && device == Device::Cpu;
+    let mut report = Report::new(&format!(
+        "moe bench layer: one MoE layer, forward + backward ({}, float32)",
+        crate::device::describe(device)
+    ));
     let mut main = Table::new(
         "Layer time (median ms per forward+backward; tokens/s of the fastest project path)",
         &[
@@ -522,7 +547,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     );
     let mut misses = Vec::new();
     for shape in &shapes {
-        let setup = Setup::new(*shape, None)?;
+        let setup = Setup::new(*shape, None, device)?;
         for &threads in &args.threads {
             set_threads(threads);
             let t = time_shape(&setup, args.warmup, args.iters)?;
@@ -577,7 +602,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             }
         }
         drop(setup);
-        if !args.no_memory {
+        // Peak RSS (host memory of a child process) describes the CPU runs only.
+        if measure_memory {
             let mut cells = vec![
                 shape.e.to_string(),
                 shape.k.to_string(),
@@ -604,8 +630,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     }
     report.tables.push(main);
     report.tables.push(split);
-    if !args.no_memory {
+    if measure_memory {
         report.tables.push(mem);
+    } else if !args.no_memory {
+        report.notes.push(format!(
+            "peak memory not measured on {}: it is the host RSS of CPU child processes",
+            crate::device::describe(device)
+        ));
     }
     report.notes.push(format!(
         "medians of {} interleaved iterations after {} warmup; dense bound = one SwiGLU FFN of width h over N*k rows \
