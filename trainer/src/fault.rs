@@ -63,6 +63,15 @@ pub fn from_env() -> Result<Vec<Fault>> {
     }
 }
 
+/// Whether a `kill` fault is due for (`rank`, `step`): the loop then lets the checkpoints of
+/// earlier steps land first, so what survives the SIGKILL does not depend on how busy the
+/// machine is (a kill in the middle of a write is covered by the checkpoint fault tests).
+pub fn kills_at(faults: &[Fault], rank: usize, step: u64) -> bool {
+    faults
+        .iter()
+        .any(|f| f.rank == rank && f.step == step && f.kind == FaultKind::Kill)
+}
+
 /// Triggers the faults for (`rank`, `step`). Returns whether the step's loss must be NaN.
 pub fn trigger(faults: &[Fault], rank: usize, step: u64) -> Result<bool> {
     let mut nan = false;

@@ -321,6 +321,9 @@ impl Rank<'_> {
                 )));
             }
             let lr = lr_at(step, t);
+            if crate::fault::kills_at(&faults, self.groups.world_rank, step + 1) {
+                checkpointer.wait()?;
+            }
             let inject_nan = crate::fault::trigger(&faults, self.groups.world_rank, step + 1)?;
             let (local, layer_stats) = self.forward_backward(&micro, step, inject_nan)?;
             let stop = self.opts.stop.load(Ordering::SeqCst);
