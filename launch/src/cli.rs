@@ -235,6 +235,8 @@ pub enum BenchKind {
     A2a,
     /// Whole training steps.
     Train,
+    /// Greedy generation with and without the KV cache.
+    Generate,
 }
 
 /// `moe bench`.
@@ -278,7 +280,8 @@ pub struct BenchArgs {
     /// layer: tokens N per call (comma list; every shape runs at every N).
     #[arg(long, value_delimiter = ',', default_values_t = [4096i64])]
     pub tokens: Vec<i64>,
-    /// layer, train: torch intra-op threads (comma list; every shape runs at each).
+    /// layer, train: torch intra-op threads (comma list; every shape runs at each);
+    /// generate: the first value.
     #[arg(long, value_delimiter = ',', default_values_t = [1i32, 2])]
     pub threads: Vec<i32>,
     /// layer: skip the per-variant peak-memory child processes.

@@ -1,10 +1,11 @@
 //! `moe generate`: byte-level sampling from a checkpoint, streamed to stdout.
 //!
-//! The prompt's UTF-8 bytes are the first tokens. Each new token recomputes the full forward
-//! over the last `model.max_seq_len` tokens (no KV cache: at this project's model sizes a
-//! window of a few hundred tokens is cheap) and samples from the last position's logits
-//! (`moe_trainer::inference::Sampler`: temperature 0 is greedy; top-k; seeded, so a seed
-//! gives the same text every time).
+//! The prompt's UTF-8 bytes are the first tokens. Each new token runs alone through the model
+//! against a KV cache of the context (`moe_trainer::decode::Decoder`: at most
+//! `model.max_seq_len` tokens; when full, the context restarts from its last half), and is
+//! sampled from its logits (`moe_trainer::inference::Sampler`: temperature 0 is greedy;
+//! top-k; seeded, so a seed gives the same text every time). Attention kinds without a cache
+//! (`mla`, `gated_deltanet`) recompute the context for every token, with a note on stderr.
 //!
 //! Routing: eval mode (no jitter) and **dropless**. Capacity (`moe.capacity_factor`) is a
 //! training-time bound on a rank's batch; over a single sequence window it would make a
@@ -23,8 +24,10 @@ use crate::device::resolve_device;
 use crate::eval_cmd::{bad_checkpoint, set_threads, setup};
 use crate::exit_code::BadInput;
 use anyhow::anyhow;
+use moe_model::config::AttentionKind;
 use moe_model::dispatcher::Dispatcher;
-use moe_trainer::inference::{compute_kind, last_logits, load_single, EvalModel, Sampler};
+use moe_trainer::decode::Decoder;
+use moe_trainer::inference::{compute_kind, load_single, EvalModel, Sampler};
 use std::io::Write;
 use std::time::Instant;
 
@@ -64,7 +67,17 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
         compute_kind: compute_kind(&cfg.trainer.precision),
         capacity_groups: 1,
     };
-    let window = cfg.model.max_seq_len.max(1) as usize;
+    let mut decoder = Decoder::new(&m, true);
+    if !decoder.uses_cache() {
+        let kind = match cfg.model.attention.kind {
+            AttentionKind::Mha => "mha",
+            AttentionKind::Mla => "mla",
+            AttentionKind::GatedDeltanet => "gated_deltanet",
+        };
+        eprintln!(
+            "note: model.attention.kind {kind} has no KV cache here; every token recomputes its context"
+        );
+    }
     let mut tokens: Vec<i64> = a.prompt.bytes().map(i64::from).collect();
     let mut out = std::io::stdout().lock();
     out.write_all(a.prompt.as_bytes())?;
@@ -72,8 +85,7 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
     let mut utf8 = Utf8Stream::default();
     let start = Instant::now();
     for _ in 0..a.tokens {
-        let from = tokens.len().saturating_sub(window);
-        let logits_v = last_logits(&m, &tokens[from..]).map_err(|e| anyhow!("{e}"))?;
+        let logits_v = decoder.next_logits(&tokens).map_err(|e| anyhow!("{e}"))?;
         let next = sampler.sample(&logits_v).map_err(|e| anyhow!("{e}"))?;
         let byte = u8::try_from(next)
             .map_err(|_| anyhow!("the model sampled token {next}, not a byte"))?;

@@ -167,3 +167,36 @@ fn train_bench_runs_two_tiny_steps() {
         assert!(out.contains(col), "no {col:?} in:\n{out}");
     }
 }
+
+#[test]
+fn generate_bench_runs_tiny() {
+    let out = ok(&[
+        "bench",
+        "generate",
+        "--set",
+        "model.d_model=16",
+        "--set",
+        "model.num_layers=1",
+        "--set",
+        "model.max_seq_len=32",
+        "--set",
+        "data.seq_len=32",
+        "--set",
+        "moe.expert_hidden=8",
+        "--threads",
+        "1",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+    ]);
+    for col in [
+        "KV cache",
+        "recompute",
+        "tokens/s at 200",
+        "time(400)/time(100)",
+        "both modes gave the same tokens",
+    ] {
+        assert!(out.contains(col), "no {col:?} in:\n{out}");
+    }
+}

@@ -5,6 +5,7 @@
 //! RMSNorm of q and k before RoPE (`model.qk_norm`, Qwen3's `q_norm`/`k_norm`).
 
 use crate::config::ModelConfig;
+use crate::kv_cache::LayerKv;
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
 use crate::{init, ModelError, Param, ParamKind, Result};
@@ -81,15 +82,52 @@ impl Attention {
     /// # Shapes
     /// `x_btd [b, t, d]` -> `[b, t, d]`
     pub fn forward(&self, x_btd: &Tensor, rope: &Rope, compute_kind: Kind) -> Result<Tensor> {
-        let size = x_btd.size();
-        let (b, t) = match size.as_slice() {
-            [b, t, _] => (*b, *t),
-            _ => {
-                return Err(ModelError::Invalid(format!(
-                    "attention input must be [b, t, d], got {size:?}"
-                )))
-            }
-        };
+        let (b, t) = Self::bt(x_btd)?;
+        let (q_bhtd, k_bktd, v_bktd) = self.qkv(x_btd, rope, 0, compute_kind)?;
+        self.attend(&q_bhtd, &k_bktd, &v_bktd, b, t, 0, compute_kind)
+    }
+
+    /// [`Attention::forward`] for `t` new positions after the `p` positions held in `kv`:
+    /// the new keys and values (RoPE at positions `p..p + t`) are appended to `kv`, and each
+    /// new query attends to every cached position and to the new ones up to its own. Equal
+    /// to the matching rows of `forward` over all `p + t` positions, up to float rounding of
+    /// the attention's reduction order.
+    ///
+    /// # Shapes
+    /// `x_btd [b, t, d]` -> `[b, t, d]`; `kv` holds `[b, num_kv_heads, p, head_dim]`
+    pub fn forward_cached(
+        &self,
+        x_btd: &Tensor,
+        rope: &Rope,
+        compute_kind: Kind,
+        kv: &mut LayerKv,
+    ) -> Result<Tensor> {
+        let (b, t) = Self::bt(x_btd)?;
+        let p = kv.len();
+        let (q_bhtd, k_bktd, v_bktd) = self.qkv(x_btd, rope, p, compute_kind)?;
+        let (k_bksd, v_bksd) = kv.append(k_bktd, v_bktd)?;
+        self.attend(&q_bhtd, &k_bksd, &v_bksd, b, t, p, compute_kind)
+    }
+
+    fn bt(x_btd: &Tensor) -> Result<(i64, i64)> {
+        match x_btd.size().as_slice() {
+            [b, t, _] => Ok((*b, *t)),
+            size => Err(ModelError::Invalid(format!(
+                "attention input must be [b, t, d], got {size:?}"
+            ))),
+        }
+    }
+
+    /// Queries `[b, h, t, hd]`, keys and values `[b, kv, t, hd]` of `x`, RoPE from position
+    /// `start`.
+    fn qkv(
+        &self,
+        x_btd: &Tensor,
+        rope: &Rope,
+        start: i64,
+        compute_kind: Kind,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t) = Self::bt(x_btd)?;
         let x = x_btd.f_to_kind(compute_kind)?;
         // Projection `i` (q, k, v) as [b, n, t, hd], with its bias and, for q and k, its norm.
         let heads = |i: usize, w: &Tensor, n: i64| -> Result<Tensor> {
@@ -103,16 +141,49 @@ impl Attention {
             }
             Ok(y.f_transpose(1, 2)?)
         };
-        let q_bhtd = rope.apply(&heads(0, &self.wq_dq, self.num_heads)?)?;
-        let k_bktd = rope.apply(&heads(1, &self.wk_dk, self.num_kv_heads)?)?;
+        let q_bhtd = rope.apply_from(&heads(0, &self.wq_dq, self.num_heads)?, start)?;
+        let k_bktd = rope.apply_from(&heads(1, &self.wk_dk, self.num_kv_heads)?, start)?;
         let v_bktd = heads(2, &self.wv_dk, self.num_kv_heads)?;
+        Ok((q_bhtd, k_bktd, v_bktd))
+    }
+
+    /// Attention of `t` queries over `p + t` keys/values, query `i` seeing keys `0..=p + i`,
+    /// then the output projection.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q_bhtd: &Tensor,
+        k_bksd: &Tensor,
+        v_bksd: &Tensor,
+        b: i64,
+        t: i64,
+        p: i64,
+        compute_kind: Kind,
+    ) -> Result<Tensor> {
         // Query head j reads kv head j / group (the layout of `enable_gqa` and HF's
         // `repeat_kv`). Expanding instead of `enable_gqa` keeps every SDPA backend eligible
         // (memory-efficient attention rejects enable_gqa, e.g. float32 on CUDA).
-        let k_bhtd = self.repeat_kv(&k_bktd, b, t)?;
-        let v_bhtd = self.repeat_kv(&v_bktd, b, t)?;
-        let y_bhtd = Tensor::f_scaled_dot_product_attention::<Tensor>(
-            &q_bhtd, &k_bhtd, &v_bhtd, None, 0.0, true, None, false,
+        let k_bhsd = self.repeat_kv(k_bksd, b, p + t)?;
+        let v_bhsd = self.repeat_kv(v_bksd, b, p + t)?;
+        // SDPA's `is_causal` aligns the mask top-left (query i sees keys 0..=i), right only
+        // without a cache; one new query sees everything; otherwise an explicit mask.
+        let (mask, causal) = match (p, t) {
+            (0, _) => (None, true),
+            (_, 1) => (None, false),
+            _ => (
+                Some(Tensor::f_ones([t, p + t], (Kind::Bool, q_bhtd.device()))?.f_tril(p)?),
+                false,
+            ),
+        };
+        let y_bhtd = Tensor::f_scaled_dot_product_attention(
+            q_bhtd,
+            &k_bhsd,
+            &v_bhsd,
+            mask.as_ref(),
+            0.0,
+            causal,
+            None,
+            false,
         )?;
         let y_btq = y_bhtd
             .f_transpose(1, 2)?

@@ -16,6 +16,7 @@ pub mod error;
 pub mod experts;
 pub mod gated_attention;
 pub mod init;
+pub mod kv_cache;
 pub mod mixer;
 pub mod mla;
 pub mod mlp;

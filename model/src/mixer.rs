@@ -6,9 +6,10 @@ use crate::attention::Attention;
 use crate::config::{AttentionKind, ModelConfig};
 use crate::deltanet::GatedDeltaNet;
 use crate::gated_attention::GatedAttention;
+use crate::kv_cache::LayerKv;
 use crate::mla::Mla;
 use crate::rope::Rope;
-use crate::{Param, Result};
+use crate::{ModelError, Param, Result};
 use tch::{Device, Kind, Tensor};
 
 /// One block's attention.
@@ -61,6 +62,43 @@ impl TokenMixer {
             Self::Mla(a) => a.forward(x_btd, rope, compute_kind),
             Self::DeltaNet(a) => a.forward(x_btd, compute_kind),
             Self::Gated { attn, rotary } => attn.forward(x_btd, rope, *rotary, compute_kind),
+        }
+    }
+
+    /// [`TokenMixer::forward`] for new positions after those cached in `kv`. Only standard
+    /// attention caches (see [`TokenMixer::supports_kv_cache`]); the other kinds are an error.
+    ///
+    /// # Shapes
+    /// `x_btd [b, t, d]` -> `[b, t, d]`
+    pub fn forward_cached(
+        &self,
+        x_btd: &Tensor,
+        rope: &Rope,
+        compute_kind: Kind,
+        kv: &mut LayerKv,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Mha(a) => a.forward_cached(x_btd, rope, compute_kind, kv),
+            _ => Err(ModelError::Invalid(format!(
+                "{} attention has no KV cache: decode it with the uncached forward",
+                self.kind_name()
+            ))),
+        }
+    }
+
+    /// Whether [`TokenMixer::forward_cached`] works: standard attention only. MLA (whose
+    /// cache would hold the compressed latent) and gated DeltaNet (a recurrent state) take
+    /// the uncached path.
+    pub fn supports_kv_cache(&self) -> bool {
+        matches!(self, Self::Mha(_))
+    }
+
+    /// The `model.attention.kind` name of this mixer.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Self::Mha(_) => "mha",
+            Self::Mla(_) => "mla",
+            Self::DeltaNet(_) | Self::Gated { .. } => "gated_deltanet",
         }
     }
 

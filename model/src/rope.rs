@@ -56,6 +56,15 @@ impl Rope {
     /// # Shapes
     /// `x_bhtd [b, heads, t, head_dim]` -> same
     pub fn apply(&self, x_bhtd: &Tensor) -> Result<Tensor> {
+        self.apply_from(x_bhtd, 0)
+    }
+
+    /// [`Rope::apply`] with positions starting at `start` (the tokens after a KV cache of
+    /// `start` positions); `start + t <= max_seq_len`.
+    ///
+    /// # Shapes
+    /// `x_bhtd [b, heads, t, head_dim]` -> same
+    pub fn apply_from(&self, x_bhtd: &Tensor, start: i64) -> Result<Tensor> {
         let size = x_bhtd.size();
         let (t, d) = match size.as_slice() {
             [_, _, t, d] => (*t, *d),
@@ -65,15 +74,16 @@ impl Rope {
                 )))
             }
         };
-        if d != self.head_dim || t > self.max_seq_len {
+        if d != self.head_dim || start < 0 || start + t > self.max_seq_len {
             return Err(ModelError::Invalid(format!(
-                "RoPE input {size:?}: head_dim must be {} and t <= max_seq_len ({})",
+                "RoPE input {size:?} from position {start}: head_dim must be {} and \
+                 start + t <= max_seq_len ({})",
                 self.head_dim, self.max_seq_len
             )));
         }
         let kind = x_bhtd.kind();
-        let cos = self.cos_td.f_narrow(0, 0, t)?.f_to_kind(kind)?;
-        let sin = self.sin_td.f_narrow(0, 0, t)?.f_to_kind(kind)?;
+        let cos = self.cos_td.f_narrow(0, start, t)?.f_to_kind(kind)?;
+        let sin = self.sin_td.f_narrow(0, start, t)?.f_to_kind(kind)?;
         let halves = x_bhtd.f_chunk(2, -1)?;
         let rotated = Tensor::f_cat(&[halves[1].f_neg()?, halves[0].shallow_clone()], -1)?;
         Ok(x_bhtd.f_mul(&cos)?.f_add(&rotated.f_mul(&sin)?)?)
@@ -166,6 +176,18 @@ mod tests {
         for (g, w) in got.iter().zip(want) {
             assert!((f64::from(*g) - w).abs() < 1e-6, "{got:?} vs {want:?}");
         }
+    }
+
+    /// Rotating the last 3 of 10 positions from position 7 equals the same rows of a rotation
+    /// of all 10 from position 0, bit for bit (the same table rows and ops).
+    #[test]
+    fn offset_positions_match_the_full_rotation() {
+        let x = Tensor::randn([1, 2, 10, 8], (Kind::Float, Device::Cpu));
+        let full = rope().apply(&x).unwrap();
+        let tail = rope().apply_from(&x.narrow(2, 7, 3), 7).unwrap();
+        assert!(tail.equal(&full.narrow(2, 7, 3)));
+        assert!(!tail.equal(&rope().apply(&x.narrow(2, 7, 3)).unwrap()));
+        assert!(rope().apply_from(&x.narrow(2, 7, 3), 62).is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 use crate::config::{ModelConfig, MoeConfig};
 use crate::dispatcher::Dispatcher;
+use crate::kv_cache::{KvCache, LayerKv};
 use crate::mixer::TokenMixer;
 use crate::mlp::SwiGlu;
 use crate::moe_layer::{MoeForward, MoeLayer, MoeStats};
@@ -139,6 +140,20 @@ impl Block {
         i: i64,
         seed: u64,
     ) -> Result<(Tensor, Option<MoeStats>)> {
+        self.forward_kv(x_btd, rope, ctx, i, seed, None)
+    }
+
+    /// [`Block::forward`]; with `kv`, the attention continues after the positions cached
+    /// there (and appends these), and the MoE FFN routes only these `t` positions.
+    pub(crate) fn forward_kv(
+        &self,
+        x_btd: &Tensor,
+        rope: &Rope,
+        ctx: &LmForward,
+        i: i64,
+        seed: u64,
+        kv: Option<&mut LayerKv>,
+    ) -> Result<(Tensor, Option<MoeStats>)> {
         let size = x_btd.size();
         let [b, t, d] = size[..] else {
             return Err(ModelError::Invalid(format!(
@@ -148,7 +163,10 @@ impl Block {
         let ck = ctx.compute_kind;
         let res_kind = accum_kind(ck);
         let h_btd = self.attn_norm.forward(x_btd)?;
-        let a_btd = self.attn.forward(&h_btd, rope, ck)?;
+        let a_btd = match kv {
+            None => self.attn.forward(&h_btd, rope, ck)?,
+            Some(kv) => self.attn.forward_cached(&h_btd, rope, ck, kv)?,
+        };
         let x_btd = x_btd.f_add(&a_btd.f_to_kind(res_kind)?)?;
         let h_btd = self.ffn_norm.forward(&x_btd)?.f_to_kind(ck)?;
         let (f_btd, stats) = match &self.ffn {
@@ -330,6 +348,79 @@ impl TransformerLm {
         Ok(LmOutput {
             logits_btv,
             mtp_logits_btv,
+            aux_loss,
+            z_loss,
+            moe: moe_stats,
+        })
+    }
+
+    /// Whether [`TransformerLm::forward_cached`] works for this model: every block's
+    /// attention is standard (grouped-query) attention.
+    pub fn supports_kv_cache(&self) -> bool {
+        self.layers.iter().all(|b| b.attn.supports_kv_cache())
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_kv_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Next-token logits of `t` new positions following the `p` positions held in `cache`
+    /// (appended to it): each attention layer reads the cached keys and values, each MoE
+    /// layer routes only the new positions. Equal to the last `t` positions of
+    /// [`TransformerLm::forward`] over all `p + t` tokens, up to float rounding (dropless
+    /// routing, as a token's experts then depend on that token alone; with a capacity they
+    /// depend on the batch). No multi-token prediction logits; losses and statistics of the
+    /// new positions only. Errors when the model's attention kind has no cache
+    /// ([`TransformerLm::supports_kv_cache`]) or `p + t > max_seq_len`.
+    ///
+    /// # Shapes
+    /// `tokens_bt` int64 `[b, t]` -> `logits_btv [b, t, v]`
+    pub fn forward_cached(
+        &self,
+        tokens_bt: &Tensor,
+        ctx: &LmForward,
+        cache: &mut KvCache,
+    ) -> Result<LmOutput> {
+        let p = cache.len();
+        let t = match tokens_bt.size().as_slice() {
+            [_, t] if *t > 0 && p + *t <= self.cfg.max_seq_len => *t,
+            s => {
+                return Err(ModelError::Invalid(format!(
+                    "tokens must be [b, t] with 0 < t and {p} cached + t <= model.max_seq_len \
+                     ({}), got {s:?}",
+                    self.cfg.max_seq_len
+                )))
+            }
+        };
+        let ck = ctx.compute_kind;
+        let res_kind = accum_kind(ck);
+        let mut x_btd = Tensor::f_embedding(&self.embed_vd, tokens_bt, -1, false, false)?
+            .f_to_kind(res_kind)?;
+        let device = x_btd.device();
+        let mut aux_loss = Tensor::f_zeros([], (Kind::Float, device))?;
+        let mut z_loss = Tensor::f_zeros([], (Kind::Float, device))?;
+        let mut moe_stats = Vec::new();
+        for (i, block) in self.layers.iter().enumerate() {
+            let kv = cache.layer(i)?;
+            let (y_btd, stats) =
+                block.forward_kv(&x_btd, &self.rope, ctx, i as i64, self.seed, Some(kv))?;
+            x_btd = y_btd;
+            if let Some(stats) = stats {
+                aux_loss = aux_loss.f_add(&stats.aux_loss.f_to_kind(Kind::Float)?)?;
+                z_loss = z_loss.f_add(&stats.z_loss.f_to_kind(Kind::Float)?)?;
+                moe_stats.push((i as i64, stats));
+            }
+        }
+        cache.advance(t);
+        let h_btd = self.norm.forward(&x_btd)?.f_to_kind(ck)?;
+        let head_vd = self.lm_head_vd.as_ref().unwrap_or(&self.embed_vd);
+        let logits_btv = h_btd
+            .f_matmul(&head_vd.f_to_kind(ck)?.f_tr()?)?
+            .f_to_kind(res_kind)?;
+        Ok(LmOutput {
+            logits_btv,
+            mtp_logits_btv: None,
             aux_loss,
             z_loss,
             moe: moe_stats,

@@ -29,6 +29,7 @@ const HOT_PATHS: &[&str] = &[
     "trainer/src/grad_sync.rs",
     "trainer/src/optim.rs",
     "trainer/src/inference.rs",
+    "trainer/src/decode.rs",
     "trainer/src/data/prefetch.rs",
     "comm/src/lib.rs",
     "comm/src/local.rs",

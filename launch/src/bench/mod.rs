@@ -4,6 +4,7 @@
 //! together with the machine, the command line and the date (`--markdown BENCHMARKS.md`).
 
 mod a2a;
+mod generate;
 mod layer;
 mod report;
 mod train;
@@ -24,6 +25,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             None => return Ok(()),
         },
         BenchKind::Train => train::run(&args)?,
+        BenchKind::Generate => generate::run(&args)?,
     };
     report.emit(args.json, args.markdown.as_deref())
 }
