@@ -67,6 +67,10 @@ pub enum Command {
     Export(crate::export_cmd::ExportArgs),
     /// Import a Hugging Face folder (Mixtral, Qwen2-MoE, Qwen3-MoE) as a run directory.
     Import(crate::import_cmd::ImportArgs),
+    /// Keep K experts per MoE layer of a checkpoint (random or by routing frequency).
+    Slim(crate::slim_cmd::SlimArgs),
+    /// Upcycle a dense checkpoint into an MoE whose first forward equals the dense one.
+    Upcycle(crate::upcycle_cmd::UpcycleArgs),
     /// Train a byte-level BPE tokenizer (`moe tokenizer train`).
     Tokenizer(crate::tokenizer_cmd::TokenizerArgs),
     /// Prepare token files for `data.source: tokens` (`moe data prepare`).

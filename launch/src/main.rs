@@ -21,10 +21,12 @@ mod overrides;
 mod run_dir;
 mod schedule_fit;
 mod signals;
+mod slim_cmd;
 mod suggest;
 mod tokenizer_cmd;
 mod train_cmd;
 mod tree_de;
+mod upcycle_cmd;
 mod world;
 mod yaml_tree;
 
@@ -112,6 +114,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => bench::run(*a),
         Command::Export(a) => export_cmd::run_export(&a),
         Command::Import(a) => import_cmd::run_import(&a),
+        Command::Slim(a) => slim_cmd::run_slim(&a),
+        Command::Upcycle(a) => upcycle_cmd::run_upcycle(&a),
         Command::Tokenizer(a) => tokenizer_cmd::run_tokenizer(&a),
         Command::Data(a) => tokenizer_cmd::run_data(&a),
     }

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod optim;
 pub mod progress;
 pub mod schedule;
+pub mod surgery;
 pub mod tensorboard;
 pub mod tensorboard_truncate;
 pub mod tokenizer;

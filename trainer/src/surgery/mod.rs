@@ -1,0 +1,17 @@
+//! Checkpoint surgery: checkpoint-to-checkpoint operations beside training
+//! (`shared/DESIGN.md`, "Checkpoint tools"). Each reads a checkpoint of any EP size through
+//! [`crate::checkpoint::CheckpointReader`], transforms tensors with pure functions tested on
+//! tiny models against hand-computed results, and writes a run directory (`config.yaml` plus
+//! a fresh-optimizer checkpoint through [`crate::checkpoint::Checkpointer`]) that `moe train
+//! --resume auto`, `moe eval` and `moe generate` accept at any `parallel.ep_size`.
+//!
+//! Errors reuse the checkpoint tools' [`crate::hf::HfError`]: `Input` (exit 2) or `Failed`.
+
+pub mod report;
+pub mod run_out;
+pub mod slim;
+pub mod upcycle;
+
+pub use report::{ModelSize, SurgeryReport};
+pub use slim::{slim, ExpertCriterion, SlimOptions};
+pub use upcycle::{upcycle, UpcycleOptions};
