@@ -41,6 +41,7 @@ pub struct SlimArgs {
 
 /// Runs `moe slim`.
 pub fn run_slim(a: &SlimArgs) -> anyhow::Result<()> {
+    crate::upcycle_cmd::refuse_mpirun("slim")?;
     let ckpt = crate::ckpt_lookup::resolve("--checkpoint", &a.checkpoint)?;
     let render = |cfg: &ExperimentConfig| to_yaml(cfg).map_err(|e| e.to_string());
     let opts = SlimOptions {
