@@ -191,4 +191,20 @@ void moe_shim_cuda_event_destroy(void* event, int index) {
   }
 }
 
+// A page-locked copy of host tensor `t` (or `t` itself when it already is), stored in *out
+// (owned by the caller). `Tensor::pin_memory()` without a device: passing one, as tch's
+// binding must, is deprecated and warns on every call.
+int moe_shim_pin_memory(const at::Tensor* t, at::Tensor** out, char* err, size_t err_len) {
+  try {
+    at::Tensor pinned = t->is_pinned() ? *t : t->pin_memory();
+    *out = new at::Tensor(std::move(pinned));
+    return 0;
+  } catch (const c10::Error& e) {
+    write_err(err, err_len, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    write_err(err, err_len, e.what());
+  }
+  return 1;
+}
+
 }  // extern "C"

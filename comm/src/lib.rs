@@ -22,7 +22,7 @@ pub use error::{CommError, Result};
 pub use groups::ProcessGroups;
 pub use local::LocalComm;
 pub use placement::{
-    check_device, check_kind, host_read, host_reads, set_strict, strict, Placement,
+    check_device, check_kind, host_read, host_reads, pin_memory, set_strict, strict, Placement,
 };
 
 use std::sync::{Arc, Mutex};

@@ -54,11 +54,7 @@ impl Placement {
             return Ok(host.shallow_clone());
         }
         if self.device.is_cuda() && host.device() == Device::Cpu {
-            let pinned = if host.f_is_pinned(self.device)? {
-                host.shallow_clone()
-            } else {
-                host.f_pin_memory(self.device)?
-            };
+            let pinned = pin_memory(host)?;
             return Ok(pinned.f_to_device_(self.device, host.kind(), true, false)?);
         }
         Ok(host.f_to_device(self.device)?)
@@ -78,6 +74,38 @@ impl Placement {
 
 /// 0: not decided yet (read `MOE_STRICT` on first use), 1: off, 2: on.
 static STRICT: AtomicU8 = AtomicU8::new(0);
+
+extern "C" {
+    fn moe_shim_pin_memory(
+        t: *const torch_sys::C_tensor,
+        out: *mut *mut torch_sys::C_tensor,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
+    ) -> std::ffi::c_int;
+}
+
+/// A page-locked copy of host tensor `t` (`t` itself when it already is one), for a
+/// non-blocking copy to a GPU. Through the shim: tch's `pin_memory(device)` passes a device,
+/// which torch deprecates with a warning on every call.
+pub fn pin_memory(t: &Tensor) -> Result<Tensor> {
+    let mut out: *mut torch_sys::C_tensor = std::ptr::null_mut();
+    let mut err = [0u8; 1024];
+    // SAFETY: `t` is live for the call; on success the shim stores a new heap tensor in `out`,
+    // owned by us from here on; it writes at most `err.len()` bytes, NUL-terminated.
+    let rc =
+        unsafe { moe_shim_pin_memory(t.as_ptr(), &mut out, err.as_mut_ptr().cast(), err.len()) };
+    if rc != 0 || out.is_null() {
+        let msg = std::ffi::CStr::from_bytes_until_nul(&err)
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return Err(CommError::Device {
+            op: "pin_memory",
+            msg,
+        });
+    }
+    // SAFETY: a new heap at::Tensor from the shim, owned from here on.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
 
 /// Strict device and kind checking: on when `MOE_STRICT=1` (`make test` sets it) or after
 /// [`set_strict`]`(true)`.

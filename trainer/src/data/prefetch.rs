@@ -123,8 +123,8 @@ fn pin_all(batches: Vec<Batch>, device: tch::Device) -> Result<Vec<Batch>> {
         .into_iter()
         .map(|b| {
             Ok(Batch {
-                inputs_bt: b.inputs_bt.f_pin_memory(device)?,
-                targets_bt: b.targets_bt.f_pin_memory(device)?,
+                inputs_bt: moe_comm::pin_memory(&b.inputs_bt)?,
+                targets_bt: moe_comm::pin_memory(&b.targets_bt)?,
             })
         })
         .collect()
