@@ -232,6 +232,35 @@ pub struct TransformerLm {
     seed: u64,
 }
 
+/// The MoE layers' losses summed in f32, and their statistics by layer, over one forward.
+struct MoeSums {
+    aux_loss: Tensor,
+    z_loss: Tensor,
+    stats: Vec<(i64, MoeStats)>,
+}
+
+impl MoeSums {
+    fn new(device: Device) -> Result<Self> {
+        Ok(Self {
+            aux_loss: Tensor::f_zeros([], (Kind::Float, device))?,
+            z_loss: Tensor::f_zeros([], (Kind::Float, device))?,
+            stats: Vec::new(),
+        })
+    }
+
+    /// Adds block `layer`'s statistics (none for a dense block).
+    fn add(&mut self, layer: i64, stats: Option<MoeStats>) -> Result<()> {
+        if let Some(stats) = stats {
+            self.aux_loss = self
+                .aux_loss
+                .f_add(&stats.aux_loss.f_to_kind(Kind::Float)?)?;
+            self.z_loss = self.z_loss.f_add(&stats.z_loss.f_to_kind(Kind::Float)?)?;
+            self.stats.push((layer, stats));
+        }
+        Ok(())
+    }
+}
+
 impl TransformerLm {
     /// Builds the model for EP position `par`; every weight is drawn from (seed, name[, global
     /// expert id]) so ranks agree on dense weights and experts do not depend on `ep_size`.
@@ -304,27 +333,15 @@ impl TransformerLm {
             }
         };
         let ck = ctx.compute_kind;
-        let res_kind = accum_kind(ck);
-        let mut x_btd = Tensor::f_embedding(&self.embed_vd, tokens_bt, -1, false, false)?
-            .f_to_kind(res_kind)?;
-        let device = x_btd.device();
-        let mut aux_loss = Tensor::f_zeros([], (Kind::Float, device))?;
-        let mut z_loss = Tensor::f_zeros([], (Kind::Float, device))?;
-        let mut moe_stats = Vec::new();
+        let mut x_btd = self.embed(tokens_bt, ck)?;
+        let mut moe = MoeSums::new(x_btd.device())?;
         for (i, block) in self.layers.iter().enumerate() {
             let (y_btd, stats) = block.forward(&x_btd, &self.rope, ctx, i as i64, self.seed)?;
             x_btd = y_btd;
-            if let Some(stats) = stats {
-                aux_loss = aux_loss.f_add(&stats.aux_loss.f_to_kind(Kind::Float)?)?;
-                z_loss = z_loss.f_add(&stats.z_loss.f_to_kind(Kind::Float)?)?;
-                moe_stats.push((i as i64, stats));
-            }
+            moe.add(i as i64, stats)?;
         }
-        let h_btd = self.norm.forward(&x_btd)?.f_to_kind(ck)?;
         let head_vd = self.lm_head_vd.as_ref().unwrap_or(&self.embed_vd);
-        let logits_btv = h_btd
-            .f_matmul(&head_vd.f_to_kind(ck)?.f_tr()?)?
-            .f_to_kind(res_kind)?;
+        let logits_btv = self.head(&x_btd, head_vd, ck)?;
         let mtp_logits_btv = match &self.mtp {
             Some(mtp) if t > 1 => {
                 let (logits, stats) = mtp.forward(
@@ -336,11 +353,7 @@ impl TransformerLm {
                     ctx,
                     self.seed,
                 )?;
-                if let Some(stats) = stats {
-                    aux_loss = aux_loss.f_add(&stats.aux_loss.f_to_kind(Kind::Float)?)?;
-                    z_loss = z_loss.f_add(&stats.z_loss.f_to_kind(Kind::Float)?)?;
-                    moe_stats.push((self.cfg.num_layers, stats));
-                }
+                moe.add(self.cfg.num_layers, stats)?;
                 Some(logits)
             }
             _ => None,
@@ -348,10 +361,28 @@ impl TransformerLm {
         Ok(LmOutput {
             logits_btv,
             mtp_logits_btv,
-            aux_loss,
-            z_loss,
-            moe: moe_stats,
+            aux_loss: moe.aux_loss,
+            z_loss: moe.z_loss,
+            moe: moe.stats,
         })
+    }
+
+    /// Token embeddings in the residual stream's kind (f32 unless the compute kind is f64).
+    fn embed(&self, tokens_bt: &Tensor, ck: Kind) -> Result<Tensor> {
+        Ok(
+            Tensor::f_embedding(&self.embed_vd, tokens_bt, -1, false, false)?
+                .f_to_kind(accum_kind(ck))?,
+        )
+    }
+
+    /// Final norm and LM head: logits in the residual stream's kind.
+    fn head(&self, x_btd: &Tensor, head_vd: &Tensor, ck: Kind) -> Result<Tensor> {
+        Ok(self
+            .norm
+            .forward(x_btd)?
+            .f_to_kind(ck)?
+            .f_matmul(&head_vd.f_to_kind(ck)?.f_tr()?)?
+            .f_to_kind(accum_kind(ck))?)
     }
 
     /// Whether [`TransformerLm::forward_cached`] works for this model: every block's
@@ -394,36 +425,24 @@ impl TransformerLm {
             }
         };
         let ck = ctx.compute_kind;
-        let res_kind = accum_kind(ck);
-        let mut x_btd = Tensor::f_embedding(&self.embed_vd, tokens_bt, -1, false, false)?
-            .f_to_kind(res_kind)?;
-        let device = x_btd.device();
-        let mut aux_loss = Tensor::f_zeros([], (Kind::Float, device))?;
-        let mut z_loss = Tensor::f_zeros([], (Kind::Float, device))?;
-        let mut moe_stats = Vec::new();
+        let mut x_btd = self.embed(tokens_bt, ck)?;
+        let mut moe = MoeSums::new(x_btd.device())?;
         for (i, block) in self.layers.iter().enumerate() {
             let kv = cache.layer(i)?;
             let (y_btd, stats) =
                 block.forward_kv(&x_btd, &self.rope, ctx, i as i64, self.seed, Some(kv))?;
             x_btd = y_btd;
-            if let Some(stats) = stats {
-                aux_loss = aux_loss.f_add(&stats.aux_loss.f_to_kind(Kind::Float)?)?;
-                z_loss = z_loss.f_add(&stats.z_loss.f_to_kind(Kind::Float)?)?;
-                moe_stats.push((i as i64, stats));
-            }
+            moe.add(i as i64, stats)?;
         }
         cache.advance(t);
-        let h_btd = self.norm.forward(&x_btd)?.f_to_kind(ck)?;
         let head_vd = self.lm_head_vd.as_ref().unwrap_or(&self.embed_vd);
-        let logits_btv = h_btd
-            .f_matmul(&head_vd.f_to_kind(ck)?.f_tr()?)?
-            .f_to_kind(res_kind)?;
+        let logits_btv = self.head(&x_btd, head_vd, ck)?;
         Ok(LmOutput {
             logits_btv,
             mtp_logits_btv: None,
-            aux_loss,
-            z_loss,
-            moe: moe_stats,
+            aux_loss: moe.aux_loss,
+            z_loss: moe.z_loss,
+            moe: moe.stats,
         })
     }
 

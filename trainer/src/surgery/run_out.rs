@@ -18,7 +18,8 @@ use tch::Device;
 /// File name of the report beside `config.yaml` and `checkpoints/`.
 pub const REPORT_FILE: &str = "surgery.json";
 
-fn failed(e: impl std::fmt::Display) -> HfError {
+/// A failed run (exit 1), as opposed to bad input.
+pub(super) fn failed(e: impl std::fmt::Display) -> HfError {
     HfError::Failed(e.to_string())
 }
 

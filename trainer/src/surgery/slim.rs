@@ -50,9 +50,7 @@ pub struct SlimOptions {
     pub calib_batches: u64,
 }
 
-fn failed(e: impl std::fmt::Display) -> HfError {
-    HfError::Failed(e.to_string())
-}
+use super::run_out::failed;
 
 /// The `k` experts with the highest `counts_e`, ties to the lower id, sorted by id.
 pub fn keep_by_frequency(counts_e: &[f64], k: usize) -> Vec<i64> {

@@ -43,9 +43,7 @@ pub struct UpcycleOptions {
     pub granularity: i64,
 }
 
-fn failed(e: impl std::fmt::Display) -> HfError {
-    HfError::Failed(e.to_string())
-}
+use super::run_out::failed;
 
 /// Expert copies of a dense `[d, h]` projection (`w_gate`, `w_up`): expert `e` gets the
 /// columns of shard `e % g`, `[e, d, h / g]`.
