@@ -1,7 +1,7 @@
 //! moe-comm: the communication layer of the expert-parallel trainer.
 //!
 //! A [`Communicator`] moves tensors between the ranks of one group. Backends:
-//! `local` (size 1), `threads` (in-process ranks over crossbeam channels, for tests and
+//! `local` (size 1), `threads` (in-process ranks over shared memory, for tests and
 //! debug mode), `mpi` (rsmpi over OpenMPI, CPU tensors) and `nccl` (cudarc, CUDA tensors).
 //! Communication is fallible: every collective returns a `Result`, never panics, because
 //! one rank's panic leaves its peers hung inside a collective.

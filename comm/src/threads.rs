@@ -1,77 +1,158 @@
-//! In-process ranks: P communicators, one per thread, over crossbeam channels.
+//! In-process ranks: P communicators, one per thread, over shared memory.
 //!
 //! Used by tests and by `--debug` mode to run the real dispatch and all-to-all code with
-//! `parallel.ep_size = P` in one process. Every group is a full mesh with one unbounded
-//! channel per ordered pair of ranks, so sends never block and a collective is "send to
-//! everyone, then receive from everyone". `split` builds a fresh mesh for each new group
-//! (through a registry shared by the world), so messages of different groups never mix.
+//! `parallel.ep_size = P` in one process. The ranks of a group share one [`Board`]: a slot
+//! per rank where it posts what it brings to the current collective (a view of its input
+//! tensor, its split sizes, its split key), and a counter per rank for the two
+//! synchronisation points every collective has:
 //!
-//! Nobody hangs: every receive waits at most the world's timeout
-//! ([`CommError::Timeout`], naming the silent rank), and a peer whose communicator was
-//! dropped (its thread returned or failed) disconnects its channels, which the others see
-//! as [`CommError::PeerGone`].
+//! 1. *posted*: every rank has posted; each rank now reads its peers' posts directly
+//!    (an all-to-all copies each incoming block once, straight from the sender's tensor into
+//!    the receiver's freshly allocated output: no message, no intermediate buffer);
+//! 2. *read*: every rank has finished reading; only now may a rank return, so the caller
+//!    may then modify its input and the output never aliases it (MPI's `MPI_Alltoallv`
+//!    semantics).
 //!
-//! The all-to-all copies each row block exactly once: the sender posts a view of its
-//! block, the receiver copies it into its own freshly allocated output, and the sender
-//! returns only after every receiver acknowledged, so the caller may then modify its input
-//! and the output never aliases it (MPI's `MPI_Alltoallv` semantics).
+//! `split` builds a fresh board for each new group (through a registry shared by the
+//! world), so collectives of different groups never mix. Every post carries the
+//! collective's sequence number and name, so ranks calling different collectives get an
+//! error instead of each other's data.
+//!
+//! Nobody hangs: every wait lasts at most the world's timeout ([`CommError::Timeout`],
+//! naming the silent rank), and a peer whose communicator was dropped (its thread returned
+//! or failed) is seen as [`CommError::PeerGone`]. A wait spins briefly, then yields, then
+//! sleeps on a condition variable, so a debug run whose ranks compute for seconds between
+//! collectives does not burn the cores its peers need.
 
 use crate::args::{check_all_to_all, invalid};
 use crate::{check_device, CommError, Communicator, Result};
-use crossbeam_channel::{unbounded, Receiver, RecvTimeoutError, Sender};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 use tch::{Device, Tensor};
 
-/// What travels over a channel.
-enum Payload {
-    /// A (possibly shared-storage, detached) tensor the receiver copies or stacks.
-    Tensor(Tensor),
-    /// "I have finished reading the block you posted."
-    Ack,
-    /// `(color, key)` of a split.
-    SplitKey(usize, usize),
-}
+/// How long a waiting rank busy-waits before it starts yielding its core.
+const SPIN_FOR: Duration = Duration::from_micros(20);
+/// How long a waiting rank yields before it sleeps on the condition variable.
+const YIELD_FOR: Duration = Duration::from_micros(50);
 
-/// One message, tagged with the collective it belongs to so that ranks calling different
-/// collectives get an error instead of silently exchanging wrong data.
-struct Msg {
+/// What one rank brings to one collective.
+struct Post {
     seq: u64,
     op: &'static str,
-    payload: Payload,
+    /// A detached view of the rank's input (all_to_all, all_reduce_sum, all_gather, the
+    /// root of broadcast).
+    tensor: Option<Tensor>,
+    /// all_to_all: the send split sizes.
+    splits: Vec<i64>,
+    /// split: `(color, key)`.
+    key: (usize, usize),
 }
 
-/// One rank's ends of a mesh: `tx[p]` sends to peer p, `rx[p]` receives from peer p.
-struct Endpoint {
-    group_id: u64,
-    tx: Vec<Sender<Msg>>,
-    rx: Vec<Receiver<Msg>>,
+/// Shared by the ranks of one group.
+struct Board {
+    /// Synchronisation points each rank has reached (two per collective).
+    arrivals: Vec<AtomicU64>,
+    /// Set when a rank's communicator is dropped.
+    dead: Vec<AtomicBool>,
+    /// Ranks asleep on `wake` (arrivals notify only when someone sleeps).
+    sleepers: AtomicUsize,
+    /// How long a waiting rank busy-waits: [`SPIN_FOR`] while every rank can have a core
+    /// of its own, zero when they outnumber the cores (a spinning rank would then hold
+    /// the core the rank it waits for needs).
+    spin_for: Duration,
+    posts: Vec<Mutex<Option<Post>>>,
+    lock: Mutex<()>,
+    wake: Condvar,
 }
 
-/// Builds a mesh of `size` ranks; element r is rank r's endpoint.
-fn mesh(group_id: u64, size: usize) -> Vec<Endpoint> {
-    let mut tx: Vec<Vec<Sender<Msg>>> = (0..size).map(|_| Vec::with_capacity(size)).collect();
-    let mut rx: Vec<Vec<Receiver<Msg>>> = (0..size).map(|_| Vec::with_capacity(size)).collect();
-    // Channel (src -> dst) goes to tx[src][dst] and rx[dst][src]; iterating src outer and
-    // dst inner pushes each vector in peer order.
-    for tx_src in tx.iter_mut() {
-        for rx_dst in rx.iter_mut() {
-            let (s, r) = unbounded();
-            tx_src.push(s);
-            rx_dst.push(r);
-        }
+impl Board {
+    fn new(size: usize) -> Arc<Board> {
+        Arc::new(Board {
+            arrivals: (0..size).map(|_| AtomicU64::new(0)).collect(),
+            dead: (0..size).map(|_| AtomicBool::new(false)).collect(),
+            sleepers: AtomicUsize::new(0),
+            spin_for: if size <= std::thread::available_parallelism().map_or(1, |n| n.get()) {
+                SPIN_FOR
+            } else {
+                Duration::ZERO
+            },
+            posts: (0..size).map(|_| Mutex::new(None)).collect(),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        })
     }
-    tx.into_iter()
-        .zip(rx)
-        .map(|(tx, rx)| Endpoint { group_id, tx, rx })
-        .collect()
+
+    /// The first rank that has not reached synchronisation point `k`.
+    fn missing(&self, k: u64) -> Option<usize> {
+        self.arrivals
+            .iter()
+            .position(|a| a.load(Ordering::SeqCst) < k)
+    }
+
+    fn notify(&self) -> Result<()> {
+        let _g = self.lock.lock().map_err(|_| CommError::Poisoned)?;
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// Marks `rank` as arrived at its next synchronisation point and waits until every rank
+    /// has arrived there too, for at most `timeout`.
+    fn sync(&self, rank: usize, op: &'static str, timeout: Duration) -> Result<()> {
+        let k = self.arrivals[rank].fetch_add(1, Ordering::SeqCst) + 1;
+        // SeqCst on both sides (arrival then sleepers here, sleepers then arrivals in the
+        // sleeper): either we see the sleeper, or it sees our arrival before sleeping.
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            self.notify()?;
+        }
+        let start = Instant::now();
+        while start.elapsed() < self.spin_for {
+            for _ in 0..64 {
+                if self.missing(k).is_none() {
+                    return Ok(());
+                }
+                std::hint::spin_loop();
+            }
+        }
+        while start.elapsed() < self.spin_for + YIELD_FOR {
+            if self.missing(k).is_none() {
+                return Ok(());
+            }
+            std::thread::yield_now();
+        }
+        let deadline = start + timeout;
+        let mut guard = self.lock.lock().map_err(|_| CommError::Poisoned)?;
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        let outcome = loop {
+            let Some(peer) = self.missing(k) else {
+                break Ok(());
+            };
+            if self.dead[peer].load(Ordering::SeqCst) {
+                break Err(gone(peer));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(CommError::Timeout {
+                    op,
+                    rank: peer,
+                    secs: timeout.as_secs(),
+                });
+            }
+            guard = match self.wake.wait_timeout(guard, deadline - now) {
+                Ok((g, _)) => g,
+                Err(_) => break Err(CommError::Poisoned),
+            };
+        };
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        outcome
+    }
 }
 
-/// Meshes created by a split, waiting for their members to pick up their endpoints.
+/// Boards created by a split, waiting for their members to pick them up.
 struct PendingSplit {
-    endpoints: Vec<Option<Endpoint>>,
+    group_id: u64,
+    board: Arc<Board>,
     remaining: usize,
 }
 
@@ -86,19 +167,20 @@ struct Registry {
 pub struct ThreadComm {
     rank: usize,
     size: usize,
-    ep: Endpoint,
+    group_id: u64,
+    board: Arc<Board>,
     timeout: Duration,
     /// The device of the tensors the ranks exchange (strict mode checks it).
     device: Device,
     registry: Arc<Registry>,
-    /// Collectives issued so far (message tag).
+    /// Collectives issued so far (tag of the posts).
     seq: u64,
     /// Splits issued so far (identifies the split in the registry).
     splits: u64,
 }
 
 /// Creates `size` in-process ranks on the CPU; element r is rank r's world communicator.
-/// Move each to its own thread. Every receive waits at most `timeout`.
+/// Move each to its own thread. Every wait lasts at most `timeout`.
 pub fn threads_world(size: usize, timeout: Duration) -> Vec<Box<dyn Communicator>> {
     // host: the default is CPU ranks.
     threads_world_on(size, timeout, Device::Cpu)
@@ -114,14 +196,14 @@ pub fn threads_world_on(
         next_group_id: AtomicU64::new(1),
         pending: Mutex::new(HashMap::new()),
     });
-    mesh(0, size)
-        .into_iter()
-        .enumerate()
-        .map(|(rank, ep)| {
+    let board = Board::new(size);
+    (0..size)
+        .map(|rank| {
             Box::new(ThreadComm {
                 rank,
                 size,
-                ep,
+                group_id: 0,
+                board: board.clone(),
                 timeout,
                 device,
                 registry: registry.clone(),
@@ -135,97 +217,126 @@ pub fn threads_world_on(
 fn gone(rank: usize) -> CommError {
     CommError::PeerGone {
         rank,
-        cause: "its channel is disconnected: the rank dropped its communicator \
-                (its thread returned or failed)"
-            .into(),
+        cause: "its communicator was dropped (its thread returned or failed)".into(),
     }
 }
 
+/// What a rank read from a peer's post: the peer's tensor (a new reference to its storage,
+/// which keeps it alive while it is read) and split sizes.
+struct Seen {
+    tensor: Option<Tensor>,
+    splits: Vec<i64>,
+    key: (usize, usize),
+}
+
 impl ThreadComm {
-    /// Starts a collective: returns its sequence number.
-    fn begin(&mut self) -> u64 {
+    /// Runs one collective: posts `post`, waits until every rank has posted, runs `read`
+    /// over the peers' posts, then waits until every rank has read before returning (also
+    /// when `read` failed, so no rank leaves while others still read its tensor).
+    fn collective<T>(
+        &mut self,
+        op: &'static str,
+        tensor: Option<Tensor>,
+        splits: Vec<i64>,
+        key: (usize, usize),
+        read: impl FnOnce(&Self, Vec<Seen>) -> Result<T>,
+    ) -> Result<T> {
         self.seq += 1;
-        self.seq
-    }
-
-    fn send(&self, op: &'static str, seq: u64, peer: usize, payload: Payload) -> Result<()> {
-        self.ep.tx[peer]
-            .send(Msg { seq, op, payload })
-            .map_err(|_| gone(peer))
-    }
-
-    fn recv(&self, op: &'static str, seq: u64, peer: usize) -> Result<Payload> {
-        let msg = match self.ep.rx[peer].recv_timeout(self.timeout) {
-            Ok(m) => m,
-            Err(RecvTimeoutError::Timeout) => {
-                return Err(CommError::Timeout {
-                    op,
-                    rank: peer,
-                    secs: self.timeout.as_secs(),
-                })
+        let seq = self.seq;
+        *self.board.posts[self.rank]
+            .lock()
+            .map_err(|_| CommError::Poisoned)? = Some(Post {
+            seq,
+            op,
+            tensor,
+            splits,
+            key,
+        });
+        let result = self
+            .board
+            .sync(self.rank, op, self.timeout)
+            .and_then(|()| {
+                let result = self.seen(op, seq).and_then(|seen| read(self, seen));
+                let read_done = self.board.sync(self.rank, op, self.timeout);
+                let out = result?;
+                read_done.map(|()| out)
+            });
+        // Drop our view of the input now rather than at the next collective.
+        if let Ok(mut post) = self.board.posts[self.rank].lock() {
+            if let Some(p) = post.as_mut() {
+                p.tensor = None;
             }
-            Err(RecvTimeoutError::Disconnected) => return Err(gone(peer)),
-        };
-        if msg.seq != seq || msg.op != op {
-            return Err(invalid(
-                op,
-                format!(
-                    "rank {} is in collective #{seq} ({op}) but rank {peer} sent for \
-                     collective #{} ({}): ranks issued different collectives",
-                    self.rank, msg.seq, msg.op
-                ),
-            ));
         }
-        Ok(msg.payload)
+        result
     }
 
-    fn recv_tensor(&self, op: &'static str, seq: u64, peer: usize) -> Result<Tensor> {
-        match self.recv(op, seq, peer)? {
-            Payload::Tensor(t) => Ok(t),
-            _ => Err(invalid(
-                op,
-                format!("rank {peer} sent a non-tensor message"),
-            )),
+    /// Every rank's post for collective `seq`, in rank order.
+    fn seen(&self, op: &'static str, seq: u64) -> Result<Vec<Seen>> {
+        let mut seen = Vec::with_capacity(self.size);
+        for (peer, slot) in self.board.posts.iter().enumerate() {
+            let guard = slot.lock().map_err(|_| CommError::Poisoned)?;
+            let post = guard
+                .as_ref()
+                .ok_or_else(|| invalid(op, format!("rank {peer} posted nothing")))?;
+            if post.seq != seq || post.op != op {
+                return Err(invalid(
+                    op,
+                    format!(
+                        "rank {} is in collective #{seq} ({op}) but rank {peer} is in \
+                         collective #{} ({}): ranks issued different collectives",
+                        self.rank, post.seq, post.op
+                    ),
+                ));
+            }
+            seen.push(Seen {
+                tensor: post.tensor.as_ref().map(Tensor::shallow_clone),
+                splits: post.splits.clone(),
+                key: post.key,
+            });
         }
+        Ok(seen)
     }
+}
 
-    fn recv_ack(&self, op: &'static str, seq: u64, peer: usize) -> Result<()> {
-        match self.recv(op, seq, peer)? {
-            Payload::Ack => Ok(()),
-            _ => Err(invalid(
-                op,
-                format!("rank {peer} sent a message where an ack was due"),
-            )),
-        }
+/// A peer's tensor, which the collective requires it to have posted.
+fn posted<'a>(op: &'static str, peer: usize, seen: &'a Seen) -> Result<&'a Tensor> {
+    seen.tensor
+        .as_ref()
+        .ok_or_else(|| invalid(op, format!("rank {peer} posted no tensor")))
+}
+
+/// Copies rows `[from, from + n)` of contiguous `src` into rows `[to, to + n)` of
+/// contiguous `dst` (same kind and trailing shape).
+fn copy_rows(dst: &Tensor, to: i64, src: &Tensor, from: i64, n: i64) -> Result<()> {
+    if n == 0 {
+        return Ok(());
     }
-
-    /// Sends a view of `t` to every rank (self included) and gathers every rank's
-    /// tensor, in rank order. Ends with an ack round so that `t` is no longer read by
-    /// anyone when this returns.
-    fn exchange_views(&mut self, op: &'static str, t: &Tensor) -> Result<Vec<Tensor>> {
-        check_device(op, "input", t, self.device)?;
-        let seq = self.begin();
-        let view = t.f_detach()?;
-        for p in 0..self.size {
-            self.send(op, seq, p, Payload::Tensor(view.shallow_clone()))?;
+    if dst.device() == Device::Cpu && src.device() == Device::Cpu {
+        let numel = src.numel() as i64;
+        let rows = src.size().first().copied().unwrap_or(1).max(1);
+        let row_bytes = (numel / rows) as usize * src.kind().elt_size_in_bytes();
+        // SAFETY: both tensors are contiguous CPU tensors of the same kind and trailing
+        // shape (checked by the caller), `[from, from + n)` lies within `src`'s rows and
+        // `[to, to + n)` within `dst`'s (split sizes checked against both shapes), and they
+        // do not overlap (`dst` was allocated by this collective). `src` belongs to a peer
+        // that cannot return, hence cannot modify or free it, before every rank has passed
+        // the collective's "read" point; our own reference also keeps its storage alive.
+        unsafe {
+            let s = (src.data_ptr() as *const u8).add(from as usize * row_bytes);
+            let d = (dst.data_ptr() as *mut u8).add(to as usize * row_bytes);
+            std::ptr::copy_nonoverlapping(s, d, n as usize * row_bytes);
         }
-        let mut got = Vec::with_capacity(self.size);
-        for p in 0..self.size {
-            // Copy now: after the ack round the sender may mutate its tensor.
-            got.push(self.recv_tensor(op, seq, p)?.f_detach_copy()?);
-        }
-        self.ack_round(op, seq)?;
-        Ok(got)
+        return Ok(());
     }
+    dst.f_narrow(0, to, n)?.f_copy_(&src.f_narrow(0, from, n)?)?;
+    Ok(())
+}
 
-    fn ack_round(&self, op: &'static str, seq: u64) -> Result<()> {
-        for p in 0..self.size {
-            self.send(op, seq, p, Payload::Ack)?;
-        }
-        for p in 0..self.size {
-            self.recv_ack(op, seq, p)?;
-        }
-        Ok(())
+impl Drop for ThreadComm {
+    fn drop(&mut self) {
+        self.board.dead[self.rank].store(true, Ordering::SeqCst);
+        // A poisoned lock means a peer already failed; it will not sleep on `wake`.
+        let _ = self.board.notify();
     }
 }
 
@@ -248,70 +359,68 @@ impl Communicator for ThreadComm {
         let shape = input.size();
         let (_, recv_total) = check_all_to_all(OP, &shape, send, recv, self.size)?;
         check_device(OP, "input", input, self.device)?;
-        let seq = self.begin();
-        let x = input.f_detach()?;
-        let mut off = 0;
-        for (p, &n) in send.iter().enumerate() {
-            self.send(OP, seq, p, Payload::Tensor(x.f_narrow(0, off, n)?))?;
-            off += n;
-        }
-        let mut out_shape = shape.clone();
-        out_shape[0] = recv_total;
-        let out = Tensor::f_empty(&out_shape, (input.kind(), input.device()))?;
-        let mut off = 0;
-        for (p, &n) in recv.iter().enumerate() {
-            let block = self.recv_tensor(OP, seq, p)?;
-            let bshape = block.size();
-            if bshape.first() != Some(&n)
-                || bshape[1..] != shape[1..]
-                || block.kind() != input.kind()
-            {
-                return Err(invalid(
-                    OP,
-                    format!(
-                        "rank {} expected {n} rows of {:?} {:?} from rank {p}, got {bshape:?} {:?}",
-                        self.rank,
-                        &shape[1..],
-                        input.kind(),
-                        block.kind()
-                    ),
-                ));
+        let x = input.f_detach()?.f_contiguous()?;
+        let recv = recv.to_vec();
+        self.collective(OP, Some(x), send.to_vec(), (0, 0), move |me, seen| {
+            let mut out_shape = shape.clone();
+            out_shape[0] = recv_total;
+            let out = Tensor::f_empty(&out_shape, (input.kind(), input.device()))?;
+            let mut off = 0;
+            for (peer, s) in seen.iter().enumerate() {
+                let t = posted(OP, peer, s)?;
+                let n = s.splits.get(me.rank).copied().unwrap_or(-1);
+                let tshape = t.size();
+                if n != recv[peer] || tshape[1..] != shape[1..] || t.kind() != input.kind() {
+                    return Err(invalid(
+                        OP,
+                        format!(
+                            "rank {} expected {} rows of {:?} {:?} from rank {peer}, which \
+                             sends {n} rows of {:?} {:?}",
+                            me.rank,
+                            recv[peer],
+                            &shape[1..],
+                            input.kind(),
+                            &tshape[1..],
+                            t.kind()
+                        ),
+                    ));
+                }
+                let from: i64 = s.splits[..me.rank].iter().sum();
+                // The single copy of this block: straight from the sender into the output.
+                copy_rows(&out, off, t, from, n)?;
+                off += n;
             }
-            // The single copy of this block: straight into the output.
-            out.f_narrow(0, off, n)?.f_copy_(&block)?;
-            off += n;
-        }
-        self.ack_round(OP, seq)?;
-        Ok(out)
+            Ok(out)
+        })
     }
 
     fn all_reduce_sum(&mut self, input: &Tensor) -> Result<Tensor> {
-        let all = self.exchange_views("all_reduce_sum", input)?;
-        // The same summation order on every rank, so all ranks get bitwise-equal results.
-        let mut it = all.into_iter();
-        let mut acc = it
-            .next()
-            .ok_or_else(|| invalid("all_reduce_sum", "empty group".into()))?;
-        for t in it {
-            acc = acc.f_add(&t)?;
-        }
-        Ok(acc)
+        const OP: &str = "all_reduce_sum";
+        check_device(OP, "input", input, self.device)?;
+        let shape = input.size();
+        self.collective(OP, Some(input.f_detach()?), vec![], (0, 0), |me, seen| {
+            let all = same_shapes(OP, me.rank, &shape, &seen)?;
+            // The same summation order on every rank, so all ranks get bitwise-equal
+            // results; the first addition (or the copy, alone) leaves the inputs untouched.
+            let mut acc = match all.get(1) {
+                Some(t) => all[0].f_add(t)?,
+                None => all[0].f_detach_copy()?,
+            };
+            for t in all.iter().skip(2) {
+                acc = acc.f_add(t)?;
+            }
+            Ok(acc)
+        })
     }
 
     fn all_gather(&mut self, input: &Tensor) -> Result<Tensor> {
-        let all = self.exchange_views("all_gather", input)?;
+        const OP: &str = "all_gather";
+        check_device(OP, "input", input, self.device)?;
         let shape = input.size();
-        if let Some((p, t)) = all.iter().enumerate().find(|(_, t)| t.size() != shape) {
-            return Err(invalid(
-                "all_gather",
-                format!(
-                    "rank {p} passed shape {:?}, rank {} {shape:?}",
-                    t.size(),
-                    self.rank
-                ),
-            ));
-        }
-        Ok(Tensor::f_stack(&all, 0)?)
+        self.collective(OP, Some(input.f_detach()?), vec![], (0, 0), |me, seen| {
+            let all = same_shapes(OP, me.rank, &shape, &seen)?;
+            Ok(Tensor::f_stack(&all, 0)?)
+        })
     }
 
     fn broadcast(&mut self, input: &Tensor, root: usize) -> Result<Tensor> {
@@ -323,73 +432,63 @@ impl Communicator for ThreadComm {
             ));
         }
         check_device(OP, "input", input, self.device)?;
-        let seq = self.begin();
-        if self.rank == root {
-            let view = input.f_detach()?;
-            for p in 0..self.size {
-                self.send(OP, seq, p, Payload::Tensor(view.shallow_clone()))?;
-            }
-        }
-        let out = self.recv_tensor(OP, seq, root)?.f_detach_copy()?;
-        self.ack_round(OP, seq)?;
-        Ok(out)
+        let view = if self.rank == root {
+            Some(input.f_detach()?)
+        } else {
+            None
+        };
+        self.collective(OP, view, vec![], (0, 0), |_, seen| {
+            Ok(posted(OP, root, &seen[root])?.f_detach_copy()?)
+        })
     }
 
     fn barrier(&mut self) -> Result<()> {
-        let seq = self.begin();
-        self.ack_round("barrier", seq)
+        self.collective("barrier", None, vec![], (0, 0), |_, _| Ok(()))
     }
 
     fn split(&mut self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
         const OP: &str = "split";
-        let seq = self.begin();
-        for p in 0..self.size {
-            self.send(OP, seq, p, Payload::SplitKey(color, key))?;
-        }
-        let mut members = Vec::new(); // (key, parent rank) of this color
-        for p in 0..self.size {
-            match self.recv(OP, seq, p)? {
-                Payload::SplitKey(c, k) if c == color => members.push((k, p)),
-                Payload::SplitKey(..) => {}
-                _ => return Err(invalid(OP, format!("rank {p} sent a non-split message"))),
-            }
-        }
-        members.sort_unstable();
+        let members = self.collective(OP, None, vec![], (color, key), |_, seen| {
+            // (key, parent rank) of this color
+            let mut members: Vec<(usize, usize)> = seen
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.key.0 == color)
+                .map(|(p, s)| (s.key.1, p))
+                .collect();
+            members.sort_unstable();
+            Ok(members)
+        })?;
         let new_rank = members
             .iter()
             .position(|&(_, p)| p == self.rank)
             .ok_or_else(|| invalid(OP, "this rank is missing from its own color".into()))?;
         let new_size = members.len();
         self.splits += 1;
-        let id = (self.ep.group_id, self.splits, color);
-        let ep = {
+        let id = (self.group_id, self.splits, color);
+        let (group_id, board) = {
             let mut pending = self
                 .registry
                 .pending
                 .lock()
                 .map_err(|_| CommError::Poisoned)?;
-            let entry = pending.entry(id).or_insert_with(|| {
-                let gid = self.registry.next_group_id.fetch_add(1, Ordering::Relaxed);
-                PendingSplit {
-                    endpoints: mesh(gid, new_size).into_iter().map(Some).collect(),
-                    remaining: new_size,
-                }
+            let entry = pending.entry(id).or_insert_with(|| PendingSplit {
+                group_id: self.registry.next_group_id.fetch_add(1, Ordering::Relaxed),
+                board: Board::new(new_size),
+                remaining: new_size,
             });
-            let ep = entry
-                .endpoints
-                .get_mut(new_rank)
-                .and_then(Option::take)
-                .ok_or_else(|| invalid(OP, format!("endpoint {new_rank} of {id:?} taken twice")))?;
+            let (gid, board) = (entry.group_id, entry.board.clone());
             entry.remaining -= 1;
             if entry.remaining == 0 {
                 pending.remove(&id);
             }
-            ep
+            (gid, board)
         };
         Ok(Box::new(ThreadComm {
             rank: new_rank,
             size: new_size,
-            ep,
+            group_id,
+            board,
             timeout: self.timeout,
             device: self.device,
             registry: self.registry.clone(),
@@ -397,4 +496,29 @@ impl Communicator for ThreadComm {
             splits: 0,
         }))
     }
+}
+
+/// The posted tensors of every rank, all of `shape`.
+fn same_shapes(
+    op: &'static str,
+    rank: usize,
+    shape: &[i64],
+    seen: &[Seen],
+) -> Result<Vec<Tensor>> {
+    seen.iter()
+        .enumerate()
+        .map(|(peer, s)| {
+            let t = posted(op, peer, s)?;
+            if t.size() != shape {
+                return Err(invalid(
+                    op,
+                    format!(
+                        "rank {peer} passed shape {:?}, rank {rank} {shape:?}",
+                        t.size()
+                    ),
+                ));
+            }
+            Ok(t.shallow_clone())
+        })
+        .collect()
 }
