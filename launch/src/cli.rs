@@ -318,7 +318,7 @@ pub struct BenchArgs {
 /// Communication backend of `moe bench a2a`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BenchBackend {
-    /// In-process ranks over channels.
+    /// In-process ranks over shared memory.
     Threads,
     /// MPI processes (under mpirun).
     Mpi,
