@@ -252,15 +252,12 @@ impl ThreadComm {
             splits,
             key,
         });
-        let result = self
-            .board
-            .sync(self.rank, op, self.timeout)
-            .and_then(|()| {
-                let result = self.seen(op, seq).and_then(|seen| read(self, seen));
-                let read_done = self.board.sync(self.rank, op, self.timeout);
-                let out = result?;
-                read_done.map(|()| out)
-            });
+        let result = self.board.sync(self.rank, op, self.timeout).and_then(|()| {
+            let result = self.seen(op, seq).and_then(|seen| read(self, seen));
+            let read_done = self.board.sync(self.rank, op, self.timeout);
+            let out = result?;
+            read_done.map(|()| out)
+        });
         // Drop our view of the input now rather than at the next collective.
         if let Ok(mut post) = self.board.posts[self.rank].lock() {
             if let Some(p) = post.as_mut() {
@@ -328,7 +325,8 @@ fn copy_rows(dst: &Tensor, to: i64, src: &Tensor, from: i64, n: i64) -> Result<(
         }
         return Ok(());
     }
-    dst.f_narrow(0, to, n)?.f_copy_(&src.f_narrow(0, from, n)?)?;
+    dst.f_narrow(0, to, n)?
+        .f_copy_(&src.f_narrow(0, from, n)?)?;
     Ok(())
 }
 
@@ -499,12 +497,7 @@ impl Communicator for ThreadComm {
 }
 
 /// The posted tensors of every rank, all of `shape`.
-fn same_shapes(
-    op: &'static str,
-    rank: usize,
-    shape: &[i64],
-    seen: &[Seen],
-) -> Result<Vec<Tensor>> {
+fn same_shapes(op: &'static str, rank: usize, shape: &[i64], seen: &[Seen]) -> Result<Vec<Tensor>> {
     seen.iter()
         .enumerate()
         .map(|(peer, s)| {

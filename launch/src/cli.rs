@@ -310,6 +310,10 @@ pub struct BenchArgs {
     /// train: skip the peak-RSS run of `moe train` in a child process.
     #[arg(long)]
     pub no_rss: bool,
+    /// train: skip the dense model's PyTorch eager twin (scripts/eager_dense.py, run with
+    /// $MOE_PYTHON or .venv/bin/python).
+    #[arg(long)]
+    pub no_eager: bool,
     /// Internal: measure one variant's peak memory in this (child) process and print JSON.
     #[arg(long, hide = true, value_name = "VARIANT")]
     pub memory_child: Option<String>,

@@ -163,9 +163,29 @@ fn train_bench_runs_two_tiny_steps() {
         "larger MoE",
         "MFU",
         "Peak RSS",
+        "PyTorch eager",
     ] {
         assert!(out.contains(col), "no {col:?} in:\n{out}");
     }
+    // The eager twin (scripts/eager_dense.py, the venv's torch) trained the same model: its
+    // losses over both steps of both rounds equal moe's to float32 rounding of a different
+    // op order: measured 0 at these shapes and 7e-8 to 3e-7 at the quickstart's; RoPE
+    // rotated the wrong way moved it to 2.4e-5 here, so 1e-6 catches a wrong layer.
+    let table = out
+        .split("PyTorch eager")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no eager table in:\n{out}"));
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("| 1 |"))
+        .unwrap_or_else(|| panic!("no threads-1 row (is .venv set up?) in:\n{table}"));
+    let rel: f64 = row
+        .trim_end_matches('|')
+        .rsplit('|')
+        .next()
+        .and_then(|c| c.trim().parse().ok())
+        .unwrap_or_else(|| panic!("bad row {row}"));
+    assert!(rel < 1e-6, "eager and moe losses differ by {rel:e}: {row}");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! together with the machine, the command line and the date (`--markdown BENCHMARKS.md`).
 
 mod a2a;
+mod eager;
 mod generate;
 mod layer;
 mod report;

@@ -12,6 +12,7 @@
 //!   weights+gradients+AdamW+activations estimate plus the resident size of an idle `moe`
 //!   process (libtorch's code and allocator pools, which no parameter count includes).
 
+use super::eager;
 use super::report::{Report, Table};
 use super::{children_max_rss_mib, median, proc_status_mib, set_threads};
 use crate::cli::BenchArgs;
@@ -117,8 +118,8 @@ impl Model {
         self.cfg.trainer.batch_size * self.cfg.data.seq_len
     }
 
-    /// One optimizer step; returns seconds of (data, forward+backward, optimizer).
-    fn step(&mut self, step: u64) -> anyhow::Result<[f64; 3]> {
+    /// The batch of step `step` (the sampler the trainer uses, one rank, no accumulation).
+    fn batch(&self, step: u64) -> anyhow::Result<moe_trainer::data::Batch> {
         let t = &self.cfg.trainer;
         let spec = SamplerSpec {
             seed: self.cfg.run.seed,
@@ -128,9 +129,16 @@ impl Model {
             rank: 0,
             grad_accum: 1,
         };
+        Ok(self.data.batch(Split::Train, step, &spec, 0)?)
+    }
+
+    /// One optimizer step; returns seconds of (data, forward+backward, optimizer) and the
+    /// loss (a detached scalar, read after the timings).
+    fn step(&mut self, step: u64) -> anyhow::Result<([f64; 3], Tensor)> {
         let t0 = Instant::now();
-        let batch = self.data.batch(Split::Train, step, &spec, 0)?;
+        let batch = self.batch(step)?;
         let t1 = Instant::now();
+        let t = &self.cfg.trainer;
         let dispatcher = Dispatcher::Local;
         let ctx = LmForward {
             train: true,
@@ -164,11 +172,14 @@ impl Model {
             }
         }
         let t3 = Instant::now();
-        Ok([
-            (t1 - t0).as_secs_f64(),
-            (t2 - t1).as_secs_f64(),
-            (t3 - t2).as_secs_f64(),
-        ])
+        Ok((
+            [
+                (t1 - t0).as_secs_f64(),
+                (t2 - t1).as_secs_f64(),
+                (t3 - t2).as_secs_f64(),
+            ],
+            loss.f_detach()?,
+        ))
     }
 
     /// The AdamW update alone on this model's parameters (their current gradients), fused
@@ -403,21 +414,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         )?)
     };
 
+    let dense_sets = with(&[
+        "moe.num_experts=1".into(),
+        "moe.top_k=1".into(),
+        "moe.num_shared_experts=0".into(),
+        "moe.shared_expert_gate=false".into(),
+        "moe.num_groups=null".into(),
+        "moe.group_topk=null".into(),
+        format!("model.ffn_hidden={}", moe.top_k * moe.expert_hidden),
+    ]);
     let mut models = vec![
         Model::new(&format!("{label} MoE"), &config, with(&[]))?,
-        Model::new(
-            "dense, same active params",
-            &config,
-            with(&[
-                "moe.num_experts=1".into(),
-                "moe.top_k=1".into(),
-                "moe.num_shared_experts=0".into(),
-                "moe.shared_expert_gate=false".into(),
-                "moe.num_groups=null".into(),
-                "moe.group_topk=null".into(),
-                format!("model.ffn_hidden={}", moe.top_k * moe.expert_hidden),
-            ]),
-        )?,
+        Model::new("dense, same active params", &config, dense_sets.clone())?,
         Model::new(
             "larger MoE",
             &config,
@@ -469,7 +477,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         }
         for step in 0..steps {
             for mdl in models.iter_mut() {
-                let s = mdl.step(step)?;
+                let (s, _) = mdl.step(step)?;
                 if step >= args.warmup {
                     for (i, x) in s.iter().enumerate() {
                         mdl.samples[i].push(*x);
@@ -524,6 +532,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     }
     report.tables.push(table);
     report.tables.push(optim);
+    if !args.no_eager {
+        let (t, n) = eager_table(args, &config, &dense_sets)?;
+        report.tables.push(t);
+        notes.push(n);
+    }
 
     if let Some((peak_rss, child_tok_s)) = rss {
         let q = &models[0].info;
@@ -585,4 +598,123 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     }
     report.notes.extend(notes);
     Ok(report)
+}
+
+/// The dense model against its PyTorch eager twin (`scripts/eager_dense.py`) at each thread
+/// count, two rounds: a fresh model (the same initial weights every time, from the config's
+/// seed) trains `warmup + iters` steps in this process, then the script trains the same steps
+/// from the same weights on the same batches; step = forward+backward + clipping and AdamW
+/// (the batch read is not counted on either side). Returns the table and a note.
+fn eager_table(
+    args: &BenchArgs,
+    config: &Path,
+    dense_sets: &[String],
+) -> anyhow::Result<(Table, String)> {
+    let mut table = Table::new(
+        "Dense model: moe vs the same stack in PyTorch eager (median per step, same weights and batches)",
+        &[
+            "threads",
+            "moe step ms",
+            "moe fwd+bwd ms",
+            "moe optimizer ms",
+            "eager step ms",
+            "eager fwd+bwd ms",
+            "eager optimizer ms",
+            "moe / eager",
+            "target",
+            "max loss rel diff",
+        ],
+    );
+    let (Some(python), Some(script)) = (eager::python(), eager::script()) else {
+        return Ok((
+            table,
+            format!(
+                "eager: not run, no .venv/bin/python (run `make setup`, or set MOE_PYTHON to a \
+                 Python with torch and safetensors) for {}",
+                eager::SCRIPT
+            ),
+        ));
+    };
+    let steps = args.warmup + args.iters;
+    let dir = std::env::temp_dir().join(format!("moe-bench-eager-{}", std::process::id()));
+    let mut versions = String::new();
+    let result = (|| -> anyhow::Result<()> {
+        for &threads in &args.threads {
+            set_threads(threads);
+            // Two rounds of (moe, eager), samples pooled: a drift of the machine's speed
+            // during the run then hits both sides alike.
+            let (mut fb, mut opt, mut efb, mut eopt) = (vec![], vec![], vec![], vec![]);
+            let mut rel: f64 = 0.0;
+            for _round in 0..2 {
+                let mut mdl = Model::new("dense", config, dense_sets.to_vec())?;
+                if !dir.join("dims.json").exists() {
+                    let params: Vec<(String, Tensor, bool)> = mdl
+                        .lm
+                        .params()
+                        .into_iter()
+                        .map(|p| Ok((p.name, p.tensor.f_detach_copy()?, p.weight_decay)))
+                        .collect::<Result<_, tch::TchError>>()?;
+                    let batches = (0..steps)
+                        .map(|s| mdl.batch(s))
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    let inputs: Vec<Tensor> = batches
+                        .iter()
+                        .map(|b| b.inputs_bt.shallow_clone())
+                        .collect();
+                    let targets: Vec<Tensor> = batches
+                        .iter()
+                        .map(|b| b.targets_bt.shallow_clone())
+                        .collect();
+                    eager::write_state(&dir, &mdl.cfg, &params, &inputs, &targets)?;
+                }
+                let mut losses = Vec::new();
+                for s in 0..steps {
+                    let ([_, f, o], loss) = mdl.step(s)?;
+                    losses.push(loss);
+                    if s >= args.warmup {
+                        fb.push(f);
+                        opt.push(o);
+                    }
+                }
+                let run = eager::run(&python, &script, &dir, threads, args.warmup, args.iters)?;
+                versions = format!("torch {}, AdamW {}", run.torch, run.adamw);
+                efb.extend(run.forward_backward_s);
+                eopt.extend(run.optimizer_s);
+                for (ours, theirs) in losses.iter().zip(&run.losses) {
+                    // host: read after the timed steps.
+                    let ours = ours.f_double_value(&[])?;
+                    rel = rel.max((ours - theirs).abs() / theirs.abs().max(1e-12));
+                }
+            }
+            let step = |f: &[f64], o: &[f64]| {
+                median(&f.iter().zip(o).map(|(a, b)| a + b).collect::<Vec<_>>())
+            };
+            let (moe_step, eager_step) = (step(&fb, &opt), step(&efb, &eopt));
+            let (fb, opt, efb, eopt) = (median(&fb), median(&opt), median(&efb), median(&eopt));
+            let ratio = moe_step / eager_step;
+            table.row(vec![
+                threads.to_string(),
+                format!("{:.1}", moe_step * 1e3),
+                format!("{:.1}", fb * 1e3),
+                format!("{:.1}", opt * 1e3),
+                format!("{:.1}", eager_step * 1e3),
+                format!("{:.1}", efb * 1e3),
+                format!("{:.1}", eopt * 1e3),
+                format!("{ratio:.2}"),
+                format!("<= 1.0 {}", if ratio <= 1.0 { "met" } else { "MISSED" }),
+                format!("{rel:.1e}"),
+            ]);
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    Ok((
+        table,
+        format!(
+            "eager: {} ({versions}); at each thread count two rounds of moe's steps then the script's, \
+             samples pooled; losses of all {steps} steps of both rounds compared (float32, different op order: ~1e-6 relative expected)",
+            eager::SCRIPT
+        ),
+    ))
 }
