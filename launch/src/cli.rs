@@ -201,6 +201,11 @@ pub struct GenerateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Torch threads. Decoding runs one token's small ops at a time, where more threads
+    /// mostly wait on each other (on a busy machine, 2 threads were 30x slower than 1 on
+    /// the quickstart model): raise it only for models whose matmuls are large.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
+    pub threads: i64,
 }
 
 /// `moe inspect`.

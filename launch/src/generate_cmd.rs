@@ -57,7 +57,7 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
     cfg.moe.capacity_factor = None;
     cfg.moe.pad_to_capacity = false;
     let device = resolve_device(&cfg.trainer.device, 0)?;
-    set_threads(cfg.trainer.threads);
+    set_threads(a.threads);
     let (model, loaded) = load_single(cfg, &s.path, device).map_err(bad_checkpoint)?;
     let dispatcher = Dispatcher::Local;
     let m = EvalModel {
