@@ -28,8 +28,8 @@ use moe_model::{mlp::SwiGlu, rope::Rope};
 use moe_trainer::config::ExperimentConfig;
 use moe_trainer::data::{load_dataset, Dataset, SamplerSpec, Split};
 use moe_trainer::grad_sync::clip_grad_norm;
+use moe_trainer::loss::train_loss;
 use moe_trainer::optim::AdamW;
-use moe_trainer::train_loop::{lm_loss, mtp_loss};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -148,14 +148,7 @@ impl Model {
             step,
         };
         let out = self.lm.forward(&batch.inputs_bt, &ctx)?;
-        let mut loss = lm_loss(&out.logits_btv, &batch.targets_bt)?
-            .f_add(&out.aux_loss)?
-            .f_add(&out.z_loss)?;
-        if let Some(mtp_logits) = &out.mtp_logits_btv {
-            loss = loss.f_add(
-                &mtp_loss(mtp_logits, &batch.targets_bt)?.f_mul_scalar(t.mtp_loss_weight)?,
-            )?;
-        }
+        let (loss, _) = train_loss(&out, &batch.targets_bt, t.mtp_loss_weight)?;
         loss.f_backward()?;
         let t2 = Instant::now();
         let params = self.lm.params();
