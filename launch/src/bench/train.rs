@@ -231,8 +231,8 @@ impl Model {
                 m.num_layers as f64,
             )),
         }
-        let is_moe = moe.num_experts > 1 || moe.num_shared_experts > 0;
-        let moe_layer = if is_moe {
+        let moe_layers = (0..m.num_layers).filter(|&i| moe.is_moe_layer(i)).count() as f64;
+        let moe_layer = if moe_layers > 0.0 {
             Some(MoeLayer::new(m, moe, "bench.moe", 0, 1, 1, Device::Cpu)?)
         } else {
             None
@@ -246,9 +246,6 @@ impl Model {
             1,
             Device::Cpu,
         )?;
-        let moe_layers = (0..m.num_layers)
-            .filter(|&i| is_moe && moe.is_moe_layer(i))
-            .count() as f64;
         let dense_layers = m.num_layers as f64 - moe_layers;
         let x =
             Tensor::f_randn([b, t, d], (Kind::Float, Device::Cpu))?.f_set_requires_grad(true)?;
