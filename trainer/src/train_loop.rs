@@ -1,5 +1,5 @@
 //! The training loop of one rank, in the shape of torchtitan's `train.py`: everything is set up
-//! once ([`train`]), then each step runs [`Trainer::train_step`] and hands its outcome to parts
+//! once ([`train`]), then each step runs `Trainer::train_step` and hands its outcome to parts
 //! that decide for themselves when they act: the logger (metrics.jsonl, TensorBoard, progress),
 //! the validator, the checkpointer and the stop policy.
 //!
