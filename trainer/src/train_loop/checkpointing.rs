@@ -49,8 +49,7 @@ impl TrainCheckpointer {
         stopping: bool,
         snapshot: impl FnOnce() -> Result<Snapshot>,
     ) -> Result<Option<PathBuf>> {
-        let periodic = self.every > 0 && done % self.every == 0;
-        if periodic || done == self.max_steps || stopping {
+        if due(done, self.every, self.max_steps, stopping) {
             return self.save_now(snapshot()?).map(Some);
         }
         Ok(None)
@@ -126,5 +125,26 @@ impl Trainer<'_> {
         if self.printing {
             crate::progress::print_line(line);
         }
+    }
+}
+
+/// Whether step `done` (1-based) saves: every `every` steps (0: never periodically), at the
+/// last step `max_steps`, and when `stopping`.
+fn due(done: u64, every: u64, max_steps: u64, stopping: bool) -> bool {
+    (every > 0 && done.is_multiple_of(every)) || done == max_steps || stopping
+}
+
+#[cfg(test)]
+mod tests {
+    use super::due;
+
+    #[test]
+    fn saves_periodically_at_the_last_step_and_when_stopping() {
+        let saved = |every, stopping| -> Vec<u64> {
+            (1..=10).filter(|&d| due(d, every, 10, stopping)).collect()
+        };
+        assert_eq!(saved(4, false), [4, 8, 10]);
+        assert_eq!(saved(0, false), [10]);
+        assert_eq!(saved(0, true).len(), 10);
     }
 }

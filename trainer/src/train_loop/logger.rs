@@ -101,7 +101,7 @@ impl Logger {
             tokens_per_s: 0.0,
             elapsed_s: self.run_start.elapsed().as_secs_f64(),
         };
-        if !(done % self.log_every == 0 || done == self.max_steps || self.debug) {
+        if !due(done, self.log_every, self.max_steps, self.debug) {
             return Ok(record);
         }
         let secs = self.window_start.elapsed().as_secs_f64().max(1e-9);
@@ -167,6 +167,12 @@ impl Logger {
         }
         Ok(())
     }
+}
+
+/// Whether step `done` (1-based) is logged: every `every` steps, the last step `max_steps`,
+/// and every step in debug mode.
+fn due(done: u64, every: u64, max_steps: u64, debug: bool) -> bool {
+    done.is_multiple_of(every) || done == max_steps || debug
 }
 
 fn log_tensorboard(tb: &mut TbWriter, r: &TrainRecord, layers: &[(i64, MoeStats)]) -> Result<()> {
@@ -250,4 +256,18 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         write_atomic(path, &kept)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::due;
+
+    #[test]
+    fn logs_every_n_steps_the_last_and_every_step_in_debug_mode() {
+        let at =
+            |every, debug| -> Vec<u64> { (1..=10).filter(|&d| due(d, every, 10, debug)).collect() };
+        assert_eq!(at(4, false), [4, 8, 10]);
+        assert_eq!(at(1, false).len(), 10);
+        assert_eq!(at(4, true).len(), 10);
+    }
 }

@@ -54,3 +54,25 @@ pub(super) fn signal_message(done: u64, max_steps: u64, checkpoint: Option<&Path
             .unwrap_or_else(|| "none".into())
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::StopPolicy;
+
+    #[test]
+    fn diverges_after_max_bad_steps_in_a_row_only() {
+        let mut p = StopPolicy::new(3);
+        assert_eq!((p.bad_step(), p.bad_step()), (1, 2));
+        assert!(!p.diverged());
+        p.good_step();
+        assert_eq!((p.bad_step(), p.bad_step(), p.bad_step()), (1, 2, 3));
+        assert!(p.diverged());
+        let msg = p
+            .diverged_error(std::path::Path::new("ckpt/step_9"))
+            .to_string();
+        assert!(
+            msg.contains("3 steps in a row") && msg.contains("ckpt/step_9"),
+            "{msg}"
+        );
+    }
+}

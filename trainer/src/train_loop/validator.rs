@@ -29,7 +29,7 @@ impl Validator {
 
     /// After step `done` (1-based): the validation result when one is due. Collective.
     pub fn maybe_run(&self, trainer: &Trainer, done: u64) -> Result<Option<EvalRecord>> {
-        if self.every == 0 || !(done % self.every == 0 || done == self.max_steps) {
+        if !due(done, self.every, self.max_steps) {
             return Ok(None);
         }
         let val_loss = self.evaluate(trainer, done)?;
@@ -55,5 +55,24 @@ impl Validator {
         let local = rank_val_loss_on_device(&m, &self.dataset, tr.cfg, world, rank, step)?;
         let summed = lock(&tr.groups.world)?.all_reduce_sum(&local.f_reshape([1])?)?;
         Ok(host_read::<f64>(&summed)?[0] / tr.groups.world_size as f64)
+    }
+}
+
+/// Whether step `done` (1-based) validates: every `every` steps and at the last step
+/// `max_steps`; never when `every` is 0.
+fn due(done: u64, every: u64, max_steps: u64) -> bool {
+    every > 0 && (done.is_multiple_of(every) || done == max_steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::due;
+
+    #[test]
+    fn validates_every_n_steps_and_at_the_last_never_when_off() {
+        let at = |every| -> Vec<u64> { (1..=10).filter(|&d| due(d, every, 10)).collect() };
+        assert_eq!(at(4), [4, 8, 10]);
+        assert_eq!(at(5), [5, 10]);
+        assert!(at(0).is_empty());
     }
 }
