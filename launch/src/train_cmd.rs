@@ -8,6 +8,7 @@ use crate::exit_code::BadInput;
 use anyhow::{anyhow, bail, Context};
 use moe_comm::{threads::threads_world_on, ProcessGroups};
 use moe_trainer::config::{Backend, DebugRanks, ExperimentConfig, Precision};
+use moe_trainer::fault::Fault;
 use moe_trainer::progress::print_line;
 use moe_trainer::train_loop::{train, RunOptions, TrainSummary};
 use std::path::PathBuf;
@@ -39,95 +40,163 @@ pub struct TrainOpts {
     pub world_size: i64,
 }
 
-/// Runs `moe train`.
+/// Runs `moe train`: picks where this process's ranks come from, then the one training path.
 pub fn run_train(cfg: ExperimentConfig, opts: TrainOpts) -> anyhow::Result<()> {
     let stop = install_stop_flag();
-    if opts.debug || cfg.parallel.backend == Backend::Threads {
-        return run_threads(cfg, opts, stop);
+    let faults = faults_from_env()?;
+    let in_process = opts.debug || cfg.parallel.backend == Backend::Threads;
+    if !in_process && (opts.processes > 1 || cfg.parallel.backend == Backend::Mpi) {
+        return run_mpi(cfg, opts, stop, faults);
     }
-    if opts.processes > 1 || cfg.parallel.backend == Backend::Mpi {
-        return run_mpi(cfg, opts, stop);
-    }
-    let resume = prepare_out_dir(&cfg, &opts, true)?;
-    let init_from = init_from(&opts)?;
-    let device = resolve_device(&cfg.trainer.device, 0)?;
-    check_precision(&cfg, device)?;
-    if cfg.parallel.backend == Backend::Nccl && !device.is_cuda() {
-        bail!(
-            "parallel.backend is nccl, which needs CUDA tensors, but trainer.device {} resolved \
-             to {device:?}; use parallel.backend local (or auto) on a CPU",
-            cfg.trainer.device
-        );
-    }
-    set_threads(cfg.trainer.threads, 1);
-    announce(&cfg, &opts, device);
-    let config_yaml = Some(crate::config_load::to_yaml(&cfg)?);
-    let run = RunOptions {
-        debug: false,
-        resume,
-        init_from,
-        stop,
-        config_yaml,
-        live_progress: Some(opts.live_progress),
-        ..RunOptions::default()
+    let mode = if in_process {
+        Mode::InProcess
+    } else {
+        Mode::Single
     };
-    let summary = train(&cfg, ProcessGroups::single(device), device, &run)
-        .map_err(crate::exit_code::from_train)?;
-    report(&cfg, &opts, &summary);
-    Ok(())
+    train_ranks(cfg, &opts, mode, stop, faults)
 }
 
-/// Debug mode with `parallel.debug_ranks: virtual` (the default on a GPU): the P ranks'
-/// batches concatenated and trained as one process whose router computes capacity per rank's
-/// tokens, so each step equals P real ranks' (DESIGN.md's EP-equivalence reference) and no
-/// collective blocks. The resolved config written to the run directory is the user's.
-fn run_virtual_ranks(
+/// One MPI rank under mpirun: the config is checked against the world size first, and any
+/// error aborts the whole job, since peers blocked in a collective would otherwise hang.
+fn run_mpi(
     cfg: ExperimentConfig,
     opts: TrainOpts,
     stop: Arc<AtomicBool>,
-    device: tch::Device,
-    (resume, init_from): (Option<PathBuf>, Option<PathBuf>),
+    faults: Vec<Fault>,
 ) -> anyhow::Result<()> {
-    let p = cfg.parallel.ep_size;
-    set_threads(cfg.trainer.threads, 1);
-    announce(&cfg, &opts, device);
-    if opts.debug {
-        print_line(&format!(
-            "debug mode: {p} virtual expert-parallel rank(s) in one autograd graph on {device:?} \
-             (their batches concatenated, capacity per rank, the exchange one permutation by \
-             expert); routing invariants checked after every step"
-        ));
+    let runtime = moe_comm::mpi_backend::MpiRuntime::init().map_err(|e| anyhow!("{e}"))?;
+    runtime.abort_on_panic();
+    let (rank, size) = (runtime.world_rank(), runtime.world_size());
+    let errs = cfg.validate(size as i64);
+    if !errs.is_empty() {
+        if rank == 0 {
+            eprintln!(
+                "error: invalid config for a world of {size} ranks:\n  {}",
+                errs.join("\n  ")
+            );
+        }
+        runtime.abort(2);
     }
-    let config_yaml = Some(crate::config_load::to_yaml(&cfg)?);
-    let mut single = cfg.clone();
-    single.trainer.batch_size = cfg.trainer.batch_size * p;
-    single.parallel.ep_size = 1;
-    single.parallel.backend = Backend::Local;
+    if let Err(e) = train_ranks(cfg, &opts, Mode::Mpi(&runtime), stop, faults) {
+        // One write: `eprintln!` writes its pieces separately, and mpirun's --tag-output then
+        // splits the line around its own abort notice.
+        let line = format!("rank {rank} of {size}: error: {e:#}\n");
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+        runtime.abort(i32::from(crate::exit_code::exit_code(&e)));
+    }
+    Ok(())
+}
+
+/// Where this process's ranks come from.
+enum Mode<'a> {
+    /// One process, one rank.
+    Single,
+    /// Debug mode or the threads backend: `parallel.ep_size` ranks in this process, as rank
+    /// threads or virtual ranks (decided by `parallel.debug_ranks` and the device).
+    InProcess,
+    /// This process is one rank of an mpirun job.
+    Mpi(&'a moe_comm::mpi_backend::MpiRuntime),
+}
+
+/// The ranks this process trains, once the device is known.
+enum Ranks<'a> {
+    /// One rank on the whole config.
+    Single,
+    /// `parallel.ep_size` virtual ranks: their batches concatenated and trained as one process
+    /// whose router computes capacity per rank's tokens, so each step equals P real ranks'
+    /// (DESIGN.md's EP-equivalence reference) and no collective blocks.
+    Virtual(i64),
+    /// `parallel.ep_size` rank threads on one device (threads backend).
+    Threads(usize),
+    /// One MPI rank.
+    Mpi(&'a moe_comm::mpi_backend::MpiRuntime),
+}
+
+/// The one training path of every mode: device, out_dir and checkpoints, threads, the
+/// announcement, then the trainer on each rank's process groups, and the report.
+fn train_ranks(
+    cfg: ExperimentConfig,
+    opts: &TrainOpts,
+    mode: Mode<'_>,
+    stop: Arc<AtomicBool>,
+    faults: Vec<Fault>,
+) -> anyhow::Result<()> {
+    let device = match mode {
+        Mode::Mpi(rt) => {
+            resolve_rank_device(&cfg.trainer.device, rt.local_rank(), rt.local_size())?
+        }
+        _ => resolve_device(&cfg.trainer.device, 0)?,
+    };
+    check_precision(&cfg, device)?;
+    let ranks = match mode {
+        Mode::Single => {
+            check_single_backend(&cfg, device)?;
+            Ranks::Single
+        }
+        Mode::InProcess => in_process_ranks(&cfg, device)?,
+        Mode::Mpi(rt) => Ranks::Mpi(rt),
+    };
+    let rank0 = match ranks {
+        Ranks::Mpi(rt) => rt.world_rank() == 0,
+        _ => true,
+    };
+    // Every rank checks the same directory; the trainer's rank 0 writes config.yaml.
+    let resume = crate::run_dir::prepare(&cfg, opts.resume.as_ref(), opts.overwrite, rank0)?;
+    let init_from = init_from(opts)?;
+    let p = cfg.parallel.ep_size;
+    set_threads(
+        cfg.trainer.threads,
+        match ranks {
+            Ranks::Threads(p) => p,
+            Ranks::Mpi(rt) => rt.local_size(),
+            Ranks::Single | Ranks::Virtual(_) => 1,
+        },
+    );
+    if rank0 {
+        announce(&cfg, opts, device);
+    }
+    if opts.debug {
+        match ranks {
+            Ranks::Virtual(_) => print_line(&format!(
+                "debug mode: {p} virtual expert-parallel rank(s) in one autograd graph on \
+                 {device:?} (their batches concatenated, capacity per rank, the exchange one \
+                 permutation by expert); routing invariants checked after every step"
+            )),
+            Ranks::Threads(_) => print_line(&format!(
+                "debug mode: {p} expert-parallel rank(s) in one process on {device:?} (threads backend); routing invariants checked after every step"
+            )),
+            Ranks::Single | Ranks::Mpi(_) => {}
+        }
+    }
+    // The resolved config written to the run directory is the user's (also for virtual
+    // ranks, which train a rewritten one).
+    let config_yaml = if rank0 {
+        Some(crate::config_load::to_yaml(&cfg)?)
+    } else {
+        None
+    };
     let run = RunOptions {
         debug: opts.debug,
         resume,
         init_from,
         stop,
-        capacity_groups: p,
+        quiet: !rank0,
         config_yaml,
         live_progress: Some(opts.live_progress),
+        faults,
         ..RunOptions::default()
     };
-    let summary = train(&single, ProcessGroups::single(device), device, &run)
-        .map_err(crate::exit_code::from_train)?;
-    report(&cfg, &opts, &summary);
+    let summary = ranks.train(&cfg, device, run)?;
+    if rank0 {
+        report(&cfg, opts, &summary);
+    }
     Ok(())
 }
 
-/// Debug mode / threads backend: `parallel.ep_size` in-process ranks on one device.
-fn run_threads(
-    cfg: ExperimentConfig,
-    opts: TrainOpts,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<()> {
+/// Debug mode / threads backend: rank threads, or virtual ranks where threads cannot work
+/// (`parallel.debug_ranks: virtual`, or `auto` on a GPU).
+fn in_process_ranks(cfg: &ExperimentConfig, device: tch::Device) -> anyhow::Result<Ranks<'static>> {
     let p = usize::try_from(cfg.parallel.ep_size).context("parallel.ep_size")?;
-    let device = resolve_device(&cfg.trainer.device, 0)?;
-    check_precision(&cfg, device)?;
     let virtual_ranks = match cfg.parallel.debug_ranks {
         DebugRanks::Virtual => true,
         DebugRanks::Auto => device.is_cuda(),
@@ -142,35 +211,79 @@ fn run_threads(
         }
         DebugRanks::Threads => false,
     };
-    let resume = prepare_out_dir(&cfg, &opts, true)?;
-    let init_from = init_from(&opts)?;
-    if virtual_ranks {
-        return run_virtual_ranks(cfg, opts, stop, device, (resume, init_from));
+    Ok(if virtual_ranks {
+        Ranks::Virtual(cfg.parallel.ep_size)
+    } else {
+        Ranks::Threads(p)
+    })
+}
+
+/// One process alone: the nccl backend needs CUDA tensors.
+fn check_single_backend(cfg: &ExperimentConfig, device: tch::Device) -> anyhow::Result<()> {
+    if cfg.parallel.backend == Backend::Nccl && !device.is_cuda() {
+        bail!(
+            "parallel.backend is nccl, which needs CUDA tensors, but trainer.device {} resolved \
+             to {device:?}; use parallel.backend local (or auto) on a CPU",
+            cfg.trainer.device
+        );
     }
-    set_threads(cfg.trainer.threads, p);
-    announce(&cfg, &opts, device);
-    if opts.debug {
-        print_line(&format!(
-            "debug mode: {p} expert-parallel rank(s) in one process on {device:?} (threads backend); routing invariants checked after every step"
-        ));
+    Ok(())
+}
+
+impl Ranks<'_> {
+    /// Builds the process groups of this process's ranks and trains them; returns world rank
+    /// 0's summary (on other MPI ranks, their own).
+    fn train(
+        &self,
+        cfg: &ExperimentConfig,
+        device: tch::Device,
+        run: RunOptions,
+    ) -> anyhow::Result<TrainSummary> {
+        let train_one = |cfg: &ExperimentConfig, groups, run: &RunOptions| {
+            train(cfg, groups, device, run).map_err(crate::exit_code::from_train)
+        };
+        match *self {
+            Ranks::Single => train_one(cfg, ProcessGroups::single(device), &run),
+            Ranks::Virtual(p) => {
+                let mut single = cfg.clone();
+                single.trainer.batch_size = cfg.trainer.batch_size * p;
+                single.parallel.ep_size = 1;
+                single.parallel.backend = Backend::Local;
+                let run = RunOptions {
+                    capacity_groups: p,
+                    ..run
+                };
+                train_one(&single, ProcessGroups::single(device), &run)
+            }
+            Ranks::Threads(p) => train_threads(cfg, device, p, &run),
+            Ranks::Mpi(rt) => {
+                let world = world_comm(cfg, device, rt.world())?;
+                let groups = ProcessGroups::new(world, cfg.parallel.ep_size as usize)
+                    .map_err(|e| anyhow!("{e}"))?;
+                train_one(cfg, groups, &run)
+            }
+        }
     }
-    let config_yaml = Some(crate::config_load::to_yaml(&cfg)?);
+}
+
+/// `p` rank threads on `device` over the threads backend; rank 0's summary. The first
+/// failure is reported as the root cause, not its peers' "peer gone".
+fn train_threads(
+    cfg: &ExperimentConfig,
+    device: tch::Device,
+    p: usize,
+    run: &RunOptions,
+) -> anyhow::Result<TrainSummary> {
     let comms = threads_world_on(p, Duration::from_secs(cfg.parallel.timeout_s), device);
-    let cfg = Arc::new(cfg);
+    let cfg = Arc::new(cfg.clone());
     let handles: Vec<_> = comms
         .into_iter()
         .enumerate()
         .map(|(rank, comm)| {
             let cfg = cfg.clone();
             let run = RunOptions {
-                debug: opts.debug,
-                resume: resume.clone(),
-                init_from: init_from.clone(),
-                stop: stop.clone(),
-                quiet: rank != 0,
-                config_yaml: config_yaml.clone(),
-                live_progress: Some(opts.live_progress),
-                ..RunOptions::default()
+                quiet: run.quiet || rank != 0,
+                ..run.clone()
             };
             std::thread::Builder::new()
                 .name(format!("rank{rank}"))
@@ -208,71 +321,14 @@ fn run_threads(
         // As context, so that exit_code still sees a BadInput in the chain.
         return Err(e.context(format!("rank {rank} failed")));
     }
-    if let Some(s) = rank0 {
-        report(&cfg, &opts, &s);
-    }
-    Ok(())
+    rank0.ok_or_else(|| anyhow!("rank 0 returned no summary"))
 }
 
-/// One MPI rank under mpirun.
-fn run_mpi(cfg: ExperimentConfig, opts: TrainOpts, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let runtime = moe_comm::mpi_backend::MpiRuntime::init().map_err(|e| anyhow!("{e}"))?;
-    runtime.abort_on_panic();
-    let world = runtime.world();
-    let (rank, size) = (world.rank(), world.size());
-    let errs = cfg.validate(size as i64);
-    if !errs.is_empty() {
-        if rank == 0 {
-            eprintln!(
-                "error: invalid config for a world of {size} ranks:\n  {}",
-                errs.join("\n  ")
-            );
-        }
-        runtime.abort(2);
-    }
-    let result = (|| -> anyhow::Result<TrainSummary> {
-        // Every rank checks the same directory; the trainer's rank 0 writes config.yaml.
-        let resume = prepare_out_dir(&cfg, &opts, rank == 0)?;
-        let init_from = init_from(&opts)?;
-        let local_rank = runtime.local_rank();
-        let device = resolve_rank_device(&cfg.trainer.device, local_rank, runtime.local_size())?;
-        check_precision(&cfg, device)?;
-        set_threads(cfg.trainer.threads, runtime.local_size());
-        if rank == 0 {
-            announce(&cfg, &opts, device);
-        }
-        let world = world_comm(&cfg, device, world)?;
-        let groups =
-            ProcessGroups::new(world, cfg.parallel.ep_size as usize).map_err(|e| anyhow!("{e}"))?;
-        let config_yaml = if rank == 0 {
-            Some(crate::config_load::to_yaml(&cfg)?)
-        } else {
-            None
-        };
-        let run = RunOptions {
-            debug: false,
-            resume,
-            init_from,
-            stop,
-            quiet: rank != 0,
-            config_yaml,
-            live_progress: Some(opts.live_progress),
-            ..RunOptions::default()
-        };
-        train(&cfg, groups, device, &run).map_err(crate::exit_code::from_train)
-    })();
-    match result {
-        Ok(s) => {
-            if rank == 0 {
-                report(&cfg, &opts, &s);
-            }
-            Ok(())
-        }
-        Err(e) => {
-            // Abort the whole job: peers blocked in a collective would otherwise hang.
-            eprintln!("rank {rank} of {size}: error: {e:#}");
-            runtime.abort(i32::from(crate::exit_code::exit_code(&e)));
-        }
+/// Faults to inject, from `MOE_FAULT` (resilience tests; see `moe_trainer::fault`).
+fn faults_from_env() -> anyhow::Result<Vec<Fault>> {
+    match std::env::var("MOE_FAULT") {
+        Ok(spec) => Ok(moe_trainer::fault::parse(&spec)?),
+        Err(_) => Ok(Vec::new()),
     }
 }
 
@@ -318,15 +374,6 @@ fn world_comm(
     let nccl = NcclComm::new(mpi_world.as_mut(), index, timeout)
         .map_err(|e| anyhow!("creating the NCCL communicator on {device:?}: {e}"))?;
     Ok(Box::new(nccl))
-}
-
-/// `run.out_dir` and `--resume`, by `crate::run_dir::prepare`.
-fn prepare_out_dir(
-    cfg: &ExperimentConfig,
-    opts: &TrainOpts,
-    is_rank0: bool,
-) -> anyhow::Result<Option<std::path::PathBuf>> {
-    crate::run_dir::prepare(cfg, opts.resume.as_ref(), opts.overwrite, is_rank0)
 }
 
 /// The checkpoint `--init-from` names, by the lookup rule of `--resume`.

@@ -416,9 +416,19 @@ impl Default for MoeConfig {
 }
 
 impl MoeConfig {
-    /// Whether block `layer` (0-based) has an MoE FFN.
+    /// Whether the config has MoE FFNs at all: more than one routed expert or any shared
+    /// expert. A single routed expert without shared experts is the dense baseline, whatever
+    /// `moe_every` says.
+    pub fn has_moe(&self) -> bool {
+        self.num_experts > 1 || self.num_shared_experts > 0
+    }
+
+    /// Whether block `layer` (0-based) has an MoE FFN: one after `first_dense_layers` on the
+    /// `moe_every` grid, in a config that [`MoeConfig::has_moe`]. The one statement of this
+    /// rule: the model, the parameter count, `moe bench` and the HF mappings all ask here.
     pub fn is_moe_layer(&self, layer: i64) -> bool {
-        layer >= self.first_dense_layers
+        self.has_moe()
+            && layer >= self.first_dense_layers
             && self.moe_every > 0
             && (layer - self.first_dense_layers) % self.moe_every == 0
     }

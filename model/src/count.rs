@@ -185,11 +185,8 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
     );
     let (e, k, h) = (u(moe.num_experts), u(moe.top_k), u(moe.expert_hidden));
     let shared_h = u(moe.num_shared_experts.max(0) * moe.shared_hidden());
-    // The same rule as `TransformerLm::new`: a single routed expert without shared experts is
-    // the dense baseline, whatever `moe_every` says.
-    let has_moe = moe.num_experts > 1 || moe.num_shared_experts > 0;
     let moe_layers = (0..model.num_layers)
-        .filter(|&i| has_moe && moe.is_moe_layer(i))
+        .filter(|&i| moe.is_moe_layer(i))
         .count() as u64;
     let dense_layers = l - moe_layers;
 
@@ -244,7 +241,7 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
     let mut components = components;
     if model.mtp_depth > 0 {
         // The block `layers.{L}`: MoE where block L would be, else dense.
-        let is_moe = has_moe && moe.is_moe_layer(model.num_layers);
+        let is_moe = moe.is_moe_layer(model.num_layers);
         let ffn = if is_moe {
             d * e
                 + if shared_h > 0 {
@@ -278,6 +275,37 @@ pub fn count_params(model: &ModelConfig, moe: &MoeConfig) -> Result<ParamCount> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one "is this block MoE" rule: the `first_dense_layers` / `moe_every` grid, and
+    /// never in the dense baseline (one routed expert, no shared expert), which the count
+    /// then reports as all dense.
+    #[test]
+    fn moe_blocks_follow_the_grid_and_never_in_the_dense_baseline() {
+        let grid = MoeConfig {
+            first_dense_layers: 1,
+            moe_every: 2,
+            ..MoeConfig::default()
+        };
+        let moe: Vec<bool> = (0..6).map(|i| grid.is_moe_layer(i)).collect();
+        assert_eq!(moe, [false, true, false, true, false, true]);
+        let dense = MoeConfig {
+            num_experts: 1,
+            top_k: 1,
+            ..MoeConfig::default()
+        };
+        assert!((0..6).all(|i| !dense.is_moe_layer(i)));
+        let shared_only = MoeConfig {
+            num_shared_experts: 1,
+            ..dense.clone()
+        };
+        assert!(shared_only.is_moe_layer(0));
+        let model = ModelConfig {
+            num_layers: 4,
+            ..ModelConfig::default()
+        };
+        let c = count_params(&model, &dense).unwrap();
+        assert_eq!((c.moe_layers, c.dense_layers), (0, 4));
+    }
 
     /// Mixtral 8x7B by hand (Jiang et al. 2024, Table 1: d 4096, 32 layers, 32 heads, 8 kv
     /// heads, hidden 14336, 8 experts, top-2, vocab 32000): attention

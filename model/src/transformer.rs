@@ -50,7 +50,8 @@ pub struct LmForward<'a> {
     pub capacity_groups: i64,
     /// Kind of the matmuls: `Float` or `BFloat16` (`Double` for gradient checks).
     pub compute_kind: Kind,
-    /// Optimizer step, seeding the router jitter so a run is reproducible.
+    /// A counter seeding the router jitter, so a run is reproducible: the trainer passes one
+    /// value per micro-batch (`optimizer_step * 1024 + micro_batch`), not the optimizer step.
     pub step: u64,
 }
 
@@ -87,8 +88,8 @@ pub(crate) struct Block {
 }
 
 impl Block {
-    /// Block `i`: its attention, and an MoE FFN where `moe.is_moe_layer(i)` and the config has
-    /// more than one routed expert or any shared expert, else a dense SwiGLU.
+    /// Block `i`: its attention, and an MoE FFN where `moe.is_moe_layer(i)`, else a dense
+    /// SwiGLU.
     pub(crate) fn new(
         model: &ModelConfig,
         moe: &MoeConfig,
@@ -98,8 +99,7 @@ impl Block {
         device: Device,
     ) -> Result<Self> {
         let d = model.d_model;
-        let has_moe = moe.num_experts > 1 || moe.num_shared_experts > 0;
-        let ffn = if has_moe && moe.is_moe_layer(i) {
+        let ffn = if moe.is_moe_layer(i) {
             let prefix = format!("layers.{i}.moe");
             Ffn::Moe(Box::new(MoeLayer::new(
                 model,

@@ -26,6 +26,8 @@ use tch::{Device, Kind, Tensor};
 const HOT_PATHS: &[&str] = &[
     "model/src",
     "trainer/src/train_loop.rs",
+    "trainer/src/train_loop",
+    "trainer/src/loss.rs",
     "trainer/src/grad_sync.rs",
     "trainer/src/optim.rs",
     "trainer/src/inference.rs",

@@ -4,7 +4,8 @@
 //! Kinds: `error` (the rank returns an error, as on bad data), `nan` (the step's loss becomes
 //! NaN, exercising the skip-bad-step path), `exit` (the process exits with code 3 without
 //! cleanup), `kill` (SIGKILL to itself), `panic` (a Rust panic on the rank's thread).
-//! Unset in normal runs; parsed once.
+//! The library never reads the environment: the `moe` binary parses `MOE_FAULT` once and
+//! passes the faults in `RunOptions::faults` (empty in normal runs).
 
 use crate::{Result, TrainError};
 
@@ -53,14 +54,6 @@ pub fn parse(spec: &str) -> Result<Vec<Fault>> {
             })
         })
         .collect()
-}
-
-/// The faults configured in the environment (empty when `MOE_FAULT` is unset).
-pub fn from_env() -> Result<Vec<Fault>> {
-    match std::env::var("MOE_FAULT") {
-        Ok(spec) => parse(&spec),
-        Err(_) => Ok(Vec::new()),
-    }
 }
 
 /// Whether a `kill` fault is due for (`rank`, `step`): the loop then lets the checkpoints of

@@ -6,7 +6,7 @@
 use crate::checkpoint::{load_for_rank, ExpertSlot, Loaded};
 use crate::config::{ExperimentConfig, Precision};
 use crate::data::{Dataset, SamplerSpec, Split};
-use crate::train_loop::lm_loss;
+use crate::loss::lm_loss;
 use crate::{Result, TrainError};
 use moe_model::dispatcher::Dispatcher;
 use moe_model::transformer::{LmForward, ParallelInfo, TransformerLm};

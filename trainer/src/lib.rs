@@ -10,6 +10,7 @@ pub mod fused;
 pub mod grad_sync;
 pub mod hf;
 pub mod inference;
+pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod progress;

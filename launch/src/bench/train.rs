@@ -28,8 +28,8 @@ use moe_model::{mlp::SwiGlu, rope::Rope};
 use moe_trainer::config::ExperimentConfig;
 use moe_trainer::data::{load_dataset, Dataset, SamplerSpec, Split};
 use moe_trainer::grad_sync::clip_grad_norm;
+use moe_trainer::loss::train_loss;
 use moe_trainer::optim::AdamW;
-use moe_trainer::train_loop::{lm_loss, mtp_loss};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -148,14 +148,7 @@ impl Model {
             step,
         };
         let out = self.lm.forward(&batch.inputs_bt, &ctx)?;
-        let mut loss = lm_loss(&out.logits_btv, &batch.targets_bt)?
-            .f_add(&out.aux_loss)?
-            .f_add(&out.z_loss)?;
-        if let Some(mtp_logits) = &out.mtp_logits_btv {
-            loss = loss.f_add(
-                &mtp_loss(mtp_logits, &batch.targets_bt)?.f_mul_scalar(t.mtp_loss_weight)?,
-            )?;
-        }
+        let (loss, _) = train_loss(&out, &batch.targets_bt, t.mtp_loss_weight)?;
         loss.f_backward()?;
         let t2 = Instant::now();
         let params = self.lm.params();
@@ -238,8 +231,8 @@ impl Model {
                 m.num_layers as f64,
             )),
         }
-        let is_moe = moe.num_experts > 1 || moe.num_shared_experts > 0;
-        let moe_layer = if is_moe {
+        let moe_layers = (0..m.num_layers).filter(|&i| moe.is_moe_layer(i)).count() as f64;
+        let moe_layer = if moe_layers > 0.0 {
             Some(MoeLayer::new(m, moe, "bench.moe", 0, 1, 1, Device::Cpu)?)
         } else {
             None
@@ -253,9 +246,6 @@ impl Model {
             1,
             Device::Cpu,
         )?;
-        let moe_layers = (0..m.num_layers)
-            .filter(|&i| is_moe && moe.is_moe_layer(i))
-            .count() as f64;
         let dense_layers = m.num_layers as f64 - moe_layers;
         let x =
             Tensor::f_randn([b, t, d], (Kind::Float, Device::Cpu))?.f_set_requires_grad(true)?;

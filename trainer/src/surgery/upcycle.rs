@@ -119,7 +119,7 @@ pub fn upcycle_config(
     let (e, k, g) = (opts.experts, opts.top_k, opts.granularity);
     let h = src.model.ffn_hidden;
     let mut errs = Vec::new();
-    if src.moe.num_experts > 1 || src.moe.num_shared_experts > 0 {
+    if src.moe.has_moe() {
         errs.push(format!(
             "--checkpoint {}: the model already has MoE layers (moe.num_experts {}, \
              moe.num_shared_experts {}); upcycle takes a dense model (moe.num_experts 1, no \
