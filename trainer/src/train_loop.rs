@@ -286,7 +286,8 @@ impl Rank<'_> {
             g.ep_rank as i64,
             g.ep_size as i64,
             g.world_size as i64,
-        )?;
+        )?
+        .with_tokenizer(cfg.data.tokenizer_file())?;
 
         let world = self.groups.world_size as i64;
         let global_batch = t.batch_size * world * t.grad_accum;

@@ -1,4 +1,5 @@
-//! `moe import`: a Hugging Face model folder to a run directory (`config.yaml` plus a
+//! `moe import`: a Hugging Face model folder to a run directory (`config.yaml`, the folder's
+//! `tokenizer.json` if it has one, as `data.tokenizer` and stored in the checkpoint, plus a
 //! checkpoint under `checkpoints/`) that `moe train --resume auto`, `moe eval` and
 //! `moe generate` accept at any `parallel.ep_size`. The folder's `config.json` is read
 //! through the architecture's tables backwards, its tensors through the name table
@@ -10,7 +11,8 @@ use super::config_map::import_config;
 use super::names::{map_name, mapped_shape, Side};
 use super::outdir::Staging;
 use super::HfError;
-use crate::checkpoint::{expert_tensor_name, Checkpointer, Snapshot, StFile};
+use crate::checkpoint::{expert_tensor_name, Checkpointer, Snapshot, StFile, TOKENIZER_FILE};
+use crate::tokenizer::TextTokenizer;
 use crate::config::ExperimentConfig;
 use moe_model::param::ParamKind;
 use moe_model::transformer::{ParallelInfo, TransformerLm};
@@ -132,6 +134,27 @@ fn open_weights(dir: &Path) -> Result<(Vec<StFile>, BTreeMap<String, usize>), Hf
     Ok((files, holder))
 }
 
+/// The folder's `tokenizer.json`, if it has one, checked to fit `model.vocab_size`.
+fn hf_tokenizer(dir: &Path, cfg: &ExperimentConfig) -> Result<Option<TextTokenizer>, HfError> {
+    let path = dir.join(TOKENIZER_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let tok = TextTokenizer::load(&path).map_err(|e| HfError::Input(e.to_string()))?;
+    if tok.vocab_size() as i64 > cfg.model.vocab_size {
+        return Err(input(
+            &path,
+            format!(
+                "the tokenizer has {} ids, more than the model's vocabulary (vocab_size {} in \
+                 config.json)",
+                tok.vocab_size(),
+                cfg.model.vocab_size
+            ),
+        ));
+    }
+    Ok(Some(tok))
+}
+
 /// One tensor the model needs: parameter index, expert id, transpose.
 struct Need {
     param: usize,
@@ -164,6 +187,10 @@ pub fn import(
                 errs.join("\n  ")
             ),
         ));
+    }
+    let tokenizer = hf_tokenizer(hf_dir, &cfg)?;
+    if tokenizer.is_some() {
+        cfg.data.tokenizer = run_dir.join(TOKENIZER_FILE);
     }
     let (files, holder) = open_weights(hf_dir)?;
 
@@ -287,9 +314,15 @@ pub fn import(
     let yaml_path = staging.dir().join("config.yaml");
     std::fs::write(&yaml_path, yaml)
         .map_err(|e| HfError::Failed(format!("{}: {e}", yaml_path.display())))?;
+    let staged_tok = staging.dir().join(TOKENIZER_FILE);
+    if let Some(tok) = &tokenizer {
+        std::fs::copy(tok.path(), &staged_tok)
+            .map_err(|e| HfError::Failed(format!("{}: {e}", staged_tok.display())))?;
+    }
     let ckpt_root = staging.dir().join("checkpoints");
-    let mut ckpt =
-        Checkpointer::new(&ckpt_root, 1, 0, 0, 1, 1).map_err(|e| HfError::Failed(e.to_string()))?;
+    let mut ckpt = Checkpointer::new(&ckpt_root, 1, 0, 0, 1, 1)
+        .and_then(|c| c.with_tokenizer(tokenizer.as_ref().map(|_| staged_tok.as_path())))
+        .map_err(|e| HfError::Failed(e.to_string()))?;
     let written = ckpt
         .save(snapshot)
         .map_err(|e| HfError::Failed(e.to_string()))?;
