@@ -24,14 +24,14 @@
 use crate::cli::GenerateArgs;
 use crate::device::resolve_device;
 use crate::eval_cmd::{bad_checkpoint, set_threads, setup};
-use moe_trainer::data::sidecar::load_configured;
-use moe_trainer::tokenizer::TextTokenizer;
 use crate::exit_code::BadInput;
 use anyhow::anyhow;
 use moe_model::config::AttentionKind;
 use moe_model::dispatcher::Dispatcher;
+use moe_trainer::data::sidecar::load_configured;
 use moe_trainer::decode::Decoder;
 use moe_trainer::inference::{compute_kind, load_single, EvalModel, Sampler};
+use moe_trainer::tokenizer::TextTokenizer;
 use std::io::Write;
 use std::time::Instant;
 
@@ -50,8 +50,8 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
         .map_err(|e| BadInput(format!("--temperature/--top-k: {e}")))?;
     let mut s = setup(&a.checkpoint, None, &[])?;
     let cfg = &mut s.config;
-    let tok = load_configured(cfg.data.tokenizer_file(), cfg.model.vocab_size)
-        .map_err(bad_checkpoint)?;
+    let tok =
+        load_configured(cfg.data.tokenizer_file(), cfg.model.vocab_size).map_err(bad_checkpoint)?;
     if tok.is_none() && cfg.model.vocab_size != BYTE_VOCAB {
         return Err(BadInput(format!(
             "this model has model.vocab_size {} and no tokenizer in its checkpoint; byte-level \
@@ -151,14 +151,12 @@ impl TextOut<'_> {
     fn push(&mut self, id: i64) -> anyhow::Result<String> {
         match self {
             TextOut::Bytes(utf8) => {
-                let byte =
-                    u8::try_from(id).map_err(|_| anyhow!("the model sampled token {id}, not a byte"))?;
+                let byte = u8::try_from(id)
+                    .map_err(|_| anyhow!("the model sampled token {id}, not a byte"))?;
                 Ok(utf8.push(byte))
             }
             TextOut::Tokenizer { ids, .. } => {
-                ids.push(
-                    u32::try_from(id).map_err(|_| anyhow!("the model sampled token {id}"))?,
-                );
+                ids.push(u32::try_from(id).map_err(|_| anyhow!("the model sampled token {id}"))?);
                 self.take(false)
             }
         }

@@ -158,8 +158,8 @@ pub fn run_data(a: &DataArgs) -> anyhow::Result<()> {
         live: std::io::stdout().is_terminal(),
         shown: 0,
     };
-    let meta = prepare_tokens(&tok, &p.input, &p.out, &mut |pr| bar.update(pr))
-        .map_err(input_error)?;
+    let meta =
+        prepare_tokens(&tok, &p.input, &p.out, &mut |pr| bar.update(pr)).map_err(input_error)?;
     bar.finish();
     println!(
         "wrote {}: train.bin {} tokens, val.bin {} tokens ({}), tokens.json (tokenizer sha256 \

@@ -515,14 +515,28 @@ fn import_qwen3_moe_matches_transformers() {
     assert_eq!(code, 0, "{o}\n{e}");
     let out = Command::new(python())
         .arg(repo_root().join("tests/python/hf_reference.py"))
-        .args(["generate-text", "--hf", back.to_str().unwrap(), "--prompt", prompt])
+        .args([
+            "generate-text",
+            "--hf",
+            back.to_str().unwrap(),
+            "--prompt",
+            prompt,
+        ])
         .args(["--tokens", "10"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let byte_ids: Vec<u64> = prompt.bytes().map(u64::from).collect();
-    assert_ne!(v["prompt_ids"], json!(byte_ids), "the tokenizer must not be the identity");
+    assert_ne!(
+        v["prompt_ids"],
+        json!(byte_ids),
+        "the tokenizer must not be the identity"
+    );
     assert_eq!(o, format!("{prompt}{}", v["text"].as_str().unwrap()), "{e}");
 }
 

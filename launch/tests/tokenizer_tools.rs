@@ -34,7 +34,11 @@ fn ids_le(path: &Path, width: usize) -> Vec<u32> {
     std::fs::read(path)
         .unwrap()
         .chunks_exact(width)
-        .map(|c| c.iter().rev().fold(0u32, |acc, &b| (acc << 8) | u32::from(b)))
+        .map(|c| {
+            c.iter()
+                .rev()
+                .fold(0u32, |acc, &b| (acc << 8) | u32::from(b))
+        })
         .collect()
 }
 
@@ -107,10 +111,16 @@ fn tokenizer_train_prepare_train_and_use_the_stored_tokenizer() {
         "--out",
         data.to_str().unwrap(),
     ]);
-    assert!(printed.contains("] 100%") && !printed.contains('\r'), "{printed}");
+    assert!(
+        printed.contains("] 100%") && !printed.contains('\r'),
+        "{printed}"
+    );
     for want in [
         format!("data.path: {}", data.canonicalize().unwrap().display()),
-        format!("data.tokenizer: {}", tok_path.canonicalize().unwrap().display()),
+        format!(
+            "data.tokenizer: {}",
+            tok_path.canonicalize().unwrap().display()
+        ),
         "model.vocab_size: 300".to_string(),
     ] {
         assert!(printed.contains(&want), "{want:?} not in {printed}");
@@ -165,7 +175,10 @@ fn tokenizer_train_prepare_train_and_use_the_stored_tokenizer() {
         "--out",
         hf.to_str().unwrap(),
     ]);
-    assert!(printed.contains("tokenizer.json, tokenizer_config.json"), "{printed}");
+    assert!(
+        printed.contains("tokenizer.json, tokenizer_config.json"),
+        "{printed}"
+    );
     let sample = "Whether 'tis nobler, the lazy fox? Ünïcödé too.\n";
     let sample_path = s.write("sample.txt", sample);
     let v = reference(&[

@@ -359,7 +359,12 @@ fn prepared_tokens_round_trip_in_uint16_and_uint32() {
         let meta = prepare_tokens(&tok, &[input], &out, &mut |_| updates += 1).unwrap();
         assert!(updates >= 1);
         assert_eq!(meta.dtype, dtype);
-        let ids: Vec<i64> = tok.encode(&text).unwrap().into_iter().map(i64::from).collect();
+        let ids: Vec<i64> = tok
+            .encode(&text)
+            .unwrap()
+            .into_iter()
+            .map(i64::from)
+            .collect();
         if extra > 0 {
             assert!(ids.iter().any(|&i| i > 65_535), "no id above uint16");
         }
@@ -405,7 +410,12 @@ fn sidecar_must_match_the_configured_tokenizer() {
     let other_path = other.path().display().to_string();
     err_mentions(
         load_dataset(&c, 300),
-        &["tokens.json", &other_path, "different tokenizer", tok.sha256()],
+        &[
+            "tokens.json",
+            &other_path,
+            "different tokenizer",
+            tok.sha256(),
+        ],
     );
     c.tokenizer = PathBuf::from("bytes");
     err_mentions(
@@ -416,7 +426,11 @@ fn sidecar_must_match_the_configured_tokenizer() {
     let tok_path = tok.path().display().to_string();
     err_mentions(
         load_dataset(&c, 299),
-        &[&tok_path, "data.tokenizer has 300 ids", "model.vocab_size (299)"],
+        &[
+            &tok_path,
+            "data.tokenizer has 300 ids",
+            "model.vocab_size (299)",
+        ],
     );
     assert!(load_dataset(&c, 300).is_ok());
     let _ = std::fs::remove_dir_all(&dir);

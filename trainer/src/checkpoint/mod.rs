@@ -25,6 +25,7 @@ mod manifest;
 mod snapshot;
 mod stfile;
 mod stream;
+mod streamed;
 mod verify;
 mod writer;
 
@@ -36,5 +37,6 @@ pub use manifest::{
 pub use snapshot::{ExpertTensor, Snapshot};
 pub use stfile::{StDtype, StFile, StTensor};
 pub use stream::{split_expert_name, CheckpointReader};
+pub use streamed::{write_streamed, StreamedCheckpoint};
 pub use verify::{find_latest_intact, list_checkpoints, read_manifest, stored_tokenizer, verify};
 pub use writer::{Checkpointer, WriteHook};

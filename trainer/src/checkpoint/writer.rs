@@ -17,9 +17,9 @@ use super::manifest::{
 use super::snapshot::{HostSnapshot, Snapshot};
 use crate::error::{Result, TrainError};
 use crate::tokenizer::sha256_hex;
-use std::io::Write;
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;

@@ -123,7 +123,9 @@ impl Dataset {
     /// the rest validation, as `moe data prepare` splits them.
     fn from_text(origin: Origin, text: &[u8], tok: &TextTokenizer) -> Result<Self> {
         let text = std::str::from_utf8(text).map_err(|e| {
-            TrainError::Data(format!("{origin} is not UTF-8 text ({e}); data.tokenizer needs text"))
+            TrainError::Data(format!(
+                "{origin} is not UTF-8 text ({e}); data.tokenizer needs text"
+            ))
         })?;
         let ids = tok.encode(text)?;
         let n_train = ids.len() * 9 / 10;

@@ -79,7 +79,9 @@ pub fn prepare_tokens(
     }
     let mut total_bytes = 0u64;
     for p in inputs {
-        total_bytes += std::fs::metadata(p).map_err(|e| TrainError::io(p, e))?.len();
+        total_bytes += std::fs::metadata(p)
+            .map_err(|e| TrainError::io(p, e))?
+            .len();
     }
     let dtype = TokenDtype::for_vocab(tok.vocab_size());
     let mut ids: Vec<u32> = Vec::new();

@@ -77,8 +77,12 @@ pub fn read_sidecar(dir: &Path) -> Result<Option<(PathBuf, TokensMeta)>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
-    let meta: TokensMeta = serde_json::from_str(&text)
-        .map_err(|e| bad(&path, format!("unreadable (written by `moe data prepare`?): {e}")))?;
+    let meta: TokensMeta = serde_json::from_str(&text).map_err(|e| {
+        bad(
+            &path,
+            format!("unreadable (written by `moe data prepare`?): {e}"),
+        )
+    })?;
     Ok(Some((path, meta)))
 }
 
@@ -179,5 +183,6 @@ pub fn load_configured(file: Option<&Path>, vocab: i64) -> Result<Option<TextTok
 fn strip_path(e: &TrainError, path: &Path) -> String {
     let msg = e.to_string();
     let prefix = format!("{}: ", path.display());
-    msg.strip_prefix(&prefix).map_or(msg.clone(), str::to_string)
+    msg.strip_prefix(&prefix)
+        .map_or(msg.clone(), str::to_string)
 }

@@ -42,7 +42,9 @@ pub fn read_token_dir(
 
 /// The id at `c` (`width` little-endian bytes).
 fn id_of(c: &[u8]) -> i64 {
-    c.iter().rev().fold(0i64, |acc, &b| (acc << 8) | i64::from(b))
+    c.iter()
+        .rev()
+        .fold(0i64, |acc, &b| (acc << 8) | i64::from(b))
 }
 
 fn read_bin(path: &Path, vocab: i64, dtype: TokenDtype) -> Result<Vec<u8>> {
