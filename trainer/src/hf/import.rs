@@ -19,6 +19,7 @@ use crate::config::ExperimentConfig;
 use crate::tensor_bytes::write_le;
 use crate::tokenizer::TextTokenizer;
 use crate::TrainError;
+use moe_model::config::ModelConfig;
 use moe_model::init;
 use moe_model::param::Param;
 use moe_model::param::ParamKind;
@@ -271,9 +272,15 @@ pub fn import(
 
     // Names, shapes and kinds only: every parameter is filled from the folder, so none is
     // initialised (and none takes resident memory; the import streams tensor by tensor).
+    // `max_seq_len` sizes only the RoPE tables, which are no parameter: at a long context
+    // (Mixtral's 131072 positions) they would outweigh the largest tensor.
+    let shapes_model = ModelConfig {
+        max_seq_len: 1,
+        ..cfg.model.clone()
+    };
     let model = init::without_values(|| {
         TransformerLm::new(
-            &cfg.model,
+            &shapes_model,
             &cfg.moe,
             ParallelInfo::single(),
             cfg.run.seed,
