@@ -122,3 +122,36 @@ pub fn zeros(shape: &[i64], device: Device) -> Result<Tensor> {
     }
     Ok(Tensor::f_zeros(shape, (Kind::Float, device))?.f_set_requires_grad(true)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ModelConfig, MoeConfig};
+    use crate::transformer::{ParallelInfo, TransformerLm};
+
+    /// A model built without values has the same parameters (names, shapes, kinds) as one
+    /// built normally, and initialisation is back on afterwards, even after a failed build.
+    #[test]
+    fn without_values_keeps_names_and_shapes_and_restores() {
+        let (model, moe) = (ModelConfig::default(), MoeConfig::default());
+        let build = || TransformerLm::new(&model, &moe, ParallelInfo::single(), 5, Device::Cpu);
+        let real = build().unwrap();
+        let empty = without_values(build).unwrap();
+        let describe = |lm: &TransformerLm| -> Vec<(String, Vec<i64>, String)> {
+            lm.params()
+                .iter()
+                .map(|p| (p.name.clone(), p.tensor.size(), format!("{:?}", p.kind)))
+                .collect()
+        };
+        assert_eq!(describe(&real), describe(&empty));
+        let again = build().unwrap();
+        for (a, b) in real.params().iter().zip(again.params()) {
+            assert!(a.tensor.equal(&b.tensor), "{} not initialised again", a.name);
+        }
+        let failed: Result<Tensor> = without_values(|| Err(crate::ModelError::Invalid("x".into())));
+        assert!(failed.is_err());
+        let t = normal(1, "w", 0, &[3], 1.0, Device::Cpu).unwrap();
+        assert!(t.equal(&normal(1, "w", 0, &[3], 1.0, Device::Cpu).unwrap()));
+        assert!(!SHAPES_ONLY.with(Cell::get));
+    }
+}
