@@ -44,14 +44,22 @@ pub struct ExportReport {
     pub notes: Vec<String>,
 }
 
-/// The resolved config a checkpoint was saved with.
+/// The resolved config a checkpoint was saved with; its `data.tokenizer` is the copy the
+/// checkpoint stores, if any (the original file may be gone).
 pub fn checkpoint_config(reader: &CheckpointReader) -> Result<ExperimentConfig, HfError> {
-    serde_json::from_str(&reader.manifest().config_yaml).map_err(|e| {
-        HfError::Input(format!(
-            "{}: the stored config does not parse: {e}",
-            reader.path().join("manifest.json").display()
-        ))
-    })
+    let mut cfg: ExperimentConfig = serde_json::from_str(&reader.manifest().config_yaml)
+        .map_err(|e| {
+            HfError::Input(format!(
+                "{}: the stored config does not parse: {e}",
+                reader.path().join("manifest.json").display()
+            ))
+        })?;
+    if let Some(tok) = stored_tokenizer(reader.path(), reader.manifest())
+        .map_err(|e| HfError::Input(e.to_string()))?
+    {
+        cfg.data.tokenizer = tok;
+    }
+    Ok(cfg)
 }
 
 /// The architecture to export `cfg` to: `want`, if `cfg` fits it, else the only one it fits.
