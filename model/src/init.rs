@@ -146,7 +146,11 @@ mod tests {
         assert_eq!(describe(&real), describe(&empty));
         let again = build().unwrap();
         for (a, b) in real.params().iter().zip(again.params()) {
-            assert!(a.tensor.equal(&b.tensor), "{} not initialised again", a.name);
+            assert!(
+                a.tensor.equal(&b.tensor),
+                "{} not initialised again",
+                a.name
+            );
         }
         let failed: Result<Tensor> = without_values(|| Err(crate::ModelError::Invalid("x".into())));
         assert!(failed.is_err());

@@ -401,7 +401,7 @@ fn sidecar_must_match_the_configured_tokenizer() {
     let input = dir.join("corpus.txt");
     std::fs::write(&input, &text).unwrap();
     let out = dir.join("tokens");
-    prepare_tokens(&tok, &[input.clone()], &out, &mut |_| {}).unwrap();
+    prepare_tokens(&tok, std::slice::from_ref(&input), &out, &mut |_| {}).unwrap();
     let other_dir = dir.join("other");
     std::fs::create_dir_all(&other_dir).unwrap();
     let other = tokenizer_with(&other_dir, "a different text, other merges\n", 0);

@@ -47,8 +47,8 @@ pub struct ExportReport {
 /// The resolved config a checkpoint was saved with; its `data.tokenizer` is the copy the
 /// checkpoint stores, if any (the original file may be gone).
 pub fn checkpoint_config(reader: &CheckpointReader) -> Result<ExperimentConfig, HfError> {
-    let mut cfg: ExperimentConfig = serde_json::from_str(&reader.manifest().config_yaml)
-        .map_err(|e| {
+    let mut cfg: ExperimentConfig =
+        serde_json::from_str(&reader.manifest().config_yaml).map_err(|e| {
             HfError::Input(format!(
                 "{}: the stored config does not parse: {e}",
                 reader.path().join("manifest.json").display()
