@@ -87,30 +87,41 @@ pub fn load(path: &Path, sets: &[String]) -> Result<LoadedConfig, ConfigError> {
 
 /// Paths that do not depend on where `moe` runs from. `run.out_dir`, when neither the file nor
 /// an override sets it, is `runs/<run.name>`, so a new `run.name` is a new run directory. A
-/// relative `data.path` written in the file is relative to the file's directory (a config
-/// finds its data from any working directory); one given with `--set` is relative to the
-/// working directory, like any path typed on the command line. `data.path` is stored
-/// absolute, so the config saved with a run (and `moe eval` of its checkpoints) finds it too.
+/// relative `data.path` (or `data.tokenizer`) written in the file is relative to the file's
+/// directory (a config finds its data from any working directory); one given with `--set` is
+/// relative to the working directory, like any path typed on the command line. Both are
+/// stored absolute, so the config saved with a run (and `moe eval` of its checkpoints) finds
+/// them too.
 fn resolve_paths(cfg: &mut ExperimentConfig, tree: &Node, file: &Path) {
     if tree.lookup("run.out_dir").is_none() {
         cfg.run.out_dir = Path::new("runs").join(&cfg.run.name);
     }
-    let Some(p) = cfg.data.path.as_ref().filter(|p| p.is_relative()) else {
-        return;
-    };
+    if let Some(p) = cfg.data.path.take() {
+        cfg.data.path = Some(resolve(p, "data.path", tree, file));
+    }
+    if cfg.data.tokenizer_file().is_some() {
+        let p = std::mem::take(&mut cfg.data.tokenizer);
+        cfg.data.tokenizer = resolve(p, "data.tokenizer", tree, file);
+    }
+}
+
+/// `p`, the value of `key`, made absolute by the rule of [`resolve_paths`].
+fn resolve(p: PathBuf, key: &str, tree: &Node, file: &Path) -> PathBuf {
+    if p.is_absolute() {
+        return p;
+    }
     let from_override = tree
-        .lookup("data.path")
+        .lookup(key)
         .is_some_and(|(_, node)| matches!(node.origin, Origin::Override(_)));
     let base = if from_override {
         PathBuf::new()
     } else {
         file.parent().map(Path::to_path_buf).unwrap_or_default()
     };
-    let joined = base.join(p);
-    let resolved = std::fs::canonicalize(&joined)
+    let joined = base.join(&p);
+    std::fs::canonicalize(&joined)
         .or_else(|_| std::path::absolute(&joined))
-        .unwrap_or(joined);
-    cfg.data.path = Some(resolved);
+        .unwrap_or(joined)
 }
 
 impl LoadedConfig {

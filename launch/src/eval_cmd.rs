@@ -13,7 +13,7 @@ use crate::yaml_tree::Origin;
 use crate::{overrides, suggest, tree_de, yaml_tree};
 use anyhow::{anyhow, Context};
 use moe_model::dispatcher::Dispatcher;
-use moe_trainer::checkpoint::{read_manifest, Manifest};
+use moe_trainer::checkpoint::{read_manifest, stored_tokenizer, Manifest};
 use moe_trainer::config::{Backend, ExperimentConfig};
 use moe_trainer::data::load_dataset;
 use moe_trainer::inference::{compute_kind, load_single, rank_val_loss, EvalModel};
@@ -46,6 +46,7 @@ pub fn setup(
         Some(file) => {
             let mut loaded = config_load::load(file, sets)?;
             single_process(&mut loaded.config);
+            use_stored_tokenizer(&path, &manifest, &mut loaded.config)?;
             loaded.validate(1, Vec::new())?;
             return Ok(CheckpointSetup {
                 path,
@@ -56,6 +57,7 @@ pub fn setup(
         None => stored_config(&path, &manifest, sets)?,
     };
     single_process(&mut cfg);
+    use_stored_tokenizer(&path, &manifest, &mut cfg)?;
     let errs = cfg.validate(1);
     if !errs.is_empty() {
         return Err(BadInput(format!(
@@ -70,6 +72,19 @@ pub fn setup(
         manifest,
         config: cfg,
     })
+}
+
+/// The tokenizer the checkpoint stores (the one the model was trained with) replaces
+/// `data.tokenizer`, so the original file need not exist any more.
+fn use_stored_tokenizer(
+    path: &Path,
+    manifest: &Manifest,
+    cfg: &mut ExperimentConfig,
+) -> anyhow::Result<()> {
+    if let Some(tok) = stored_tokenizer(path, manifest).map_err(bad_checkpoint)? {
+        cfg.data.tokenizer = tok;
+    }
+    Ok(())
 }
 
 /// One process, one rank: the model is built at EP size 1 whatever the run used.

@@ -44,8 +44,8 @@ pub struct ExportArgs {
     /// Largest safetensors shard in bytes; bigger models get several shards and an index.
     #[arg(long, value_name = "BYTES", default_value_t = hf::DEFAULT_MAX_SHARD_BYTES)]
     pub max_shard_size: u64,
-    /// tokenizer.json to ship with the model (AutoTokenizer loads it); byte-level models need
-    /// none.
+    /// tokenizer.json to ship with the model (AutoTokenizer loads it) instead of the one the
+    /// checkpoint stores (a run with data.tokenizer stores its own; byte-level runs have none).
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
 }

@@ -1,6 +1,8 @@
-//! `moe generate`: byte-level sampling from a checkpoint, streamed to stdout.
+//! `moe generate`: sampling from a checkpoint, streamed to stdout.
 //!
-//! The prompt's UTF-8 bytes are the first tokens. Each new token runs alone through the model
+//! The prompt's tokens come first: its UTF-8 bytes for a byte-level model, or its encoding by
+//! the tokenizer the checkpoint stores (a run's `data.tokenizer`), which also decodes the
+//! sampled ids. Each new token runs alone through the model
 //! against a KV cache of the context (`moe_trainer::decode::Decoder`: at most
 //! `model.max_seq_len` tokens; when full, the context restarts from its last half), and is
 //! sampled from its logits (`moe_trainer::inference::Sampler`: temperature 0 is greedy;
@@ -26,8 +28,10 @@ use crate::exit_code::BadInput;
 use anyhow::anyhow;
 use moe_model::config::AttentionKind;
 use moe_model::dispatcher::Dispatcher;
+use moe_trainer::data::sidecar::load_configured;
 use moe_trainer::decode::Decoder;
 use moe_trainer::inference::{compute_kind, load_single, EvalModel, Sampler};
+use moe_trainer::tokenizer::TextTokenizer;
 use std::io::Write;
 use std::time::Instant;
 
@@ -38,7 +42,7 @@ const BYTE_VOCAB: i64 = 256;
 pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
     if a.prompt.is_empty() {
         return Err(BadInput(
-            "--prompt is empty: byte-level generation needs at least one byte to continue".into(),
+            "--prompt is empty: generation needs at least one token to continue".into(),
         )
         .into());
     }
@@ -46,10 +50,13 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
         .map_err(|e| BadInput(format!("--temperature/--top-k: {e}")))?;
     let mut s = setup(&a.checkpoint, None, &[])?;
     let cfg = &mut s.config;
-    if cfg.model.vocab_size != BYTE_VOCAB {
+    let tok =
+        load_configured(cfg.data.tokenizer_file(), cfg.model.vocab_size).map_err(bad_checkpoint)?;
+    if tok.is_none() && cfg.model.vocab_size != BYTE_VOCAB {
         return Err(BadInput(format!(
-            "moe generate samples byte-level tokens, but this model has model.vocab_size {} \
-             (byte-level models have {BYTE_VOCAB})",
+            "this model has model.vocab_size {} and no tokenizer in its checkpoint; byte-level \
+             generation needs model.vocab_size {BYTE_VOCAB} (a run with data.tokenizer stores \
+             its tokenizer)",
             cfg.model.vocab_size
         ))
         .into());
@@ -78,22 +85,38 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
             "note: model.attention.kind {kind} has no KV cache here; every token recomputes its context"
         );
     }
-    let mut tokens: Vec<i64> = a.prompt.bytes().map(i64::from).collect();
+    let mut tokens: Vec<i64> = match &tok {
+        Some(t) => t
+            .encode(&a.prompt)
+            .map_err(|e| anyhow!("{e}"))?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        None => a.prompt.bytes().map(i64::from).collect(),
+    };
+    if tokens.is_empty() {
+        return Err(BadInput("--prompt encodes to no tokens".into()).into());
+    }
+    let mut text = match &tok {
+        Some(t) => TextOut::Tokenizer {
+            tok: t,
+            ids: Vec::new(),
+            shown: 0,
+        },
+        None => TextOut::Bytes(Utf8Stream::default()),
+    };
     let mut out = std::io::stdout().lock();
     out.write_all(a.prompt.as_bytes())?;
     out.flush()?;
-    let mut utf8 = Utf8Stream::default();
     let start = Instant::now();
     for _ in 0..a.tokens {
         let logits_v = decoder.next_logits(&tokens).map_err(|e| anyhow!("{e}"))?;
         let next = sampler.sample(&logits_v).map_err(|e| anyhow!("{e}"))?;
-        let byte = u8::try_from(next)
-            .map_err(|_| anyhow!("the model sampled token {next}, not a byte"))?;
         tokens.push(next);
-        out.write_all(utf8.push(byte).as_bytes())?;
+        out.write_all(text.push(next)?.as_bytes())?;
         out.flush()?;
     }
-    out.write_all(utf8.finish().as_bytes())?;
+    out.write_all(text.finish()?.as_bytes())?;
     out.flush()?;
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
@@ -106,6 +129,62 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
         a.seed
     );
     Ok(())
+}
+
+/// The text of the sampled tokens, as it becomes printable.
+enum TextOut<'a> {
+    /// Byte-level tokens.
+    Bytes(Utf8Stream),
+    /// A tokenizer's ids: the whole continuation is decoded after each token and the new
+    /// part printed, holding back a trailing U+FFFD (a character whose bytes are split over
+    /// tokens not yet sampled).
+    Tokenizer {
+        tok: &'a TextTokenizer,
+        ids: Vec<u32>,
+        /// Bytes of the decoded continuation already printed.
+        shown: usize,
+    },
+}
+
+impl TextOut<'_> {
+    /// Adds token `id`; returns the text completed by it (possibly empty).
+    fn push(&mut self, id: i64) -> anyhow::Result<String> {
+        match self {
+            TextOut::Bytes(utf8) => {
+                let byte = u8::try_from(id)
+                    .map_err(|_| anyhow!("the model sampled token {id}, not a byte"))?;
+                Ok(utf8.push(byte))
+            }
+            TextOut::Tokenizer { ids, .. } => {
+                ids.push(u32::try_from(id).map_err(|_| anyhow!("the model sampled token {id}"))?);
+                self.take(false)
+            }
+        }
+    }
+
+    /// The rest, at the end of the stream.
+    fn finish(&mut self) -> anyhow::Result<String> {
+        match self {
+            TextOut::Bytes(utf8) => Ok(utf8.finish()),
+            TextOut::Tokenizer { .. } => self.take(true),
+        }
+    }
+
+    fn take(&mut self, last: bool) -> anyhow::Result<String> {
+        let TextOut::Tokenizer { tok, ids, shown } = self else {
+            return Ok(String::new());
+        };
+        let all = tok.decode(ids).map_err(|e| anyhow!("{e}"))?;
+        let mut end = all.len();
+        if !last {
+            end = all.trim_end_matches(char::REPLACEMENT_CHARACTER).len();
+        }
+        // Decoding is prefix-stable for byte-level tokenizers; if an earlier part changed
+        // anyway, print only what extends the text already shown.
+        let new = all.get(*shown..end).unwrap_or("").to_string();
+        *shown = (*shown).max(end);
+        Ok(new)
+    }
 }
 
 /// Incremental UTF-8 decoding of a byte stream: returns what can be printed now, holding an

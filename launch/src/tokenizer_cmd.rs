@@ -3,10 +3,11 @@
 
 use crate::exit_code::BadInput;
 use clap::{Args, Subcommand};
-use moe_trainer::data::prepare::prepare_tokens;
+use moe_trainer::data::prepare::{prepare_tokens, PrepareProgress};
 use moe_trainer::tokenizer::{train_bpe, TextTokenizer};
 use moe_trainer::TrainError;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 
 /// `moe tokenizer ...`.
 #[derive(Debug, Args)]
@@ -46,7 +47,8 @@ pub struct DataArgs {
 /// Data subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DataCommand {
-    /// Encode text files into train.bin / val.bin (uint16) plus tokens.json.
+    /// Encode text files into train.bin / val.bin (uint16, or uint32 above 65536 ids) plus
+    /// tokens.json.
     Prepare(DataPrepareArgs),
 }
 
@@ -99,29 +101,82 @@ pub fn run_tokenizer(a: &TokenizerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The progress bar of `moe data prepare`, on stdout: on a terminal one line redrawn in place;
+/// otherwise (a log file, CI) a plain line at every tenth of the input, so logs stay short.
+struct PrepareBar {
+    live: bool,
+    /// Tenths of the input reported so far (plain lines only).
+    shown: u64,
+}
+
+impl PrepareBar {
+    fn update(&mut self, p: PrepareProgress) {
+        let frac = p.done_bytes as f64 / p.total_bytes.max(1) as f64;
+        let tenths = (frac * 10.0).floor() as u64;
+        if !self.live && tenths <= self.shown && p.done_bytes < p.total_bytes {
+            return;
+        }
+        self.shown = tenths;
+        let width = 30;
+        let filled = ((frac * width as f64) as usize).min(width);
+        let line = format!(
+            "[{}{}] {:>3.0}%  {:.1}/{:.1} MB encoded, {} tokens",
+            "#".repeat(filled),
+            "-".repeat(width - filled),
+            frac * 100.0,
+            p.done_bytes as f64 / 1e6,
+            p.total_bytes as f64 / 1e6,
+            p.tokens
+        );
+        let mut out = std::io::stdout().lock();
+        let _ = if self.live {
+            write!(out, "\r\x1b[2K{line}").and_then(|_| out.flush())
+        } else {
+            writeln!(out, "{line}")
+        };
+    }
+
+    fn finish(&self) {
+        if self.live {
+            println!();
+        }
+    }
+}
+
+/// `p` made absolute (as the config loader stores paths), for a message to copy from.
+fn absolute(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p)
+        .or_else(|_| std::path::absolute(p))
+        .unwrap_or_else(|_| p.to_path_buf())
+}
+
 /// Runs `moe data prepare`.
 pub fn run_data(a: &DataArgs) -> anyhow::Result<()> {
     let DataCommand::Prepare(p) = &a.command;
     let tok = TextTokenizer::load(&p.tokenizer).map_err(input_error)?;
-    let mut progress = |done: usize, total: usize, file: &std::path::Path| {
-        let width = 30;
-        let filled = done * width / total.max(1);
-        eprintln!(
-            "[{}{}] {done}/{total} files encoded ({})",
-            "#".repeat(filled),
-            "-".repeat(width - filled),
-            file.display()
-        );
+    let mut bar = PrepareBar {
+        live: std::io::stdout().is_terminal(),
+        shown: 0,
     };
-    let meta = prepare_tokens(&tok, &p.input, &p.out, &mut progress).map_err(input_error)?;
+    let meta =
+        prepare_tokens(&tok, &p.input, &p.out, &mut |pr| bar.update(pr)).map_err(input_error)?;
+    bar.finish();
     println!(
-        "wrote {}: train.bin {} tokens, val.bin {} tokens (uint16), tokens.json (vocabulary {}); \
-         train with data.source: tokens, data.path: {}, model.vocab_size >= {}",
+        "wrote {}: train.bin {} tokens, val.bin {} tokens ({}), tokens.json (tokenizer sha256 \
+         {}, {} ids)",
         p.out.display(),
         meta.train_tokens,
         meta.val_tokens,
+        meta.dtype.name(),
+        meta.tokenizer_sha256,
         meta.vocab_size,
-        p.out.display(),
+    );
+    println!(
+        "to train on it, set in the config (a relative path there is relative to the config \
+         file's directory):\n  data.source: tokens\n  data.path: {}\n  data.tokenizer: {}\n  \
+         model.vocab_size: {} (or more)",
+        absolute(&p.out).display(),
+        absolute(&p.tokenizer).display(),
         meta.vocab_size
     );
     Ok(())

@@ -363,6 +363,16 @@ fn ep2_exports_the_same_bytes_as_ep1() {
 /// A random `arch` model saved by transformers imports with the same logits and greedy text,
 /// and exporting the import gives back every tensor bit for bit. Returns the run directory.
 fn check_import(s: &Scratch, arch: &str, make_args: &[&str]) -> PathBuf {
+    check_import_with(s, arch, make_args, None)
+}
+
+/// [`check_import`], with `tokenizer` copied into the folder as its `tokenizer.json` first.
+fn check_import_with(
+    s: &Scratch,
+    arch: &str,
+    make_args: &[&str],
+    tokenizer: Option<&Path>,
+) -> PathBuf {
     let hf = s.0.join("ref");
     let mut args = vec![
         "make",
@@ -375,6 +385,9 @@ fn check_import(s: &Scratch, arch: &str, make_args: &[&str]) -> PathBuf {
     ];
     args.extend_from_slice(make_args);
     reference(&args);
+    if let Some(t) = tokenizer {
+        std::fs::copy(t, hf.join("tokenizer.json")).unwrap();
+    }
     let run = s.0.join("imported");
     let (code, o, e) = moe(&[
         "import",
@@ -449,13 +462,82 @@ fn import_qwen2_moe_matches_transformers() {
     }
 }
 
-/// Qwen3-MoE with per-head q/k norms and renormalised top-k.
+/// Qwen3-MoE with per-head q/k norms and renormalised top-k, from a folder with a
+/// `tokenizer.json`: the run keeps it (as `data.tokenizer` and in the checkpoint), export
+/// ships it back without a flag, and `moe generate` encodes and decodes with it, giving
+/// transformers' greedy text.
 #[test]
 fn import_qwen3_moe_matches_transformers() {
     let s = Scratch::new("hf-imp-qwen3");
-    let run = check_import(&s, "qwen3_moe", &[]);
+    // A byte-level BPE of 256 ids (no merges) fits the reference model's vocabulary; its ids
+    // are not the byte values, so generating without it would give other text.
+    let input = s.write("corpus.txt", "To be, or not to be: that is the question.\n");
+    let tok = s.0.join("tokenizer.json");
+    let (code, o, e) = moe(&[
+        "tokenizer",
+        "train",
+        "--input",
+        input.to_str().unwrap(),
+        "--vocab-size",
+        "256",
+        "--out",
+        tok.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{o}\n{e}");
+    let run = check_import_with(&s, "qwen3_moe", &[], Some(&tok));
     let yaml = std::fs::read_to_string(run.join("config.yaml")).unwrap();
     assert!(yaml.contains("qk_norm: true"), "{yaml}");
+    let kept = run.join("tokenizer.json");
+    assert!(
+        yaml.contains(&format!("tokenizer: {}", kept.display())),
+        "{yaml}"
+    );
+    let bytes = std::fs::read(&tok).unwrap();
+    assert_eq!(std::fs::read(&kept).unwrap(), bytes);
+    let ckpt = only_checkpoint(&run);
+    assert_eq!(std::fs::read(ckpt.join("tokenizer.json")).unwrap(), bytes);
+    let back = s.0.join("back");
+    assert_eq!(std::fs::read(back.join("tokenizer.json")).unwrap(), bytes);
+    assert!(back.join("tokenizer_config.json").is_file());
+
+    let prompt = "the question";
+    let (code, o, e) = moe(&[
+        "generate",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--tokens",
+        "10",
+        "--temperature",
+        "0",
+    ]);
+    assert_eq!(code, 0, "{o}\n{e}");
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/python/hf_reference.py"))
+        .args([
+            "generate-text",
+            "--hf",
+            back.to_str().unwrap(),
+            "--prompt",
+            prompt,
+        ])
+        .args(["--tokens", "10"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let byte_ids: Vec<u64> = prompt.bytes().map(u64::from).collect();
+    assert_ne!(
+        v["prompt_ids"],
+        json!(byte_ids),
+        "the tokenizer must not be the identity"
+    );
+    assert_eq!(o, format!("{prompt}{}", v["text"].as_str().unwrap()), "{e}");
 }
 
 /// Rewrites `dir/model.safetensors` with `edit` applied to its tensor list.

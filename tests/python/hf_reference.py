@@ -111,6 +111,26 @@ def tokenize(args):
     print(json.dumps({"ids": ids, "decoded": tok.decode(ids), "class": type(tok).__name__}))
 
 
+def generate_text(args):
+    """Greedy continuation of --prompt by the folder's model and tokenizer, as text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.hf)
+    model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32)
+    model.eval()
+    prompt = torch.tensor([tok.encode(args.prompt, add_special_tokens=False)], dtype=torch.long)
+    with torch.no_grad():
+        gen = model.generate(
+            prompt,
+            max_new_tokens=args.tokens,
+            min_new_tokens=args.tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    ids = gen[0, prompt.shape[1] :].tolist()
+    print(json.dumps({"prompt_ids": prompt[0].tolist(), "ids": ids, "text": tok.decode(ids)}))
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -126,8 +146,12 @@ def main():
     t = sub.add_parser("tokenize")
     t.add_argument("--hf", required=True)
     t.add_argument("--text", required=True)
+    g = sub.add_parser("generate-text")
+    g.add_argument("--hf", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--tokens", type=int, required=True)
     args = p.parse_args()
-    {"make": make, "run": run, "tokenize": tokenize}[args.cmd](args)
+    {"make": make, "run": run, "tokenize": tokenize, "generate-text": generate_text}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 
 use moe_model::config::{ModelConfig, MoeConfig};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A whole experiment: the root of the YAML file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -46,11 +46,13 @@ impl Default for RunConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DataSource {
-    /// A deterministic generated multi-domain corpus, built in; nothing is downloaded.
+    /// A deterministic generated multi-domain ASCII corpus, built in; nothing is downloaded.
     Synthetic,
-    /// A UTF-8 text file at `data.path`, byte-level tokens: first 90% train, last 10% val.
+    /// A UTF-8 text file at `data.path`, tokenized by `data.tokenizer`: the first 90% of the
+    /// tokens train, the rest val.
     Text,
-    /// A directory at `data.path` with little-endian uint16 `train.bin` and `val.bin`.
+    /// A directory at `data.path` with little-endian `train.bin` and `val.bin`: uint16, or
+    /// the dtype its `tokens.json` names (`moe data prepare` writes one).
     Tokens,
 }
 
@@ -64,6 +66,12 @@ pub struct DataConfig {
     /// that file's directory (one given with `--set`, to the working directory); the saved
     /// config stores it absolute.
     pub path: Option<PathBuf>,
+    /// `bytes` (one token per byte, ids 0..255) or the path of a Hugging Face
+    /// `tokenizer.json` (`moe tokenizer train` makes one), relative like `data.path`.
+    /// `synthetic` and `text` data are encoded with it; `tokens` data must have been made
+    /// with it (its `tokens.json` is checked). Its vocabulary must fit `model.vocab_size`.
+    /// Checkpoints keep a copy, which `moe eval`, `moe generate` and `moe export` use.
+    pub tokenizer: PathBuf,
     /// Tokens per training sequence T (windows of T+1 tokens are drawn).
     pub seq_len: i64,
     /// Size in bytes of the generated synthetic corpus.
@@ -72,11 +80,22 @@ pub struct DataConfig {
     pub prefetch: usize,
 }
 
+/// The value of `data.tokenizer` that means byte-level tokens.
+pub const BYTE_TOKENIZER: &str = "bytes";
+
+impl DataConfig {
+    /// The `tokenizer.json` of `data.tokenizer`; `None` for byte-level tokens.
+    pub fn tokenizer_file(&self) -> Option<&Path> {
+        (self.tokenizer.as_os_str() != BYTE_TOKENIZER).then_some(self.tokenizer.as_path())
+    }
+}
+
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
             source: DataSource::Synthetic,
             path: None,
+            tokenizer: PathBuf::from(BYTE_TOKENIZER),
             seq_len: 128,
             synthetic_bytes: 2_000_000,
             prefetch: 4,

@@ -16,6 +16,7 @@ pub mod optim;
 pub mod progress;
 pub mod schedule;
 pub mod surgery;
+pub mod tensor_bytes;
 pub mod tensorboard;
 pub mod tensorboard_truncate;
 pub mod tokenizer;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{Tokenizer, TokenizerBuilder};
 
 /// A loaded `tokenizer.json` and its identity.
@@ -73,6 +74,17 @@ impl TextTokenizer {
     /// Ids the tokenizer can produce: the model's vocabulary plus added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// Whether the tokenizer is GPT-2's byte-level scheme with its split rule and no
+    /// normalizer (what [`train_bpe`] makes): the encoding of a text is then the concatenation
+    /// of the encodings of pieces cut right after a newline between two non-spaces.
+    pub fn splits_like_gpt2(&self) -> bool {
+        let level = matches!(
+            self.inner.get_pre_tokenizer(),
+            Some(PreTokenizerWrapper::ByteLevel(b)) if b.use_regex && !b.add_prefix_space
+        );
+        level && self.inner.get_normalizer().is_none()
     }
 
     /// Token ids of `text` (no special tokens added).

@@ -2,7 +2,10 @@
 //! names the file and the problem.
 
 use moe_trainer::config::{DataConfig, DataSource};
+use moe_trainer::data::prepare::prepare_tokens;
+use moe_trainer::data::sidecar::TokenDtype;
 use moe_trainer::data::{load_dataset, synthetic, Dataset, Split};
+use moe_trainer::tokenizer::{train_bpe, TextTokenizer};
 use moe_trainer::TrainError;
 use std::path::{Path, PathBuf};
 
@@ -18,6 +21,7 @@ fn cfg(source: DataSource, path: Option<&Path>, seq_len: i64) -> DataConfig {
     DataConfig {
         source,
         path: path.map(Path::to_path_buf),
+        tokenizer: PathBuf::from("bytes"),
         seq_len,
         synthetic_bytes: 20_000,
         prefetch: 2,
@@ -277,7 +281,7 @@ fn token_errors_name_the_file() {
     let d = case("odd", &good, &odd);
     err_mentions(
         load_dataset(&cfg(DataSource::Tokens, Some(&d), 8), 256),
-        &["odd/val.bin", "201 bytes, an odd number"],
+        &["odd/val.bin", "201 bytes, not a multiple of 2"],
     );
 
     let mut ids = vec![5u16; 100];
@@ -302,4 +306,132 @@ fn token_errors_name_the_file() {
             "seq_len+1 = 9",
         ],
     );
+}
+
+/// Lines with repeated words (BPE merges) and, every third line, one of the last 50 of `extra`
+/// added tokens written out (`<t65999>`), so a tokenizer with added tokens produces their ids.
+fn tok_corpus(extra: usize) -> String {
+    (0..400)
+        .map(|i| {
+            let tag = if extra > 0 && i % 3 == 0 {
+                format!(" <t{}>", extra - 1 - (i % 50))
+            } else {
+                String::new()
+            };
+            format!("the cat sat on the mat {i}{tag}\n")
+        })
+        .collect()
+}
+
+/// A byte-level BPE of 300 ids trained on `text`, plus `extra` added tokens `<t0>`, `<t1>`,
+/// ... with ids 300.. (a vocabulary above 65536 without training that many merges).
+fn tokenizer_with(dir: &Path, text: &str, extra: usize) -> TextTokenizer {
+    let input = dir.join("train.txt");
+    std::fs::write(&input, text).unwrap();
+    let json = train_bpe(&[input], 300).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let added = v["added_tokens"].as_array_mut().unwrap();
+    for i in 0..extra {
+        added.push(serde_json::json!({
+            "id": 300 + i, "content": format!("<t{i}>"), "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": false
+        }));
+    }
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+    TextTokenizer::load(&path).unwrap()
+}
+
+/// `moe data prepare`'s files hold uint32 ids once the vocabulary passes 65536, and the
+/// `tokens` source reads them back exactly (ids above 65535 included); the same data with a
+/// uint16-sized tokenizer is uint16.
+#[test]
+fn prepared_tokens_round_trip_in_uint16_and_uint32() {
+    for (extra, dtype) in [(0, TokenDtype::Uint16), (66_000, TokenDtype::Uint32)] {
+        let dir = scratch(&format!("prep-{extra}"));
+        let text = tok_corpus(extra);
+        let tok = tokenizer_with(&dir, &text, extra);
+        assert_eq!(tok.vocab_size(), 300 + extra);
+        let input = dir.join("corpus.txt");
+        std::fs::write(&input, &text).unwrap();
+        let out = dir.join("tokens");
+        let mut updates = 0;
+        let meta = prepare_tokens(&tok, &[input], &out, &mut |_| updates += 1).unwrap();
+        assert!(updates >= 1);
+        assert_eq!(meta.dtype, dtype);
+        let ids: Vec<i64> = tok
+            .encode(&text)
+            .unwrap()
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        if extra > 0 {
+            assert!(ids.iter().any(|&i| i > 65_535), "no id above uint16");
+        }
+        let width = dtype.width() as u64;
+        let n_train = ids.len() * 9 / 10;
+        assert_eq!(
+            std::fs::metadata(out.join("train.bin")).unwrap().len(),
+            n_train as u64 * width
+        );
+        let mut c = cfg(DataSource::Tokens, Some(&out), 16);
+        c.tokenizer = tok.path().to_path_buf();
+        let vocab = tok.vocab_size() as i64;
+        let ds = load_dataset(&c, vocab).unwrap();
+        assert_eq!(ds.len(Split::Train), n_train);
+        check_windows(&ds, Split::Train, &ids[..n_train], 16);
+        check_windows(&ds, Split::Val, &ids[n_train..], 16);
+        // The text source with the same tokenizer splits the same tokens the same way.
+        let mut t = cfg(DataSource::Text, Some(&dir.join("corpus.txt")), 16);
+        t.tokenizer = tok.path().to_path_buf();
+        let ds = load_dataset(&t, vocab).unwrap();
+        check_windows(&ds, Split::Train, &ids[..n_train], 16);
+        check_windows(&ds, Split::Val, &ids[n_train..], 16);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Token data is checked against the configured tokenizer through its sidecar: another
+/// tokenizer, or bytes, is refused naming both files; a tokenizer larger than the model too.
+#[test]
+fn sidecar_must_match_the_configured_tokenizer() {
+    let dir = scratch("sidecar");
+    let text = tok_corpus(0);
+    let tok = tokenizer_with(&dir, &text, 0);
+    let input = dir.join("corpus.txt");
+    std::fs::write(&input, &text).unwrap();
+    let out = dir.join("tokens");
+    prepare_tokens(&tok, std::slice::from_ref(&input), &out, &mut |_| {}).unwrap();
+    let other_dir = dir.join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other = tokenizer_with(&other_dir, "a different text, other merges\n", 0);
+    let mut c = cfg(DataSource::Tokens, Some(&out), 16);
+    c.tokenizer = other.path().to_path_buf();
+    let other_path = other.path().display().to_string();
+    err_mentions(
+        load_dataset(&c, 300),
+        &[
+            "tokens.json",
+            &other_path,
+            "different tokenizer",
+            tok.sha256(),
+        ],
+    );
+    c.tokenizer = PathBuf::from("bytes");
+    err_mentions(
+        load_dataset(&c, 300),
+        &["tokens.json", "data.tokenizer is bytes"],
+    );
+    c.tokenizer = tok.path().to_path_buf();
+    let tok_path = tok.path().display().to_string();
+    err_mentions(
+        load_dataset(&c, 299),
+        &[
+            &tok_path,
+            "data.tokenizer has 300 ids",
+            "model.vocab_size (299)",
+        ],
+    );
+    assert!(load_dataset(&c, 300).is_ok());
+    let _ = std::fs::remove_dir_all(&dir);
 }

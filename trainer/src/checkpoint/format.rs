@@ -56,8 +56,6 @@ pub(crate) fn write_safetensors(
     name: &str,
     entries: &[Entry<'_>],
 ) -> std::io::Result<FileEntry> {
-    let mut infos = Vec::with_capacity(entries.len());
-    let mut offset = 0usize;
     for e in entries {
         let want = e.shape.iter().product::<usize>() * ELT_BYTES;
         if want != e.data.len() {
@@ -68,12 +66,38 @@ pub(crate) fn write_safetensors(
                 e.data.len()
             )));
         }
+    }
+    let tensors: Vec<TensorEntry> = entries
+        .iter()
+        .map(|e| TensorEntry {
+            name: e.name.clone(),
+            shape: e.shape.clone(),
+        })
+        .collect();
+    write_safetensors_with(w, name, &tensors, &mut |i, out| {
+        out.write_all(entries[i].data)
+    })
+}
+
+/// Encodes the float32 `tensors` into `w`, asking `fill(i, out)` to write tensor `i`'s bytes
+/// when its turn comes (so a caller can stream them), and describes the result as `name`.
+/// Each tensor must get exactly the bytes its shape needs.
+pub(crate) fn write_safetensors_with(
+    w: impl Write,
+    name: &str,
+    tensors: &[TensorEntry],
+    fill: &mut dyn FnMut(usize, &mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<FileEntry> {
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for t in tensors {
+        let want = t.shape.iter().product::<usize>() * ELT_BYTES;
         let info = TensorInfo {
             dtype: Dtype::F32,
-            shape: e.shape.clone(),
+            shape: t.shape.clone(),
             data_offsets: (offset, offset + want),
         };
-        infos.push((e.name.clone(), info));
+        infos.push((t.name.clone(), info));
         offset += want;
     }
     let metadata = Metadata::new(None, infos).map_err(|e| invalid(e.to_string()))?;
@@ -87,21 +111,25 @@ pub(crate) fn write_safetensors(
     };
     out.write_all(&(header.len() as u64).to_le_bytes())?;
     out.write_all(&header)?;
-    for e in entries {
-        out.write_all(e.data)?;
+    for (i, t) in tensors.iter().enumerate() {
+        let before = out.len;
+        fill(i, &mut out)?;
+        let want = (t.shape.iter().product::<usize>() * ELT_BYTES) as u64;
+        if out.len - before != want {
+            return Err(invalid(format!(
+                "{}: shape {:?} needs {want} bytes, got {}",
+                t.name,
+                t.shape,
+                out.len - before
+            )));
+        }
     }
     out.flush()?;
     Ok(FileEntry {
         name: name.to_string(),
         size: out.len,
         sha256: hex(&out.sha.finalize()),
-        tensors: entries
-            .iter()
-            .map(|e| TensorEntry {
-                name: e.name.clone(),
-                shape: e.shape.clone(),
-            })
-            .collect(),
+        tensors: tensors.to_vec(),
     })
 }
 

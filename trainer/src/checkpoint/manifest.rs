@@ -9,6 +9,8 @@ pub const FORMAT_NAME: &str = "moe-checkpoint";
 pub const FORMAT_VERSION: u32 = 1;
 /// File name of the manifest inside a checkpoint directory.
 pub(crate) const MANIFEST: &str = "manifest.json";
+/// File name of the tokenizer copy inside a checkpoint directory.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// File written by world rank 0 with every dense tensor.
 pub(crate) const DENSE_FILE: &str = "dense.safetensors";
 
@@ -46,6 +48,10 @@ pub struct Manifest {
     pub extra: serde_json::Value,
     /// Every file with its size, sha256 and tensors.
     pub files: Vec<FileEntry>,
+    /// The run's tokenizer (`data.tokenizer`), copied into the checkpoint as
+    /// [`TOKENIZER_FILE`]; absent for byte-level runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<FileEntry>,
 }
 
 /// One stacked expert tensor, stored as one file tensor per global expert id.

@@ -9,6 +9,7 @@
 //!     experts-r<k>.safetensors ep rank k of the first expert-data-parallel replica: one
 //!                              tensor per GLOBAL expert, `layers.3.moe.experts.17.w_gate`
 //!                              and `optim.layers.3.moe.experts.17.w_gate.exp_avg`
+//!     tokenizer.json           world rank 0, when the run has a `data.tokenizer`: a copy
 //!     manifest.json            written last: step, sizes, sha256 and tensor list per file
 //! ```
 //!
@@ -24,15 +25,18 @@ mod manifest;
 mod snapshot;
 mod stfile;
 mod stream;
+mod streamed;
 mod verify;
 mod writer;
 
 pub use load::{config_mismatch, load_for_rank, ExpertSlot, Loaded};
 pub use manifest::{
     expert_tensor_name, ExpertEntry, FileEntry, Manifest, TensorEntry, FORMAT_NAME, FORMAT_VERSION,
+    TOKENIZER_FILE,
 };
 pub use snapshot::{ExpertTensor, Snapshot};
 pub use stfile::{StDtype, StFile, StTensor};
 pub use stream::{split_expert_name, CheckpointReader};
-pub use verify::{find_latest_intact, list_checkpoints, read_manifest, verify};
+pub use streamed::{write_streamed, StreamedCheckpoint};
+pub use verify::{find_latest_intact, list_checkpoints, read_manifest, stored_tokenizer, verify};
 pub use writer::{Checkpointer, WriteHook};

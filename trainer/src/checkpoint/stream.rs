@@ -64,6 +64,9 @@ impl CheckpointReader {
             }
             files.push(st);
         }
+        if let Some(t) = &manifest.tokenizer {
+            verify_file(&path.join(&t.name), t)?;
+        }
         Ok(Self {
             path: path.to_path_buf(),
             manifest,

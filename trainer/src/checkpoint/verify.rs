@@ -34,10 +34,21 @@ pub fn read_manifest(ckpt: &Path) -> Result<Manifest> {
 /// Checks every file the manifest lists against its size and sha256 (reads them all).
 pub fn verify(ckpt: &Path) -> Result<Manifest> {
     let manifest = read_manifest(ckpt)?;
-    for file in &manifest.files {
+    for file in manifest.files.iter().chain(&manifest.tokenizer) {
         verify_file(&ckpt.join(&file.name), file)?;
     }
     Ok(manifest)
+}
+
+/// The tokenizer stored in the checkpoint `ckpt` (checked against the manifest's size and
+/// sha256), or `None` for a byte-level run.
+pub fn stored_tokenizer(ckpt: &Path, manifest: &Manifest) -> Result<Option<PathBuf>> {
+    let Some(entry) = &manifest.tokenizer else {
+        return Ok(None);
+    };
+    let path = ckpt.join(&entry.name);
+    verify_file(&path, entry)?;
+    Ok(Some(path))
 }
 
 /// Committed checkpoint directories under `dir` (`step-<digits>`), oldest first. Does not

@@ -12,12 +12,14 @@ use super::fsutil::{
 };
 use super::manifest::{
     expert_tensor_name, experts_file, part_marker, ExpertEntry, FileEntry, Manifest, PartMarker,
-    DENSE_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST,
+    DENSE_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST, TOKENIZER_FILE,
 };
 use super::snapshot::{HostSnapshot, Snapshot};
 use crate::error::{Result, TrainError};
+use crate::tokenizer::sha256_hex;
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -46,6 +48,7 @@ pub struct Checkpointer {
     world_size: i64,
     part_timeout: Duration,
     hook: Option<WriteHook>,
+    tokenizer: Option<Arc<Vec<u8>>>,
     inflight: Option<JoinHandle<Result<()>>>,
 }
 
@@ -117,6 +120,7 @@ impl Checkpointer {
             world_size,
             part_timeout: DEFAULT_PART_TIMEOUT,
             hook: None,
+            tokenizer: None,
             inflight: None,
         })
     }
@@ -131,6 +135,16 @@ impl Checkpointer {
     pub fn with_write_hook(mut self, hook: WriteHook) -> Self {
         self.hook = Some(hook);
         self
+    }
+
+    /// Stores a copy of the `tokenizer.json` at `path` (read now, so every checkpoint of the
+    /// run holds the same bytes) in each checkpoint rank 0 writes; `None` stores none.
+    pub fn with_tokenizer(mut self, path: Option<&Path>) -> Result<Self> {
+        self.tokenizer = match path {
+            Some(p) => Some(Arc::new(fs::read(p).map_err(|e| TrainError::io(p, e))?)),
+            None => None,
+        };
+        Ok(self)
     }
 
     /// The checkpoint root directory.
@@ -168,6 +182,7 @@ impl Checkpointer {
             world_size: self.world_size,
             part_timeout: self.part_timeout,
             hook: self.hook.clone(),
+            tokenizer: self.tokenizer.clone(),
             host,
         };
         let step = job.host.step;
@@ -212,6 +227,7 @@ struct Job {
     world_size: i64,
     part_timeout: Duration,
     hook: Option<WriteHook>,
+    tokenizer: Option<Arc<Vec<u8>>>,
     host: HostSnapshot,
 }
 
@@ -234,8 +250,9 @@ impl Job {
         }
         if self.world_rank == 0 {
             let dense = self.write_dense(&tmp)?;
+            let tokenizer = self.write_tokenizer(&tmp)?;
             let parts = self.collect_parts(&tmp)?;
-            self.commit(&tmp, dense, parts)?;
+            self.commit(&tmp, dense, tokenizer, parts)?;
             self.prune()?;
         }
         Ok(())
@@ -255,6 +272,19 @@ impl Job {
         write_atomic(tmp, DENSE_FILE, |w| {
             write_safetensors(w, DENSE_FILE, &entries)
         })
+    }
+
+    fn write_tokenizer(&self, tmp: &Path) -> Result<Option<FileEntry>> {
+        let Some(bytes) = &self.tokenizer else {
+            return Ok(None);
+        };
+        write_atomic(tmp, TOKENIZER_FILE, |w| w.write_all(bytes))?;
+        Ok(Some(FileEntry {
+            name: TOKENIZER_FILE.into(),
+            size: bytes.len() as u64,
+            sha256: sha256_hex(bytes),
+            tensors: Vec::new(),
+        }))
     }
 
     fn write_experts(&self, tmp: &Path) -> Result<()> {
@@ -335,7 +365,13 @@ impl Job {
         Ok(parts)
     }
 
-    fn commit(&self, tmp: &Path, dense: FileEntry, parts: Vec<PartMarker>) -> Result<()> {
+    fn commit(
+        &self,
+        tmp: &Path,
+        dense: FileEntry,
+        tokenizer: Option<FileEntry>,
+        parts: Vec<PartMarker>,
+    ) -> Result<()> {
         let experts = expert_table(tmp, &parts)?;
         let mut files = vec![dense];
         files.extend(parts.into_iter().map(|p| p.file));
@@ -350,6 +386,7 @@ impl Job {
             config_yaml: self.host.config_yaml.clone(),
             extra: self.host.extra.clone(),
             files,
+            tokenizer,
         };
         write_atomic(tmp, MANIFEST, |w| {
             serde_json::to_writer_pretty(w, &manifest).map_err(std::io::Error::from)

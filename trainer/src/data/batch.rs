@@ -30,7 +30,7 @@ impl Batch {
     }
 }
 
-/// Token ids stored compactly: bytes (`width` 1) or little-endian uint16 (`width` 2).
+/// Token ids stored compactly: bytes (`width` 1), little-endian uint16 (2) or uint32 (4).
 #[derive(Debug, Clone)]
 pub(crate) struct TokenStore {
     bytes: Vec<u8>,
@@ -43,9 +43,20 @@ impl TokenStore {
         Self { bytes, width: 1 }
     }
 
-    /// Little-endian uint16 tokens; `bytes.len()` must be even (checked by the loader).
-    pub(crate) fn from_u16_le(bytes: Vec<u8>) -> Self {
-        Self { bytes, width: 2 }
+    /// Little-endian tokens of `width` bytes (2 or 4); `bytes.len()` must be a multiple of
+    /// it (checked by the loader).
+    pub(crate) fn from_le(bytes: Vec<u8>, width: usize) -> Self {
+        Self { bytes, width }
+    }
+
+    /// Ids as little-endian uint16 when they all fit, else uint32.
+    pub(crate) fn from_ids(ids: &[u32]) -> Self {
+        if ids.iter().all(|&v| v <= u32::from(u16::MAX)) {
+            let bytes = ids.iter().flat_map(|&v| (v as u16).to_le_bytes()).collect();
+            Self::from_le(bytes, 2)
+        } else {
+            Self::from_le(ids.iter().flat_map(|v| v.to_le_bytes()).collect(), 4)
+        }
     }
 
     /// Number of tokens.
@@ -77,13 +88,12 @@ impl TokenStore {
         }
         let b = starts.len() as i64;
         let raw_bwc = Tensor::f_from_slice(&buf)?.f_view([b, t + 1, self.width as i64])?;
-        let ids_bw = if self.width == 1 {
-            raw_bwc.f_select(2, 0)?.f_to_kind(Kind::Int64)?
-        } else {
-            let lo_bw = raw_bwc.f_select(2, 0)?.f_to_kind(Kind::Int64)?;
-            let hi_bw = raw_bwc.f_select(2, 1)?.f_to_kind(Kind::Int64)?;
-            lo_bw.f_add(&hi_bw.f_mul_scalar(256)?)?
-        };
+        // Little-endian: id = sum_c byte_c * 256^c.
+        let mut ids_bw = raw_bwc.f_select(2, 0)?.f_to_kind(Kind::Int64)?;
+        for c in 1..self.width as i64 {
+            let byte_bw = raw_bwc.f_select(2, c)?.f_to_kind(Kind::Int64)?;
+            ids_bw = ids_bw.f_add(&byte_bw.f_mul_scalar(1i64 << (8 * c))?)?;
+        }
         Ok(Batch {
             inputs_bt: ids_bw.f_narrow(1, 0, t)?.f_contiguous()?,
             targets_bt: ids_bw.f_narrow(1, 1, t)?.f_contiguous()?,

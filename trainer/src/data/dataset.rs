@@ -2,8 +2,10 @@
 
 use super::batch::{Batch, TokenStore};
 use super::sampler::{window_start, SamplerSpec, Split};
+use super::sidecar::load_configured;
 use super::{synthetic, text, tokens};
 use crate::config::{DataConfig, DataSource};
+use crate::tokenizer::TextTokenizer;
 use crate::{Result, TrainError};
 use std::ops::Range;
 use std::path::PathBuf;
@@ -42,8 +44,9 @@ pub struct Dataset {
     val: TokenStore,
 }
 
-/// Loads the corpus `cfg` names and checks it against `vocab` (= `model.vocab_size`) and
-/// `cfg.seq_len`: every token id is `< vocab`, and each split holds at least one window of
+/// Loads the corpus `cfg` names, tokenized by `cfg.tokenizer`, and checks it against `vocab`
+/// (= `model.vocab_size`) and `cfg.seq_len`: every token id is `< vocab`, token files were
+/// made with the configured tokenizer, and each split holds at least one window of
 /// `seq_len + 1` tokens. Errors name the file and the problem.
 pub fn load_dataset(cfg: &DataConfig, vocab: i64) -> Result<Arc<Dataset>> {
     let need_path = || {
@@ -58,30 +61,39 @@ pub fn load_dataset(cfg: &DataConfig, vocab: i64) -> Result<Arc<Dataset>> {
             ))
         })
     };
+    let tok = load_configured(cfg.tokenizer_file(), vocab)?;
     let ds = match cfg.source {
         DataSource::Synthetic => {
             let bytes = synthetic::generate(cfg.synthetic_bytes);
-            check_byte_vocab(&bytes, vocab, || "the synthetic corpus".to_string())?;
-            Dataset::from_byte_corpus(
-                Origin::Synthetic {
-                    bytes: cfg.synthetic_bytes,
-                },
-                bytes,
-            )
+            let origin = Origin::Synthetic {
+                bytes: cfg.synthetic_bytes,
+            };
+            match &tok {
+                Some(t) => Dataset::from_text(origin, &bytes, t)?,
+                None => {
+                    check_byte_vocab(&bytes, vocab, || "the synthetic corpus".to_string())?;
+                    Dataset::from_byte_corpus(origin, bytes)
+                }
+            }
         }
         DataSource::Text => {
             let path = need_path()?;
             let bytes = text::read_text(&path)?;
-            check_byte_vocab(&bytes, vocab, || format!("data.path {}", path.display()))?;
-            Dataset::from_byte_corpus(Origin::Text(path), bytes)
+            match &tok {
+                Some(t) => Dataset::from_text(Origin::Text(path), &bytes, t)?,
+                None => {
+                    check_byte_vocab(&bytes, vocab, || format!("data.path {}", path.display()))?;
+                    Dataset::from_byte_corpus(Origin::Text(path), bytes)
+                }
+            }
         }
         DataSource::Tokens => {
             let dir = need_path()?;
-            let (train, val) = tokens::read_token_dir(&dir, vocab)?;
+            let (train, val, dtype) = tokens::read_token_dir(&dir, vocab, tok.as_ref())?;
             Dataset {
                 origin: Origin::Tokens(dir),
-                train: TokenStore::from_u16_le(train),
-                val: TokenStore::from_u16_le(val),
+                train: TokenStore::from_le(train, dtype.width()),
+                val: TokenStore::from_le(val, dtype.width()),
             }
         }
     };
@@ -107,6 +119,23 @@ fn check_byte_vocab(bytes: &[u8], vocab: i64, what: impl Fn() -> String) -> Resu
 }
 
 impl Dataset {
+    /// UTF-8 `text` encoded with `tok`: the first 90% (rounded down) of the tokens are train,
+    /// the rest validation, as `moe data prepare` splits them.
+    fn from_text(origin: Origin, text: &[u8], tok: &TextTokenizer) -> Result<Self> {
+        let text = std::str::from_utf8(text).map_err(|e| {
+            TrainError::Data(format!(
+                "{origin} is not UTF-8 text ({e}); data.tokenizer needs text"
+            ))
+        })?;
+        let ids = tok.encode(text)?;
+        let n_train = ids.len() * 9 / 10;
+        Ok(Self {
+            origin,
+            train: TokenStore::from_ids(&ids[..n_train]),
+            val: TokenStore::from_ids(&ids[n_train..]),
+        })
+    }
+
     /// A byte-level corpus: the first 90% (rounded down) is train, the rest validation.
     pub fn from_byte_corpus(origin: Origin, mut bytes: Vec<u8>) -> Self {
         let n_train = bytes.len() * 9 / 10;

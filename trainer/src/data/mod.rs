@@ -1,4 +1,4 @@
-//! Training data: byte-level corpora (generated, text file, or uint16 token files), the
+//! Training data: corpora (generated, text file, or token files; bytes or a tokenizer's ids), the
 //! stateless per-step sampler, and the background prefetcher.
 //!
 //! Sampling follows the nanoGPT recipe (random windows of `seq_len + 1` tokens), made
@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod prefetch;
 pub mod prepare;
 pub mod sampler;
+pub mod sidecar;
 pub mod synthetic;
 pub mod text;
 pub mod tokens;

@@ -1,14 +1,21 @@
-//! `data.source: tokens`: a directory with `train.bin` and `val.bin`, little-endian uint16
-//! token ids (the nanoGPT layout).
+//! `data.source: tokens`: a directory with `train.bin` and `val.bin`, little-endian token ids
+//! (the nanoGPT layout): uint16, or uint32 when its sidecar `tokens.json` says so.
 
+use super::sidecar::{check_sidecar, TokenDtype};
+use crate::tokenizer::TextTokenizer;
 use crate::{Result, TrainError};
 use std::io::ErrorKind;
 use std::path::Path;
 
-/// Reads `dir/train.bin` and `dir/val.bin` as raw little-endian bytes after checking each is
-/// present, non-empty, of even length and holds only ids `< vocab`, and that the sidecar
-/// `tokens.json` (written by `moe data prepare`), if any, fits `vocab`. Errors name the file.
-pub fn read_token_dir(dir: &Path, vocab: i64) -> Result<(Vec<u8>, Vec<u8>)> {
+/// Reads `dir/train.bin` and `dir/val.bin` as raw little-endian bytes, with their element
+/// type, after checking the sidecar `tokens.json` (written by `moe data prepare`), if any,
+/// against `tok` (the configured `data.tokenizer`) and `vocab`, and each file is present,
+/// non-empty, a whole number of ids and holds only ids `< vocab`. Errors name the file.
+pub fn read_token_dir(
+    dir: &Path,
+    vocab: i64,
+    tok: Option<&TextTokenizer>,
+) -> Result<(Vec<u8>, Vec<u8>, TokenDtype)> {
     let err = |msg: &str| TrainError::File {
         path: dir.to_path_buf(),
         msg: msg.into(),
@@ -25,18 +32,27 @@ pub fn read_token_dir(dir: &Path, vocab: i64) -> Result<(Vec<u8>, Vec<u8>)> {
              val.bin (a UTF-8 file is data.source text)",
         ));
     }
-    super::prepare::check_sidecar(dir, vocab)?;
+    let dtype = check_sidecar(dir, vocab, tok)?;
     Ok((
-        read_bin(&dir.join("train.bin"), vocab)?,
-        read_bin(&dir.join("val.bin"), vocab)?,
+        read_bin(&dir.join("train.bin"), vocab, dtype)?,
+        read_bin(&dir.join("val.bin"), vocab, dtype)?,
+        dtype,
     ))
 }
 
-fn read_bin(path: &Path, vocab: i64) -> Result<Vec<u8>> {
+/// The id at `c` (`width` little-endian bytes).
+fn id_of(c: &[u8]) -> i64 {
+    c.iter()
+        .rev()
+        .fold(0i64, |acc, &b| (acc << 8) | i64::from(b))
+}
+
+fn read_bin(path: &Path, vocab: i64, dtype: TokenDtype) -> Result<Vec<u8>> {
     let err = |msg: String| TrainError::File {
         path: path.to_path_buf(),
         msg,
     };
+    let (w, name) = (dtype.width(), dtype.name());
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
         ErrorKind::NotFound => err(
             "does not exist; data.source tokens needs train.bin and val.bin in data.path".into(),
@@ -44,21 +60,22 @@ fn read_bin(path: &Path, vocab: i64) -> Result<Vec<u8>> {
         _ => err(format!("cannot be read: {e}")),
     })?;
     if bytes.is_empty() {
-        return Err(err(
-            "is empty; expected little-endian uint16 token ids".into()
-        ));
-    }
-    if bytes.len() % 2 != 0 {
         return Err(err(format!(
-            "has {} bytes, an odd number; expected little-endian uint16 token ids (2 bytes each)",
+            "is empty; expected little-endian {name} token ids"
+        )));
+    }
+    if bytes.len() % w != 0 {
+        return Err(err(format!(
+            "has {} bytes, not a multiple of {w}; expected little-endian {name} token ids \
+             ({w} bytes each)",
             bytes.len()
         )));
     }
     // One pass at load time, not per step; the first offender makes the clearest message.
     let bad = bytes
-        .chunks_exact(2)
+        .chunks_exact(w)
         .enumerate()
-        .map(|(i, c)| (i, i64::from(u16::from_le_bytes([c[0], c[1]]))))
+        .map(|(i, c)| (i, id_of(c)))
         .find(|&(_, id)| id >= vocab);
     if let Some((i, id)) = bad {
         return Err(err(format!(
@@ -67,4 +84,16 @@ fn read_bin(path: &Path, vocab: i64) -> Result<Vec<u8>> {
         )));
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::id_of;
+
+    #[test]
+    fn ids_are_little_endian() {
+        assert_eq!(id_of(&[0x34, 0x12]), 0x1234);
+        assert_eq!(id_of(&[0x78, 0x56, 0x34, 0x12]), 0x1234_5678);
+        assert_eq!(id_of(&[0xff, 0xff, 0x01, 0x00]), 0x1_ffff);
+    }
 }

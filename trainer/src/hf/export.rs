@@ -8,7 +8,7 @@ use super::names::{map_name, mapped_shape, Side};
 use super::outdir::Staging;
 use super::shards::{write_model, ExportDtype, OutTensor};
 use super::HfError;
-use crate::checkpoint::CheckpointReader;
+use crate::checkpoint::{stored_tokenizer, CheckpointReader};
 use crate::config::ExperimentConfig;
 use crate::tokenizer::TextTokenizer;
 use std::collections::BTreeMap;
@@ -27,7 +27,8 @@ pub struct ExportOptions {
     /// Largest shard in bytes.
     pub max_shard_bytes: u64,
     /// A `tokenizer.json` to ship with the weights (as `tokenizer.json` plus a
-    /// `tokenizer_config.json` naming `PreTrainedTokenizerFast`), so `AutoTokenizer` loads it.
+    /// `tokenizer_config.json` naming `PreTrainedTokenizerFast`), so `AutoTokenizer` loads it;
+    /// `None` ships the one the checkpoint stores (its run's `data.tokenizer`), if any.
     pub tokenizer: Option<PathBuf>,
 }
 
@@ -43,14 +44,22 @@ pub struct ExportReport {
     pub notes: Vec<String>,
 }
 
-/// The resolved config a checkpoint was saved with.
+/// The resolved config a checkpoint was saved with; its `data.tokenizer` is the copy the
+/// checkpoint stores, if any (the original file may be gone).
 pub fn checkpoint_config(reader: &CheckpointReader) -> Result<ExperimentConfig, HfError> {
-    serde_json::from_str(&reader.manifest().config_yaml).map_err(|e| {
-        HfError::Input(format!(
-            "{}: the stored config does not parse: {e}",
-            reader.path().join("manifest.json").display()
-        ))
-    })
+    let mut cfg: ExperimentConfig =
+        serde_json::from_str(&reader.manifest().config_yaml).map_err(|e| {
+            HfError::Input(format!(
+                "{}: the stored config does not parse: {e}",
+                reader.path().join("manifest.json").display()
+            ))
+        })?;
+    if let Some(tok) = stored_tokenizer(reader.path(), reader.manifest())
+        .map_err(|e| HfError::Input(e.to_string()))?
+    {
+        cfg.data.tokenizer = tok;
+    }
+    Ok(cfg)
 }
 
 /// The architecture to export `cfg` to: `want`, if `cfg` fits it, else the only one it fits.
@@ -141,7 +150,9 @@ pub fn export(ckpt: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportRep
     let arch = choose_arch(&cfg, opts.arch)?;
     let spec = arch.spec();
     let names = plan_names(&reader, spec)?;
-    let tokenizer = match &opts.tokenizer {
+    let stored = stored_tokenizer(reader.path(), reader.manifest())
+        .map_err(|e| HfError::Input(e.to_string()))?;
+    let tokenizer = match opts.tokenizer.as_ref().or(stored.as_ref()) {
         Some(p) => Some(checked_tokenizer(p, &cfg)?),
         None => None,
     };

@@ -1,4 +1,5 @@
-//! `moe import`: a Hugging Face model folder to a run directory (`config.yaml` plus a
+//! `moe import`: a Hugging Face model folder to a run directory (`config.yaml`, the folder's
+//! `tokenizer.json` if it has one, as `data.tokenizer` and stored in the checkpoint, plus a
 //! checkpoint under `checkpoints/`) that `moe train --resume auto`, `moe eval` and
 //! `moe generate` accept at any `parallel.ep_size`. The folder's `config.json` is read
 //! through the architecture's tables backwards, its tensors through the name table
@@ -10,14 +11,25 @@ use super::config_map::import_config;
 use super::names::{map_name, mapped_shape, Side};
 use super::outdir::Staging;
 use super::HfError;
-use crate::checkpoint::{expert_tensor_name, Checkpointer, Snapshot, StFile};
+use crate::checkpoint::{
+    expert_tensor_name, write_streamed, ExpertEntry, StFile, StreamedCheckpoint, TensorEntry,
+    TOKENIZER_FILE,
+};
 use crate::config::ExperimentConfig;
+use crate::tensor_bytes::write_le;
+use crate::tokenizer::TextTokenizer;
+use crate::TrainError;
+use moe_model::config::ModelConfig;
+use moe_model::init;
+use moe_model::param::Param;
 use moe_model::param::ParamKind;
 use moe_model::transformer::{ParallelInfo, TransformerLm};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::Device;
+use tch::{Kind, Tensor};
 
 /// File name of the single-file layout.
 const SINGLE: &str = "model.safetensors";
@@ -132,10 +144,97 @@ fn open_weights(dir: &Path) -> Result<(Vec<StFile>, BTreeMap<String, usize>), Hf
     Ok((files, holder))
 }
 
-/// One tensor the model needs: parameter index, expert id, transpose.
+/// The folder's `tokenizer.json`, if it has one, checked to fit `model.vocab_size`.
+fn hf_tokenizer(dir: &Path, cfg: &ExperimentConfig) -> Result<Option<TextTokenizer>, HfError> {
+    let path = dir.join(TOKENIZER_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let tok = TextTokenizer::load(&path).map_err(|e| HfError::Input(e.to_string()))?;
+    if tok.vocab_size() as i64 > cfg.model.vocab_size {
+        return Err(input(
+            &path,
+            format!(
+                "the tokenizer has {} ids, more than the model's vocabulary (vocab_size {} in \
+                 config.json)",
+                tok.vocab_size(),
+                cfg.model.vocab_size
+            ),
+        ));
+    }
+    Ok(Some(tok))
+}
+
+/// The checkpoint of an imported model: its parameters and buffers, a fresh AdamW state (zero
+/// moments, step 0, so it resumes like a new run), step 0.
+fn checkpoint_plan(
+    cfg: &ExperimentConfig,
+    hf_dir: &Path,
+    params: &[Param],
+    buffers: &[(String, Tensor)],
+    tokenizer: Option<PathBuf>,
+) -> Result<StreamedCheckpoint, HfError> {
+    let shape = |t: &Tensor| -> Vec<usize> { t.size().iter().map(|&s| s as usize).collect() };
+    let mut dense = Vec::new();
+    let mut optim = Vec::new();
+    let mut experts = Vec::new();
+    for p in params {
+        let size = shape(&p.tensor);
+        match p.kind {
+            ParamKind::Dense => {
+                dense.push(TensorEntry {
+                    name: p.name.clone(),
+                    shape: size.clone(),
+                });
+                for stat in ADAM_STATS {
+                    optim.push(TensorEntry {
+                        name: format!("optim.{}.{stat}", p.name),
+                        shape: size.clone(),
+                    });
+                }
+            }
+            ParamKind::Expert { num_local, .. } => {
+                let stats = std::iter::once(None).chain(ADAM_STATS.map(Some));
+                for stat in stats {
+                    experts.push(ExpertEntry {
+                        key: stat.map_or_else(|| p.name.clone(), |s| format!("{}.{s}", p.name)),
+                        param: p.name.clone(),
+                        stat: stat.map(str::to_string),
+                        num_experts: num_local,
+                        expert_shape: size[1..].to_vec(),
+                    });
+                }
+            }
+        }
+    }
+    dense.extend(buffers.iter().map(|(n, t)| TensorEntry {
+        name: n.clone(),
+        shape: shape(t),
+    }));
+    dense.extend(optim);
+    Ok(StreamedCheckpoint {
+        step: 0,
+        optim_step: 0,
+        extra: serde_json::json!({
+            "data_step": 0,
+            "seed": cfg.run.seed,
+            "imported_from": hf_dir.display().to_string(),
+        }),
+        config_yaml: serde_json::to_string_pretty(cfg)
+            .map_err(|e| HfError::Failed(format!("serialising the config: {e}")))?,
+        dense,
+        experts,
+        tokenizer,
+    })
+}
+
+/// The AdamW statistics a checkpoint stores per parameter.
+const ADAM_STATS: [&str; 2] = ["exp_avg", "exp_avg_sq"];
+
+/// One tensor the model needs: its name in our checkpoint files, whether the folder stores
+/// it transposed, and its shape there.
 struct Need {
-    param: usize,
-    expert: Option<i64>,
+    ours: String,
     transpose: bool,
     shape: Vec<usize>,
 }
@@ -165,30 +264,44 @@ pub fn import(
             ),
         ));
     }
+    let tokenizer = hf_tokenizer(hf_dir, &cfg)?;
+    if tokenizer.is_some() {
+        cfg.data.tokenizer = run_dir.join(TOKENIZER_FILE);
+    }
     let (files, holder) = open_weights(hf_dir)?;
 
-    let model = TransformerLm::new(
-        &cfg.model,
-        &cfg.moe,
-        ParallelInfo::single(),
-        cfg.run.seed,
-        Device::Cpu,
-    )
+    // Names, shapes and kinds only: every parameter is filled from the folder, so none is
+    // initialised (and none takes resident memory; the import streams tensor by tensor).
+    // `max_seq_len` sizes only the RoPE tables, which are no parameter: at a long context
+    // (Mixtral's 131072 positions) they would outweigh the largest tensor.
+    let shapes_model = ModelConfig {
+        max_seq_len: 1,
+        ..cfg.model.clone()
+    };
+    let model = init::without_values(|| {
+        TransformerLm::new(
+            &shapes_model,
+            &cfg.moe,
+            ParallelInfo::single(),
+            cfg.run.seed,
+            Device::Cpu,
+        )
+    })
     .map_err(|e| HfError::Input(e.to_string()))?;
     let params = model.params();
     let mut needs: BTreeMap<String, Need> = BTreeMap::new();
-    for (pi, p) in params.iter().enumerate() {
+    for p in &params {
         let size: Vec<usize> = p.tensor.size().iter().map(|&s| s as usize).collect();
-        let per_name: Vec<(String, Option<i64>, &[usize])> = match p.kind {
-            ParamKind::Dense => vec![(p.name.clone(), None, &size[..])],
+        let per_name: Vec<(String, &[usize])> = match p.kind {
+            ParamKind::Dense => vec![(p.name.clone(), &size[..])],
             ParamKind::Expert {
                 first_global,
                 num_local,
             } => (first_global..first_global + num_local)
-                .map(|g| (expert_tensor_name(&p.name, g, None), Some(g), &size[1..]))
+                .map(|g| (expert_tensor_name(&p.name, g, None), &size[1..]))
                 .collect(),
         };
-        for (ours, expert, shape) in per_name {
+        for (ours, shape) in per_name {
             let (hf, transpose) = map_name(spec.names, Side::Ours, &ours).ok_or_else(|| {
                 HfError::Failed(format!(
                     "parameter {ours} has no {} name (a gap in the table)",
@@ -198,8 +311,7 @@ pub fn import(
             needs.insert(
                 hf,
                 Need {
-                    param: pi,
-                    expert,
+                    ours,
                     transpose,
                     shape: mapped_shape(shape, transpose),
                 },
@@ -240,60 +352,61 @@ pub fn import(
         return Err(HfError::Input(problems.join("\n")));
     }
 
-    let failed = |e: tch::TchError| HfError::Failed(e.to_string());
-    tch::no_grad(|| -> Result<(), HfError> {
-        for (hf, need) in &needs {
-            let file = &files[holder[hf]];
-            let v = file.read(hf).map_err(|e| HfError::Input(e.to_string()))?;
-            let v = if need.transpose {
-                v.f_tr().map_err(failed)?
-            } else {
-                v
-            };
-            let dst = &params[need.param].tensor;
-            let mut dst = match need.expert {
-                Some(g) => dst.f_select(0, g).map_err(failed)?,
-                None => dst.shallow_clone(),
-            };
-            dst.f_copy_(&v).map_err(failed)?;
-        }
-        Ok(())
-    })?;
-
-    // A fresh AdamW state (zero moments, step 0), so the checkpoint resumes like a new run.
-    let mut optim = Vec::with_capacity(2 * params.len());
-    for p in &params {
-        for stat in ["exp_avg", "exp_avg_sq"] {
-            let zeros = p.tensor.f_zeros_like().map_err(failed)?;
-            optim.push((format!("{}.{stat}", p.name), zeros));
-        }
-    }
-    let snapshot = Snapshot {
-        step: 0,
-        optim_step: 0,
-        extra: serde_json::json!({
-            "data_step": 0,
-            "seed": cfg.run.seed,
-            "imported_from": hf_dir.display().to_string(),
-        }),
-        config_yaml: serde_json::to_string_pretty(&cfg)
-            .map_err(|e| HfError::Failed(format!("serialising the config: {e}")))?,
-        ..Snapshot::from_params(&params, &model.buffers(), optim)
-            .map_err(|e| HfError::Failed(e.to_string()))?
-    };
-
     let staging = Staging::new(&run_dir)?;
     let yaml = render_yaml(&cfg).map_err(HfError::Failed)?;
     let yaml_path = staging.dir().join("config.yaml");
     std::fs::write(&yaml_path, yaml)
         .map_err(|e| HfError::Failed(format!("{}: {e}", yaml_path.display())))?;
+    let staged_tok = staging.dir().join(TOKENIZER_FILE);
+    if let Some(tok) = &tokenizer {
+        std::fs::copy(tok.path(), &staged_tok)
+            .map_err(|e| HfError::Failed(format!("{}: {e}", staged_tok.display())))?;
+    }
+    let staged_tok = tokenizer.is_some().then_some(staged_tok);
+    let plan = checkpoint_plan(&cfg, hf_dir, &params, &model.buffers(), staged_tok)?;
+    let source: BTreeMap<&str, (&str, bool)> = needs
+        .iter()
+        .map(|(hf, n)| (n.ours.as_str(), (hf.as_str(), n.transpose)))
+        .collect();
+    let buffers: BTreeMap<String, Tensor> = model.buffers().into_iter().collect();
+    let mut numel: BTreeMap<String, usize> = plan
+        .dense
+        .iter()
+        .map(|t| (t.name.clone(), t.shape.iter().product()))
+        .collect();
+    for e in &plan.experts {
+        for g in 0..e.num_experts {
+            let name = expert_tensor_name(&e.param, g, e.stat.as_deref());
+            numel.insert(name, e.expert_shape.iter().product());
+        }
+    }
+    let io = |path: &Path, e: std::io::Error| TrainError::io(path, e);
+    let mut fill = |name: &str, out: &mut dyn Write| -> Result<(), TrainError> {
+        if let Some((hf, transpose)) = source.get(name) {
+            let file = &files[holder[*hf]];
+            let v = file.read(hf)?;
+            let v = if *transpose { v.f_tr()? } else { v };
+            return write_le(&v, Kind::Float, out).map_err(|e| io(file.path(), e));
+        }
+        if let Some(b) = buffers.get(name) {
+            return write_le(b, Kind::Float, out).map_err(|e| io(hf_dir, e));
+        }
+        // Optimizer state: zero moments, written without a tensor.
+        let n = *numel.get(name).ok_or_else(|| {
+            TrainError::Other(format!("import: no source for checkpoint tensor {name}"))
+        })?;
+        let zeros = vec![0u8; (n * 4).min(1 << 20)];
+        let mut left = n * 4;
+        while left > 0 {
+            let k = left.min(zeros.len());
+            out.write_all(&zeros[..k]).map_err(|e| io(hf_dir, e))?;
+            left -= k;
+        }
+        Ok(())
+    };
     let ckpt_root = staging.dir().join("checkpoints");
-    let mut ckpt =
-        Checkpointer::new(&ckpt_root, 1, 0, 0, 1, 1).map_err(|e| HfError::Failed(e.to_string()))?;
-    let written = ckpt
-        .save(snapshot)
+    let written = tch::no_grad(|| write_streamed(&ckpt_root, &plan, &mut fill))
         .map_err(|e| HfError::Failed(e.to_string()))?;
-    ckpt.wait().map_err(|e| HfError::Failed(e.to_string()))?;
     let step_dir = written.file_name().map(PathBuf::from).unwrap_or_default();
     let run_dir = staging.commit()?;
     Ok(ImportReport {

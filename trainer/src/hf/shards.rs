@@ -4,13 +4,14 @@
 //! not fit one shard, as `transformers`' `save_pretrained` lays them out.
 
 use super::HfError;
+use crate::tensor_bytes::write_le;
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Element type of the exported weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,19 +142,8 @@ pub fn write_file(
                 want
             )));
         }
-        // Written from the tensor's own memory: no second copy of a large tensor.
-        let v = values
-            .f_to_device(Device::Cpu)
-            .and_then(|v| v.f_to_kind(dtype.kind()))
-            .and_then(|v| v.f_contiguous())
-            .map_err(|e| failed(path, e))?;
-        let nbytes = t.bytes(dtype) as usize;
-        if nbytes > 0 {
-            // SAFETY: `v` is a contiguous CPU tensor of the planned shape (checked above) and of
-            // `dtype`, so its data is exactly `nbytes` bytes; `v` outlives the slice.
-            let buf = unsafe { std::slice::from_raw_parts(v.data_ptr().cast::<u8>(), nbytes) };
-            w.write_all(buf).map_err(|e| failed(path, e))?;
-        }
+        // Converted and written a chunk at a time: a transposed view is never copied whole.
+        write_le(&values, dtype.kind(), &mut w).map_err(|e| failed(path, e))?;
     }
     w.flush().map_err(|e| failed(path, e))?;
     drop(w);

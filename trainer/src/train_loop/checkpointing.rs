@@ -33,7 +33,8 @@ impl TrainCheckpointer {
             g.ep_rank as i64,
             g.ep_size as i64,
             g.world_size as i64,
-        )?;
+        )?
+        .with_tokenizer(cfg.data.tokenizer_file())?;
         Ok(Self {
             writer,
             every: cfg.checkpoint.every,
