@@ -19,9 +19,9 @@ use crate::schedule::lr_at;
 use crate::tensorboard::TbWriter;
 use crate::{Result, TrainError};
 use moe_comm::{host_read, lock, Placement, ProcessGroups};
-use moe_model::dispatcher::Dispatcher;
 use moe_model::moe_layer::MoeStats;
-use moe_model::transformer::{LmForward, ParallelInfo, TransformerLm};
+use moe_model::transformer::{LmForward, TransformerLm};
+use moe_model::ExpertParallel;
 use moe_model::Param;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,7 +43,8 @@ pub struct RunOptions {
     /// Set by SIGINT/SIGTERM: finish the step, checkpoint, exit cleanly.
     pub stop: Arc<AtomicBool>,
     /// Capacity is computed per group of N/G tokens. 1 in real runs; the single-process
-    /// reference of an EP=P run uses P, reproducing each rank's per-rank capacity.
+    /// reference of an EP=P run uses P, reproducing each rank's per-rank capacity. Set on the
+    /// model once, when it is built ([`ExpertParallel::with_capacity_groups`]).
     pub capacity_groups: i64,
     /// Print nothing (tests).
     pub quiet: bool,
@@ -168,7 +169,6 @@ struct Rank<'a> {
     groups: ProcessGroups,
     placement: Placement,
     model: TransformerLm,
-    dispatcher: Dispatcher,
     params: Vec<Param>,
     opts: &'a RunOptions,
     printing: bool,
@@ -204,14 +204,10 @@ pub fn train(
     let model = TransformerLm::new(
         &cfg.model,
         &cfg.moe,
-        ParallelInfo {
-            ep_rank: groups.ep_rank as i64,
-            ep_size: groups.ep_size as i64,
-        },
+        &ExpertParallel::from_groups(&groups).with_capacity_groups(opts.capacity_groups),
         cfg.run.seed,
         device,
     )?;
-    let dispatcher = Dispatcher::from_groups(&groups);
     let params = model.params();
     let placement = Placement::new(
         device,
@@ -222,7 +218,6 @@ pub fn train(
         groups,
         placement,
         model,
-        dispatcher,
         params,
         opts,
         printing,
@@ -496,8 +491,6 @@ impl Rank<'_> {
             let targets = self.placement.to_device(&batch.targets_bt)?;
             let ctx = LmForward {
                 train: true,
-                dispatcher: &self.dispatcher,
-                capacity_groups: self.opts.capacity_groups,
                 compute_kind: self.placement.compute_kind,
                 step: step * 1024 + i as u64,
             };
@@ -636,10 +629,8 @@ impl Rank<'_> {
     fn evaluate(&mut self, dataset: &Arc<Dataset>, step: u64) -> Result<f64> {
         let m = crate::inference::EvalModel {
             model: &self.model,
-            dispatcher: &self.dispatcher,
             device: self.placement.device,
             compute_kind: self.placement.compute_kind,
-            capacity_groups: self.opts.capacity_groups,
         };
         let world = self.groups.world_size as i64;
         let rank = self.groups.world_rank as i64;

@@ -13,7 +13,8 @@ use super::HfError;
 use crate::checkpoint::{expert_tensor_name, Checkpointer, Snapshot, StFile};
 use crate::config::ExperimentConfig;
 use moe_model::param::ParamKind;
-use moe_model::transformer::{ParallelInfo, TransformerLm};
+use moe_model::transformer::TransformerLm;
+use moe_model::ExpertParallel;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -170,7 +171,7 @@ pub fn import(
     let model = TransformerLm::new(
         &cfg.model,
         &cfg.moe,
-        ParallelInfo::single(),
+        &ExpertParallel::single(),
         cfg.run.seed,
         Device::Cpu,
     )
