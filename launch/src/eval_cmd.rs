@@ -12,7 +12,6 @@ use crate::tree_de::{DeError, DeErrorKind};
 use crate::yaml_tree::Origin;
 use crate::{overrides, suggest, tree_de, yaml_tree};
 use anyhow::{anyhow, Context};
-use moe_model::dispatcher::Dispatcher;
 use moe_trainer::checkpoint::{read_manifest, stored_tokenizer, Manifest};
 use moe_trainer::config::{Backend, ExperimentConfig};
 use moe_trainer::data::load_dataset;
@@ -201,13 +200,10 @@ pub fn run_eval(
     let dataset = load_dataset(&cfg.data, cfg.model.vocab_size)
         .map_err(|e| anyhow!("{e}"))
         .context("loading the validation data")?;
-    let dispatcher = Dispatcher::Local;
     let m = EvalModel {
         model: &model,
-        dispatcher: &dispatcher,
         device,
         compute_kind: compute_kind(&cfg.trainer.precision),
-        capacity_groups: 1,
     };
     let world = s.manifest.world_size.max(1);
     let iters = cfg.trainer.eval_iters.max(1);

@@ -27,7 +27,6 @@ use crate::eval_cmd::{bad_checkpoint, set_threads, setup};
 use crate::exit_code::BadInput;
 use anyhow::anyhow;
 use moe_model::config::AttentionKind;
-use moe_model::dispatcher::Dispatcher;
 use moe_trainer::data::sidecar::load_configured;
 use moe_trainer::decode::Decoder;
 use moe_trainer::inference::{compute_kind, load_single, EvalModel, Sampler};
@@ -66,13 +65,10 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
     let device = resolve_device(&cfg.trainer.device, 0)?;
     set_threads(a.threads);
     let (model, loaded) = load_single(cfg, &s.path, device).map_err(bad_checkpoint)?;
-    let dispatcher = Dispatcher::Local;
     let m = EvalModel {
         model: &model,
-        dispatcher: &dispatcher,
         device,
         compute_kind: compute_kind(&cfg.trainer.precision),
-        capacity_groups: 1,
     };
     let mut decoder = Decoder::new(&m, true);
     if !decoder.uses_cache() {

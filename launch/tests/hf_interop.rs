@@ -7,7 +7,6 @@
 mod common;
 
 use common::{moe, repo_root, Scratch};
-use moe_model::dispatcher::Dispatcher;
 use moe_model::transformer::LmForward;
 use moe_trainer::checkpoint::{read_manifest, Checkpointer, Snapshot, StFile};
 use moe_trainer::config::ExperimentConfig;
@@ -102,20 +101,15 @@ fn ours(ckpt: &Path) -> (Vec<f64>, Vec<i64>) {
     cfg.parallel.ep_size = 1;
     cfg.moe.capacity_factor = None;
     let (model, _) = load_single(&cfg, ckpt, Device::Cpu).unwrap();
-    let dispatcher = Dispatcher::Local;
     let m = EvalModel {
         model: &model,
-        dispatcher: &dispatcher,
         device: Device::Cpu,
         compute_kind: Kind::Float,
-        capacity_groups: 1,
     };
     let b = batch();
     let tokens = Tensor::from_slice(&b.concat()).view([b.len() as i64, -1]);
     let ctx = LmForward {
         train: false,
-        dispatcher: &dispatcher,
-        capacity_groups: 1,
         compute_kind: Kind::Float,
         step: 0,
     };

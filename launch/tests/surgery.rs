@@ -6,7 +6,6 @@
 mod common;
 
 use common::{moe, Scratch};
-use moe_model::dispatcher::Dispatcher;
 use moe_model::transformer::LmForward;
 use moe_trainer::checkpoint::{
     expert_tensor_name, read_manifest, CheckpointReader, Checkpointer, Snapshot,
@@ -64,11 +63,8 @@ fn logits(ckpt: &Path) -> Tensor {
     let text = b"To be, or not to be, that is the question: whether 'tis nobler in the mind";
     let tokens: Vec<i64> = text.iter().take(64).map(|&b| i64::from(b)).collect();
     let tokens = Tensor::from_slice(&tokens).view([2, 32]);
-    let dispatcher = Dispatcher::Local;
     let ctx = LmForward {
         train: false,
-        dispatcher: &dispatcher,
-        capacity_groups: 1,
         compute_kind: Kind::Float,
         step: 0,
     };

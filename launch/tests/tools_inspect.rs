@@ -7,7 +7,8 @@ mod common;
 use common::{moe, repo_root, Scratch};
 use moe_model::config::{AttentionConfig, AttentionKind, ModelConfig, MoeConfig};
 use moe_model::count::count_params;
-use moe_model::transformer::{ParallelInfo, TransformerLm};
+use moe_model::transformer::TransformerLm;
+use moe_model::ExpertParallel;
 use moe_model::ParamKind;
 use tch::Device;
 
@@ -186,7 +187,7 @@ fn analytic_counts_equal_allocated_params() {
     ];
     for (what, m, e) in cases {
         let c = count_params(&m, &e).unwrap();
-        let full = TransformerLm::new(&m, &e, ParallelInfo::single(), 1, Device::Cpu).unwrap();
+        let full = TransformerLm::new(&m, &e, &ExpertParallel::single(), 1, Device::Cpu).unwrap();
         assert_eq!(c.total(), numel(&full, None), "{what}: total");
         assert_eq!(c.expert(), numel(&full, Some(true)), "{what}: expert");
         assert_eq!(
@@ -270,11 +271,8 @@ fn analytic_counts_equal_allocated_params() {
                 continue;
             }
             for r in 0..p {
-                let par = ParallelInfo {
-                    ep_rank: r,
-                    ep_size: p,
-                };
-                let lm = TransformerLm::new(&m, &e, par, 1, Device::Cpu).unwrap();
+                let par = ExpertParallel::detached(r, p);
+                let lm = TransformerLm::new(&m, &e, &par, 1, Device::Cpu).unwrap();
                 assert_eq!(
                     c.replicated() + c.expert_per_rank(p as u64),
                     numel(&lm, None),
@@ -330,19 +328,9 @@ fn inspect_json_matches_the_built_model() {
         first_dense_layers: 1,
         ..MoeConfig::default()
     };
-    let full = TransformerLm::new(&m, &e, ParallelInfo::single(), 1, Device::Cpu).unwrap();
+    let full = TransformerLm::new(&m, &e, &ExpertParallel::single(), 1, Device::Cpu).unwrap();
     assert_eq!(u(&v, "/total_params"), numel(&full, None));
-    let half = TransformerLm::new(
-        &m,
-        &e,
-        ParallelInfo {
-            ep_rank: 1,
-            ep_size: 2,
-        },
-        1,
-        Device::Cpu,
-    )
-    .unwrap();
+    let half = TransformerLm::new(&m, &e, &ExpertParallel::detached(1, 2), 1, Device::Cpu).unwrap();
     let per_rank = numel(&half, None);
     assert_eq!(u(&v, "/per_rank/params"), per_rank);
     assert_eq!(u(&v, "/per_rank/total_bytes"), per_rank * 16);

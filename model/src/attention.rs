@@ -5,11 +5,12 @@
 //! RMSNorm of q and k before RoPE (`model.qk_norm`, Qwen3's `q_norm`/`k_norm`).
 
 use crate::config::ModelConfig;
+use crate::heads::{batch_time, repeat_kv};
 use crate::kv_cache::LayerKv;
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
-use crate::{init, ModelError, Param, ParamKind, Result};
-use tch::{Device, Kind, Tensor};
+use crate::{ModelError, ParamBuilder, Result};
+use tch::{Kind, Tensor};
 
 /// Self-attention of one block. Weights are `[in, out]` so a projection is `x.matmul(w)`.
 #[derive(Debug)]
@@ -33,9 +34,11 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Weights named `<prefix>.wq|wk|wv|wo`, drawn from (seed, name). The output projection
-    /// writes into the residual stream, so its std is `init_std / sqrt(2 * num_layers)` (GPT-2).
-    pub fn new(cfg: &ModelConfig, prefix: &str, seed: u64, device: Device) -> Result<Self> {
+    /// The four projections `<vb>.wq|wk|wv|wo` (decayed); then, when configured, the biases
+    /// `<vb>.bq|bk|bv` and the norms `<vb>.q_norm|k_norm.weight` (not decayed). The output
+    /// projection writes into the residual stream, so its std is
+    /// `init_std / sqrt(2 * num_layers)` (GPT-2).
+    pub fn new(cfg: &ModelConfig, vb: &ParamBuilder) -> Result<Self> {
         let (h, kv, hd, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim(), cfg.d_model);
         if h <= 0 || kv <= 0 || h % kv != 0 || hd <= 0 {
             return Err(ModelError::Invalid(format!(
@@ -44,27 +47,24 @@ impl Attention {
         }
         let std = cfg.init_std;
         let out_std = std / (2.0 * cfg.num_layers.max(1) as f64).sqrt();
-        let w = |n: &str, shape: &[i64], s: f64| {
-            init::normal(seed, &format!("{prefix}.{n}"), 0, shape, s, device)
-        };
         Ok(Self {
-            wq_dq: w("wq", &[d, h * hd], std)?,
-            wk_dk: w("wk", &[d, kv * hd], std)?,
-            wv_dk: w("wv", &[d, kv * hd], std)?,
-            wo_qd: w("wo", &[h * hd, d], out_std)?,
+            wq_dq: vb.normal("wq", &[d, h * hd], std)?,
+            wk_dk: vb.normal("wk", &[d, kv * hd], std)?,
+            wv_dk: vb.normal("wv", &[d, kv * hd], std)?,
+            wo_qd: vb.normal("wo", &[h * hd, d], out_std)?,
             qkv_bias: if cfg.qkv_bias {
                 Some([
-                    init::zeros(&[h * hd], device)?,
-                    init::zeros(&[kv * hd], device)?,
-                    init::zeros(&[kv * hd], device)?,
+                    vb.zeros("bq", &[h * hd])?,
+                    vb.zeros("bk", &[kv * hd])?,
+                    vb.zeros("bv", &[kv * hd])?,
                 ])
             } else {
                 None
             },
             qk_norm: if cfg.qk_norm {
                 Some([
-                    RmsNorm::new(hd, cfg.norm_eps, device)?,
-                    RmsNorm::new(hd, cfg.norm_eps, device)?,
+                    RmsNorm::new(&vb.pp("q_norm"), hd, cfg.norm_eps)?,
+                    RmsNorm::new(&vb.pp("k_norm"), hd, cfg.norm_eps)?,
                 ])
             } else {
                 None
@@ -82,7 +82,7 @@ impl Attention {
     /// # Shapes
     /// `x_btd [b, t, d]` -> `[b, t, d]`
     pub fn forward(&self, x_btd: &Tensor, rope: &Rope, compute_kind: Kind) -> Result<Tensor> {
-        let (b, t) = Self::bt(x_btd)?;
+        let (b, t) = batch_time(x_btd)?;
         let (q_bhtd, k_bktd, v_bktd) = self.qkv(x_btd, rope, 0, compute_kind)?;
         self.attend(&q_bhtd, &k_bktd, &v_bktd, b, t, 0, compute_kind)
     }
@@ -102,20 +102,11 @@ impl Attention {
         compute_kind: Kind,
         kv: &mut LayerKv,
     ) -> Result<Tensor> {
-        let (b, t) = Self::bt(x_btd)?;
+        let (b, t) = batch_time(x_btd)?;
         let p = kv.len();
         let (q_bhtd, k_bktd, v_bktd) = self.qkv(x_btd, rope, p, compute_kind)?;
         let (k_bksd, v_bksd) = kv.append(k_bktd, v_bktd)?;
         self.attend(&q_bhtd, &k_bksd, &v_bksd, b, t, p, compute_kind)
-    }
-
-    fn bt(x_btd: &Tensor) -> Result<(i64, i64)> {
-        match x_btd.size().as_slice() {
-            [b, t, _] => Ok((*b, *t)),
-            size => Err(ModelError::Invalid(format!(
-                "attention input must be [b, t, d], got {size:?}"
-            ))),
-        }
     }
 
     /// Queries `[b, h, t, hd]`, keys and values `[b, kv, t, hd]` of `x`, RoPE from position
@@ -127,7 +118,7 @@ impl Attention {
         start: i64,
         compute_kind: Kind,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t) = Self::bt(x_btd)?;
+        let (b, t) = batch_time(x_btd)?;
         let x = x_btd.f_to_kind(compute_kind)?;
         // Projection `i` (q, k, v) as [b, n, t, hd], with its bias and, for q and k, its norm.
         let heads = |i: usize, w: &Tensor, n: i64| -> Result<Tensor> {
@@ -160,11 +151,8 @@ impl Attention {
         p: i64,
         compute_kind: Kind,
     ) -> Result<Tensor> {
-        // Query head j reads kv head j / group (the layout of `enable_gqa` and HF's
-        // `repeat_kv`). Expanding instead of `enable_gqa` keeps every SDPA backend eligible
-        // (memory-efficient attention rejects enable_gqa, e.g. float32 on CUDA).
-        let k_bhsd = self.repeat_kv(k_bksd, b, p + t)?;
-        let v_bhsd = self.repeat_kv(v_bksd, b, p + t)?;
+        let k_bhsd = repeat_kv(k_bksd, self.num_heads)?;
+        let v_bhsd = repeat_kv(v_bksd, self.num_heads)?;
         // SDPA's `is_causal` aligns the mask top-left (query i sees keys 0..=i), right only
         // without a cache; one new query sees everything; otherwise an explicit mask.
         let (mask, causal) = match (p, t) {
@@ -190,59 +178,19 @@ impl Attention {
             .f_reshape([b, t, self.num_heads * self.head_dim])?;
         Ok(y_btq.f_matmul(&self.wo_qd.f_to_kind(compute_kind)?)?)
     }
-
-    /// `[b, kv, t, hd]` -> `[b, kv * group, t, hd]`, each kv head repeated `group` times in
-    /// place (head `j` of the result is kv head `j / group`).
-    fn repeat_kv(&self, x_bktd: &Tensor, b: i64, t: i64) -> Result<Tensor> {
-        let group = self.num_heads / self.num_kv_heads;
-        if group == 1 {
-            return Ok(x_bktd.shallow_clone());
-        }
-        Ok(x_bktd
-            .f_unsqueeze(2)?
-            .f_expand([b, self.num_kv_heads, group, t, self.head_dim], false)?
-            .f_reshape([b, self.num_heads, t, self.head_dim])?)
-    }
-
-    /// The four projections, decayed, named `<prefix>.wq|wk|wv|wo`; then, when configured,
-    /// the biases `<prefix>.bq|bk|bv` and the norms `<prefix>.q_norm|k_norm.weight` (not
-    /// decayed).
-    pub fn params(&self, prefix: &str) -> Vec<Param> {
-        let mut out: Vec<Param> = [
-            ("wq", &self.wq_dq),
-            ("wk", &self.wk_dk),
-            ("wv", &self.wv_dk),
-            ("wo", &self.wo_qd),
-        ]
-        .into_iter()
-        .map(|(n, t)| Param {
-            name: format!("{prefix}.{n}"),
-            tensor: t.shallow_clone(),
-            kind: ParamKind::Dense,
-            weight_decay: true,
-        })
-        .collect();
-        if let Some(biases) = &self.qkv_bias {
-            for (n, t) in ["bq", "bk", "bv"].into_iter().zip(biases) {
-                out.push(Param {
-                    name: format!("{prefix}.{n}"),
-                    tensor: t.shallow_clone(),
-                    kind: ParamKind::Dense,
-                    weight_decay: false,
-                });
-            }
-        }
-        if let Some([q, k]) = &self.qk_norm {
-            out.extend(q.params(&format!("{prefix}.q_norm")));
-            out.extend(k.params(&format!("{prefix}.k_norm")));
-        }
-        out
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
+
+    /// The module under the name `a`, and the builder holding its parameters.
+    fn build(c: &ModelConfig, seed: u64) -> (Attention, ParamBuilder) {
+        let vb = ParamBuilder::new(seed, Device::Cpu);
+        let m = Attention::new(c, &vb.pp("a")).unwrap();
+        (m, vb)
+    }
 
     fn cfg(heads: i64, kv: i64) -> ModelConfig {
         ModelConfig {
@@ -306,7 +254,7 @@ mod tests {
     #[test]
     fn mha_matches_hand_computation() {
         let c = cfg(4, 4);
-        let att = Attention::new(&c, "a", 1, Device::Cpu).unwrap();
+        let (att, _) = build(&c, 1);
         let rope = Rope::new(c.head_dim(), c.max_seq_len, c.rope_theta, Device::Cpu).unwrap();
         let x = Tensor::randn([2, 7, 16], (Kind::Double, Device::Cpu));
         let got = att.forward(&x, &rope, Kind::Double).unwrap();
@@ -320,7 +268,7 @@ mod tests {
     #[test]
     fn gqa_matches_hand_computation() {
         let c = cfg(4, 2);
-        let att = Attention::new(&c, "a", 2, Device::Cpu).unwrap();
+        let (att, _) = build(&c, 2);
         assert_eq!(att.wk_dk.size(), vec![16, 8]);
         let rope = Rope::new(c.head_dim(), c.max_seq_len, c.rope_theta, Device::Cpu).unwrap();
         let x = Tensor::randn([2, 5, 16], (Kind::Double, Device::Cpu));
@@ -339,8 +287,8 @@ mod tests {
             qk_norm: true,
             ..cfg(4, 2)
         };
-        let att = Attention::new(&c, "a", 5, Device::Cpu).unwrap();
-        let names: Vec<String> = att.params("a").into_iter().map(|p| p.name).collect();
+        let (att, vb) = build(&c, 5);
+        let names: Vec<String> = vb.params().into_iter().map(|p| p.name).collect();
         assert_eq!(
             names,
             [
@@ -355,7 +303,7 @@ mod tests {
                 "a.k_norm.weight"
             ]
         );
-        for p in att.params("a").into_iter().skip(4) {
+        for p in vb.params().into_iter().skip(4) {
             let mut t = p.tensor;
             let d = (Tensor::randn_like(&t) * 0.5 + 1.0).to_kind(Kind::Double);
             t.set_data(&d);
@@ -368,7 +316,7 @@ mod tests {
         let plain = Attention {
             qkv_bias: None,
             qk_norm: None,
-            ..Attention::new(&cfg(4, 2), "a", 5, Device::Cpu).unwrap()
+            ..build(&cfg(4, 2), 5).0
         };
         assert!(max_abs(&got, &plain.forward(&x, &rope, Kind::Double).unwrap()) > 1e-3);
     }
@@ -378,7 +326,7 @@ mod tests {
     #[test]
     fn causal() {
         let c = cfg(4, 2);
-        let att = Attention::new(&c, "a", 3, Device::Cpu).unwrap();
+        let (att, _) = build(&c, 3);
         let rope = Rope::new(c.head_dim(), c.max_seq_len, c.rope_theta, Device::Cpu).unwrap();
         let x = Tensor::randn([1, 8, 16], (Kind::Float, Device::Cpu));
         let x2 = x.copy();
@@ -396,8 +344,8 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let c = cfg(4, 2);
-        let att = Attention::new(&c, "a", 4, Device::Cpu).unwrap();
-        for p in att.params("a") {
+        let (att, vb) = build(&c, 4);
+        for p in vb.params() {
             let mut t = p.tensor;
             let d = t.detach().to_kind(Kind::Double);
             t.set_data(&d);
@@ -408,7 +356,7 @@ mod tests {
         let loss =
             |x: &Tensor| (att.forward(x, &rope, Kind::Double).unwrap() * &r).sum(Kind::Double);
         loss(&x).backward();
-        let mut targets: Vec<Tensor> = att.params("a").into_iter().map(|p| p.tensor).collect();
+        let mut targets: Vec<Tensor> = vb.params().into_iter().map(|p| p.tensor).collect();
         targets.push(x.shallow_clone());
         let eps = 1e-6;
         for t in &targets {

@@ -19,9 +19,10 @@
 //! Sequence Length", arXiv:2406.06484): a loop over chunks of tensor ops, never over tokens.
 
 use crate::config::ModelConfig;
+use crate::heads::batch_time;
 use crate::norm::accum_kind;
-use crate::{init, ModelError, Param, ParamKind, Result};
-use tch::{Device, Kind, Tensor};
+use crate::{init, ModelError, ParamBuilder, Result};
+use tch::{Kind, Tensor};
 
 /// `x / sqrt(sum(x^2) + 1e-6)` over the last dimension (the FLA library's l2norm).
 fn l2norm(x: &Tensor) -> Result<Tensor> {
@@ -156,8 +157,9 @@ pub struct GatedDeltaNet {
 }
 
 impl GatedDeltaNet {
-    /// Weights named `<prefix>.{wq, wk, wv, wz, wb, wa, conv, dt_bias, a_log, norm.weight, wo}`.
-    pub fn new(cfg: &ModelConfig, prefix: &str, seed: u64, device: Device) -> Result<Self> {
+    /// Parameters `<vb>.{wq, wk, wv, wz, wb, wa, conv, dt_bias, a_log, norm.weight, wo}`; the
+    /// norm scale, `dt_bias` and `a_log` are not decayed.
+    pub fn new(cfg: &ModelConfig, vb: &ParamBuilder) -> Result<Self> {
         let a = &cfg.attention;
         let (hk, hv, dk, dv) = (
             a.linear_num_key_heads,
@@ -173,21 +175,22 @@ impl GatedDeltaNet {
         let d = cfg.d_model;
         let std = cfg.init_std;
         let out_std = std / (2.0 * cfg.num_layers.max(1) as f64).sqrt();
-        let w = |n: &str, shape: &[i64], s: f64| {
-            init::normal(seed, &format!("{prefix}.{n}"), 0, shape, s, device)
-        };
+        let w = |n: &str, shape: &[i64], s: f64| vb.normal(n, shape, s);
         let conv_dim = 2 * hk * dk + hv * dv;
         let kernel = a.linear_conv_kernel;
         // A uniform in [1, 16] and dt_bias = 1 from the same (seed, name) stream: a
         // deterministic stand-in for HF's uniform(0.01, 16) / inverse-softplus init.
-        let u = init::normal(seed, &format!("{prefix}.a_log"), 0, &[hv], 1.0, device)?;
-        let a_log = u
-            .f_detach()?
-            .f_sigmoid()?
-            .f_mul_scalar(15.0)?
-            .f_add_scalar(1.0)?
-            .f_log()?
-            .f_set_requires_grad(true)?;
+        let a_log = |vb: &ParamBuilder| -> Result<Tensor> {
+            let u = init::normal(vb.seed(), &vb.name("a_log"), 0, &[hv], 1.0, vb.device())?;
+            let a_log = u
+                .f_detach()?
+                .f_sigmoid()?
+                .f_mul_scalar(15.0)?
+                .f_add_scalar(1.0)?
+                .f_log()?
+                .f_set_requires_grad(true)?;
+            vb.add("a_log", a_log, false)
+        };
         Ok(Self {
             wq: w("wq", &[d, hk * dk], std)?,
             wk: w("wk", &[d, hk * dk], std)?,
@@ -196,9 +199,9 @@ impl GatedDeltaNet {
             wb: w("wb", &[d, hv], std)?,
             wa: w("wa", &[d, hv], std)?,
             conv: w("conv", &[conv_dim, 1, kernel], 1.0 / (kernel as f64).sqrt())?,
-            dt_bias: init::ones(&[hv], device)?,
-            a_log,
-            norm_w: init::ones(&[dv], device)?,
+            dt_bias: vb.ones("dt_bias", &[hv])?,
+            a_log: a_log(vb)?,
+            norm_w: vb.pp("norm").ones("weight", &[dv])?,
             wo: w("wo", &[hv * dv, d], out_std)?,
             hk,
             hv,
@@ -222,12 +225,7 @@ impl GatedDeltaNet {
         x_btd: &Tensor,
         compute_kind: Kind,
     ) -> Result<(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)> {
-        let size = x_btd.size();
-        let [b, t, _] = size[..] else {
-            return Err(ModelError::Invalid(format!(
-                "attention input must be [b, t, d], got {size:?}"
-            )));
-        };
+        let (b, t) = batch_time(x_btd)?;
         let ck = compute_kind;
         let acc = accum_kind(ck);
         let x = x_btd.f_to_kind(ck)?;
@@ -307,37 +305,19 @@ impl GatedDeltaNet {
         let o = chunked_gated_delta_rule(&q, &k, &v, &g, &beta, self.chunk)?;
         self.output(&o, &z, compute_kind)
     }
-
-    /// The weights, named as in [`GatedDeltaNet::new`]; the norm scale, `dt_bias` and
-    /// `a_log` are not decayed.
-    pub fn params(&self, prefix: &str) -> Vec<Param> {
-        [
-            ("wq", &self.wq, true),
-            ("wk", &self.wk, true),
-            ("wv", &self.wv, true),
-            ("wz", &self.wz, true),
-            ("wb", &self.wb, true),
-            ("wa", &self.wa, true),
-            ("conv", &self.conv, true),
-            ("dt_bias", &self.dt_bias, false),
-            ("a_log", &self.a_log, false),
-            ("norm.weight", &self.norm_w, false),
-            ("wo", &self.wo, true),
-        ]
-        .into_iter()
-        .map(|(n, t, decay)| Param {
-            name: format!("{prefix}.{n}"),
-            tensor: t.shallow_clone(),
-            kind: ParamKind::Dense,
-            weight_decay: decay,
-        })
-        .collect()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
+
+    /// The module under the name `a`, and the builder holding its parameters.
+    fn build(c: &ModelConfig, seed: u64) -> (GatedDeltaNet, ParamBuilder) {
+        let vb = ParamBuilder::new(seed, Device::Cpu);
+        let m = GatedDeltaNet::new(c, &vb.pp("a")).unwrap();
+        (m, vb)
+    }
     use crate::config::{AttentionConfig, AttentionKind};
 
     /// The gated delta rule token by token, as written in the module docs (HF's
@@ -426,8 +406,8 @@ mod tests {
     fn layer_matches_a_token_by_token_reference() {
         tch::manual_seed(3);
         let c = cfg();
-        let m = GatedDeltaNet::new(&c, "a", 1, Device::Cpu).unwrap();
-        for p in m.params("a") {
+        let (m, vb) = build(&c, 1);
+        for p in vb.params() {
             let mut t = p.tensor;
             let d = t.detach().to_kind(Kind::Double);
             t.set_data(&d);
@@ -475,7 +455,7 @@ mod tests {
     #[test]
     fn causal() {
         let c = cfg();
-        let m = GatedDeltaNet::new(&c, "a", 2, Device::Cpu).unwrap();
+        let (m, _) = build(&c, 2);
         let x = Tensor::randn([1, 10, 16], (Kind::Float, Device::Cpu));
         let x2 = x.copy();
         x2.narrow(1, 6, 4)
@@ -490,13 +470,13 @@ mod tests {
     #[test]
     fn every_parameter_gets_a_gradient() {
         let c = cfg();
-        let m = GatedDeltaNet::new(&c, "a", 3, Device::Cpu).unwrap();
+        let (m, vb) = build(&c, 3);
         let x = Tensor::randn([2, 7, 16], (Kind::Float, Device::Cpu));
         let r = Tensor::randn([2, 7, 16], (Kind::Float, Device::Cpu));
         (m.forward(&x, Kind::Float).unwrap() * r)
             .sum(Kind::Float)
             .backward();
-        for p in m.params("a") {
+        for p in vb.params() {
             let g = p.tensor.grad();
             assert!(g.defined(), "{}", p.name);
             let n = g.abs().sum(Kind::Float).double_value(&[]);

@@ -7,8 +7,7 @@
 //! full-size zero gradient (measured 12x slower at E=64); the loop `unbind`s them once.
 
 use crate::config::{ExpertImpl, ModelConfig, MoeConfig};
-use crate::param::{Param, ParamKind};
-use crate::{init, ModelError, Result};
+use crate::{ModelError, ParamBuilder, Result};
 use moe_comm::Placement;
 use tch::{Device, Kind, Tensor};
 
@@ -35,32 +34,22 @@ pub struct RoutedExperts {
 }
 
 impl RoutedExperts {
-    /// Initialises local experts `first_global..first_global+num_local` from per-expert
-    /// streams named `<prefix>.w_gate`, `<prefix>.w_up`, `<prefix>.w_down` (prefix e.g.
-    /// `layers.3.moe.experts`), so the values do not depend on the EP size. `w_down` uses the
+    /// Initialises local experts `first_global..first_global+num_local` as the expert-sharded
+    /// parameters `<vb>.w_gate`, `<vb>.w_up`, `<vb>.w_down` (e.g. `layers.3.moe.experts.w_up`),
+    /// each expert from its own stream, so the values do not depend on the EP size. `w_down` uses the
     /// residual-projection std `init_std / sqrt(2 * num_layers)`.
     pub fn new(
         model: &ModelConfig,
         moe: &MoeConfig,
-        prefix: &str,
+        vb: &ParamBuilder,
         first_global: i64,
         num_local: i64,
-        seed: u64,
-        device: Device,
     ) -> Result<Self> {
         let (d, h) = (model.d_model, moe.expert_hidden);
         let std = model.init_std;
         let std_out = std / ((2 * model.num_layers.max(1)) as f64).sqrt();
         let w = |name: &str, shape: &[i64], std: f64| {
-            init::normal_experts(
-                seed,
-                &format!("{prefix}.{name}"),
-                first_global,
-                num_local,
-                shape,
-                std,
-                device,
-            )
+            vb.experts(name, first_global, num_local, shape, std)
         };
         Ok(Self {
             w_gate_ldh: w("w_gate", &[d, h], std)?,
@@ -256,26 +245,5 @@ impl RoutedExperts {
         )?;
         let y_pad = self.forward_grouped(&x_pad, &padded)?;
         Ok(y_pad.f_index_select(0, &pos_m)?)
-    }
-
-    /// The expert weights as parameters `<prefix>.w_gate|w_up|w_down`, sharded by global id.
-    pub fn params(&self, prefix: &str) -> Vec<Param> {
-        let kind = ParamKind::Expert {
-            first_global: self.first_global,
-            num_local: self.num_local,
-        };
-        [
-            ("w_gate", &self.w_gate_ldh),
-            ("w_up", &self.w_up_ldh),
-            ("w_down", &self.w_down_lhd),
-        ]
-        .into_iter()
-        .map(|(name, t)| Param {
-            name: format!("{prefix}.{name}"),
-            tensor: t.shallow_clone(),
-            kind,
-            weight_decay: true,
-        })
-        .collect()
     }
 }

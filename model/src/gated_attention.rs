@@ -5,10 +5,11 @@
 //! per channel before the output projection.
 
 use crate::config::ModelConfig;
+use crate::heads::{batch_time, repeat_kv};
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
-use crate::{init, ModelError, Param, ParamKind, Result};
-use tch::{Device, Kind, Tensor};
+use crate::{ModelError, ParamBuilder, Result};
+use tch::{Kind, Tensor};
 
 /// Gated attention of one block. Weights are `[in, out]`.
 #[derive(Debug)]
@@ -29,8 +30,9 @@ pub struct GatedAttention {
 }
 
 impl GatedAttention {
-    /// Weights named `<prefix>.{wq, wgate, wk, wv, wo, q_norm.weight, k_norm.weight}`.
-    pub fn new(cfg: &ModelConfig, prefix: &str, seed: u64, device: Device) -> Result<Self> {
+    /// Parameters `<vb>.{wq, wgate, wk, wv, wo}` (decayed) and
+    /// `<vb>.{q_norm, k_norm}.weight` (not decayed).
+    pub fn new(cfg: &ModelConfig, vb: &ParamBuilder) -> Result<Self> {
         let (h, kv, hd, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim(), cfg.d_model);
         if h <= 0 || kv <= 0 || h % kv != 0 || hd <= 0 {
             return Err(ModelError::Invalid(format!(
@@ -39,17 +41,15 @@ impl GatedAttention {
         }
         let std = cfg.init_std;
         let out_std = std / (2.0 * cfg.num_layers.max(1) as f64).sqrt();
-        let w = |n: &str, shape: &[i64], s: f64| {
-            init::normal(seed, &format!("{prefix}.{n}"), 0, shape, s, device)
-        };
+        let w = |n: &str, shape: &[i64], s: f64| vb.normal(n, shape, s);
         Ok(Self {
             wq: w("wq", &[d, h * hd], std)?,
             wgate: w("wgate", &[d, h * hd], std)?,
             wk: w("wk", &[d, kv * hd], std)?,
             wv: w("wv", &[d, kv * hd], std)?,
             wo: w("wo", &[h * hd, d], out_std)?,
-            q_norm: RmsNorm::new(hd, cfg.norm_eps, device)?,
-            k_norm: RmsNorm::new(hd, cfg.norm_eps, device)?,
+            q_norm: RmsNorm::new(&vb.pp("q_norm"), hd, cfg.norm_eps)?,
+            k_norm: RmsNorm::new(&vb.pp("k_norm"), hd, cfg.norm_eps)?,
             heads: h,
             kv_heads: kv,
             head_dim: hd,
@@ -77,12 +77,7 @@ impl GatedAttention {
         rotary: i64,
         compute_kind: Kind,
     ) -> Result<Tensor> {
-        let size = x_btd.size();
-        let [b, t, _] = size[..] else {
-            return Err(ModelError::Invalid(format!(
-                "attention input must be [b, t, d], got {size:?}"
-            )));
-        };
+        let (b, t) = batch_time(x_btd)?;
         let ck = compute_kind;
         let x = x_btd.f_to_kind(ck)?;
         let hd = self.head_dim;
@@ -101,19 +96,10 @@ impl GatedAttention {
         let v = proj(&self.wv, self.kv_heads)?.f_transpose(1, 2)?;
         let q = self.partial_rope(&q, rope, rotary)?;
         let k = self.partial_rope(&k, rope, rotary)?;
-        let group = self.heads / self.kv_heads;
-        let expand = |x: Tensor| -> Result<Tensor> {
-            if group == 1 {
-                return Ok(x);
-            }
-            Ok(x.f_unsqueeze(2)?
-                .f_expand([b, self.kv_heads, group, t, hd], false)?
-                .f_reshape([b, self.heads, t, hd])?)
-        };
         let y_bhtd = Tensor::f_scaled_dot_product_attention::<Tensor>(
             &q,
-            &expand(k)?,
-            &expand(v)?,
+            &repeat_kv(&k, self.heads)?,
+            &repeat_kv(&v, self.heads)?,
             None,
             0.0,
             true,
@@ -126,33 +112,19 @@ impl GatedAttention {
         let gate = x.f_matmul(&self.wgate.f_to_kind(ck)?)?.f_sigmoid()?;
         Ok(y_btq.f_mul(&gate)?.f_matmul(&self.wo.f_to_kind(ck)?)?)
     }
-
-    /// The projections (decayed) and the two norms (not decayed).
-    pub fn params(&self, prefix: &str) -> Vec<Param> {
-        let mut out: Vec<Param> = [
-            ("wq", &self.wq),
-            ("wgate", &self.wgate),
-            ("wk", &self.wk),
-            ("wv", &self.wv),
-            ("wo", &self.wo),
-        ]
-        .into_iter()
-        .map(|(n, t)| Param {
-            name: format!("{prefix}.{n}"),
-            tensor: t.shallow_clone(),
-            kind: ParamKind::Dense,
-            weight_decay: true,
-        })
-        .collect();
-        out.extend(self.q_norm.params(&format!("{prefix}.q_norm")));
-        out.extend(self.k_norm.params(&format!("{prefix}.k_norm")));
-        out
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
+
+    /// The module under the name `a`, and the builder holding its parameters.
+    fn build(c: &ModelConfig, seed: u64) -> (GatedAttention, ParamBuilder) {
+        let vb = ParamBuilder::new(seed, Device::Cpu);
+        let m = GatedAttention::new(c, &vb.pp("a")).unwrap();
+        (m, vb)
+    }
 
     fn cfg() -> ModelConfig {
         ModelConfig {
@@ -174,8 +146,8 @@ mod tests {
     #[test]
     fn matches_hand_computation_with_partial_rope() {
         let c = cfg();
-        let m = GatedAttention::new(&c, "a", 1, Device::Cpu).unwrap();
-        for p in m.params("a") {
+        let (m, vb) = build(&c, 1);
+        for p in vb.params() {
             let mut t = p.tensor;
             let d = t.detach().to_kind(Kind::Double);
             t.set_data(&d);

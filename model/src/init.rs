@@ -127,14 +127,15 @@ pub fn zeros(shape: &[i64], device: Device) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::config::{ModelConfig, MoeConfig};
-    use crate::transformer::{ParallelInfo, TransformerLm};
+    use crate::transformer::TransformerLm;
+    use crate::ExpertParallel;
 
     /// A model built without values has the same parameters (names, shapes, kinds) as one
     /// built normally, and initialisation is back on afterwards, even after a failed build.
     #[test]
     fn without_values_keeps_names_and_shapes_and_restores() {
         let (model, moe) = (ModelConfig::default(), MoeConfig::default());
-        let build = || TransformerLm::new(&model, &moe, ParallelInfo::single(), 5, Device::Cpu);
+        let build = || TransformerLm::new(&model, &moe, &ExpertParallel::single(), 5, Device::Cpu);
         let real = build().unwrap();
         let empty = without_values(build).unwrap();
         let describe = |lm: &TransformerLm| -> Vec<(String, Vec<i64>, String)> {

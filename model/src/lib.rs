@@ -8,6 +8,7 @@
 //! dispatcher's exchange step.
 
 pub mod attention;
+pub mod builder;
 pub mod config;
 pub mod count;
 pub mod deltanet;
@@ -15,6 +16,7 @@ pub mod dispatcher;
 pub mod error;
 pub mod experts;
 pub mod gated_attention;
+pub(crate) mod heads;
 pub mod init;
 pub mod kv_cache;
 pub mod mixer;
@@ -23,10 +25,13 @@ pub mod mlp;
 pub mod moe_layer;
 pub mod mtp;
 pub mod norm;
+pub mod parallel;
 pub mod param;
 pub mod rope;
 pub mod router;
 pub mod transformer;
 
+pub use builder::ParamBuilder;
 pub use error::{ModelError, Result};
+pub use parallel::ExpertParallel;
 pub use param::{Param, ParamKind};

@@ -9,8 +9,8 @@ use crate::gated_attention::GatedAttention;
 use crate::kv_cache::LayerKv;
 use crate::mla::Mla;
 use crate::rope::Rope;
-use crate::{ModelError, Param, Result};
-use tch::{Device, Kind, Tensor};
+use crate::{ModelError, ParamBuilder, Result};
+use tch::{Kind, Tensor};
 
 /// One block's attention.
 #[derive(Debug)]
@@ -31,24 +31,16 @@ pub enum TokenMixer {
 }
 
 impl TokenMixer {
-    /// The kind `cfg.attention.kind` names for block `layer`, weights under `prefix`.
-    pub fn new(
-        cfg: &ModelConfig,
-        layer: i64,
-        prefix: &str,
-        seed: u64,
-        device: Device,
-    ) -> Result<Self> {
+    /// The kind `cfg.attention.kind` names for block `layer`, parameters under `vb`.
+    pub fn new(cfg: &ModelConfig, layer: i64, vb: &ParamBuilder) -> Result<Self> {
         Ok(match cfg.attention.kind {
-            AttentionKind::Mha => Self::Mha(Attention::new(cfg, prefix, seed, device)?),
-            AttentionKind::Mla => Self::Mla(Mla::new(cfg, prefix, seed, device)?),
+            AttentionKind::Mha => Self::Mha(Attention::new(cfg, vb)?),
+            AttentionKind::Mla => Self::Mla(Mla::new(cfg, vb)?),
             AttentionKind::GatedDeltanet if cfg.attention.is_full_attention(layer) => Self::Gated {
-                attn: GatedAttention::new(cfg, prefix, seed, device)?,
+                attn: GatedAttention::new(cfg, vb)?,
                 rotary: cfg.rope_dim(),
             },
-            AttentionKind::GatedDeltanet => {
-                Self::DeltaNet(GatedDeltaNet::new(cfg, prefix, seed, device)?)
-            }
+            AttentionKind::GatedDeltanet => Self::DeltaNet(GatedDeltaNet::new(cfg, vb)?),
         })
     }
 
@@ -99,16 +91,6 @@ impl TokenMixer {
             Self::Mha(_) => "mha",
             Self::Mla(_) => "mla",
             Self::DeltaNet(_) | Self::Gated { .. } => "gated_deltanet",
-        }
-    }
-
-    /// The weights, named under `prefix`.
-    pub fn params(&self, prefix: &str) -> Vec<Param> {
-        match self {
-            Self::Mha(a) => a.params(prefix),
-            Self::Mla(a) => a.params(prefix),
-            Self::DeltaNet(a) => a.params(prefix),
-            Self::Gated { attn, .. } => attn.params(prefix),
         }
     }
 }

@@ -14,10 +14,11 @@
 //! interleaved one; an importer permutes the `q_pe`/`k_pe` channels).
 
 use crate::config::ModelConfig;
+use crate::heads::batch_time;
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
-use crate::{init, ModelError, Param, ParamKind, Result};
-use tch::{Device, Kind, Tensor};
+use crate::{ModelError, ParamBuilder, Result};
+use tch::{Kind, Tensor};
 
 /// The query path: compressed (`q_lora_rank` set) or one projection.
 #[derive(Debug)]
@@ -52,10 +53,10 @@ pub struct Mla {
 }
 
 impl Mla {
-    /// Weights named `<prefix>.{wq_a, q_norm.weight, wq_b | wq, wkv_a, kv_norm.weight, wkv_b,
-    /// wo}`, drawn from (seed, name); the output projection's std is
+    /// Parameters `<vb>.{wq_a, q_norm.weight, wq_b | wq, wkv_a, kv_norm.weight, wkv_b, wo}`:
+    /// the projections decayed, the norms' scales not; the output projection's std is
     /// `init_std / sqrt(2 * num_layers)` as for [`crate::attention::Attention`].
-    pub fn new(cfg: &ModelConfig, prefix: &str, seed: u64, device: Device) -> Result<Self> {
+    pub fn new(cfg: &ModelConfig, vb: &ParamBuilder) -> Result<Self> {
         let a = &cfg.attention;
         let (h, d) = (cfg.num_heads, cfg.d_model);
         if h <= 0
@@ -71,14 +72,12 @@ impl Mla {
         }
         let std = cfg.init_std;
         let out_std = std / (2.0 * cfg.num_layers.max(1) as f64).sqrt();
-        let w = |n: &str, shape: &[i64], s: f64| {
-            init::normal(seed, &format!("{prefix}.{n}"), 0, shape, s, device)
-        };
+        let w = |n: &str, shape: &[i64], s: f64| vb.normal(n, shape, s);
         let qk = a.qk_head_dim();
         let q = match a.q_lora_rank {
             Some(r) => QueryProj::LowRank {
                 wq_a: w("wq_a", &[d, r], std)?,
-                q_norm: RmsNorm::new(r, cfg.norm_eps, device)?,
+                q_norm: RmsNorm::new(&vb.pp("q_norm"), r, cfg.norm_eps)?,
                 wq_b: w("wq_b", &[r, h * qk], std)?,
             },
             None => QueryProj::Full(w("wq", &[d, h * qk], std)?),
@@ -86,7 +85,7 @@ impl Mla {
         Ok(Self {
             q,
             wkv_a: w("wkv_a", &[d, a.kv_lora_rank + a.qk_rope_head_dim], std)?,
-            kv_norm: RmsNorm::new(a.kv_lora_rank, cfg.norm_eps, device)?,
+            kv_norm: RmsNorm::new(&vb.pp("kv_norm"), a.kv_lora_rank, cfg.norm_eps)?,
             wkv_b: w(
                 "wkv_b",
                 &[a.kv_lora_rank, h * (a.qk_nope_head_dim + a.v_head_dim)],
@@ -109,12 +108,7 @@ impl Mla {
     /// # Shapes
     /// `x_btd [b, t, d]` -> `[b, t, d]`
     pub fn forward(&self, x_btd: &Tensor, rope: &Rope, compute_kind: Kind) -> Result<Tensor> {
-        let size = x_btd.size();
-        let [b, t, _] = size[..] else {
-            return Err(ModelError::Invalid(format!(
-                "attention input must be [b, t, d], got {size:?}"
-            )));
-        };
+        let (b, t) = batch_time(x_btd)?;
         let ck = compute_kind;
         let x = x_btd.f_to_kind(ck)?;
         let mm = |a: &Tensor, w: &Tensor| -> Result<Tensor> { Ok(a.f_matmul(&w.f_to_kind(ck)?)?) };
@@ -163,36 +157,19 @@ impl Mla {
             .f_reshape([b, t, h * self.v_dim])?;
         mm(&y_btv, &self.wo)
     }
-
-    /// The projections (decayed) and the two norms' scales (not decayed), named as in
-    /// [`Mla::new`].
-    pub fn params(&self, prefix: &str) -> Vec<Param> {
-        let dense = |n: &str, t: &Tensor| Param {
-            name: format!("{prefix}.{n}"),
-            tensor: t.shallow_clone(),
-            kind: ParamKind::Dense,
-            weight_decay: true,
-        };
-        let mut out = Vec::new();
-        match &self.q {
-            QueryProj::LowRank { wq_a, q_norm, wq_b } => {
-                out.push(dense("wq_a", wq_a));
-                out.extend(q_norm.params(&format!("{prefix}.q_norm")));
-                out.push(dense("wq_b", wq_b));
-            }
-            QueryProj::Full(wq) => out.push(dense("wq", wq)),
-        }
-        out.push(dense("wkv_a", &self.wkv_a));
-        out.extend(self.kv_norm.params(&format!("{prefix}.kv_norm")));
-        out.push(dense("wkv_b", &self.wkv_b));
-        out.push(dense("wo", &self.wo));
-        out
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
+
+    /// The module under the name `a`, and the builder holding its parameters.
+    fn build(c: &ModelConfig, seed: u64) -> (Mla, ParamBuilder) {
+        let vb = ParamBuilder::new(seed, Device::Cpu);
+        let m = Mla::new(c, &vb.pp("a")).unwrap();
+        (m, vb)
+    }
     use crate::config::{AttentionConfig, AttentionKind};
 
     fn cfg(q_lora_rank: Option<i64>) -> ModelConfig {
@@ -218,8 +195,8 @@ mod tests {
     }
 
     /// Casts every weight to float64 in place (for float64 references and finite differences).
-    fn to_f64(m: &Mla) {
-        for p in m.params("a") {
+    fn to_f64(vb: &ParamBuilder) {
+        for p in vb.params() {
             let mut t = p.tensor;
             let d = t.detach().to_kind(Kind::Double);
             t.set_data(&d);
@@ -285,8 +262,8 @@ mod tests {
     fn matches_the_absorbed_form() {
         for q_lora_rank in [Some(8), None] {
             let c = cfg(q_lora_rank);
-            let m = Mla::new(&c, "a", 1, Device::Cpu).unwrap();
-            to_f64(&m);
+            let (m, vb) = build(&c, 1);
+            to_f64(&vb);
             assert!((m.scale - 1.0 / 3.0).abs() < 1e-15);
             let rope = Rope::new(c.rope_dim(), 16, c.rope_theta, Device::Cpu).unwrap();
             let x = Tensor::randn([2, 7, 16], (Kind::Double, Device::Cpu));
@@ -303,11 +280,11 @@ mod tests {
     #[test]
     fn float32_matches_the_reference_to_1e5() {
         let c = cfg(Some(8));
-        let m = Mla::new(&c, "a", 2, Device::Cpu).unwrap();
+        let (m, vb) = build(&c, 2);
         let rope = Rope::new(c.rope_dim(), 16, c.rope_theta, Device::Cpu).unwrap();
         let x = Tensor::randn([2, 9, 16], (Kind::Float, Device::Cpu));
         let got = m.forward(&x, &rope, Kind::Float).unwrap();
-        to_f64(&m);
+        to_f64(&vb);
         let want = absorbed_reference(&m, &rope, &x.to_kind(Kind::Double), c.norm_eps);
         let err = max_abs(&got.to_kind(Kind::Double), &want);
         assert!(err < 1e-5, "{err}");
@@ -319,8 +296,8 @@ mod tests {
     fn explicit_scale_is_used() {
         let mut c = cfg(None);
         c.attention.softmax_scale = Some(0.9);
-        let m = Mla::new(&c, "a", 3, Device::Cpu).unwrap();
-        to_f64(&m);
+        let (m, vb) = build(&c, 3);
+        to_f64(&vb);
         let rope = Rope::new(c.rope_dim(), 16, c.rope_theta, Device::Cpu).unwrap();
         let x = Tensor::randn([1, 5, 16], (Kind::Double, Device::Cpu));
         let got = m.forward(&x, &rope, Kind::Double).unwrap();
@@ -331,7 +308,7 @@ mod tests {
     #[test]
     fn causal() {
         let c = cfg(Some(8));
-        let m = Mla::new(&c, "a", 4, Device::Cpu).unwrap();
+        let (m, _) = build(&c, 4);
         let rope = Rope::new(c.rope_dim(), 16, c.rope_theta, Device::Cpu).unwrap();
         let x = Tensor::randn([1, 8, 16], (Kind::Float, Device::Cpu));
         let x2 = x.copy();
@@ -348,9 +325,9 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let c = cfg(Some(8));
-        let m = Mla::new(&c, "a", 5, Device::Cpu).unwrap();
-        to_f64(&m);
-        let names: Vec<String> = m.params("a").iter().map(|p| p.name.clone()).collect();
+        let (m, vb) = build(&c, 5);
+        to_f64(&vb);
+        let names: Vec<String> = vb.params().iter().map(|p| p.name.clone()).collect();
         assert_eq!(
             names,
             [
@@ -367,8 +344,8 @@ mod tests {
         let x = Tensor::randn([2, 4, 16], (Kind::Double, Device::Cpu));
         let r = Tensor::randn([2, 4, 16], (Kind::Double, Device::Cpu));
         let loss = || (m.forward(&x, &rope, Kind::Double).unwrap() * &r).sum(Kind::Double);
-        let params: Vec<Tensor> = m
-            .params("a")
+        let params: Vec<Tensor> = vb
+            .params()
             .into_iter()
             .map(|p| p.tensor.set_requires_grad(true))
             .collect();

@@ -6,9 +6,8 @@
 //! rows). DeepSeek-MoE and Megatron-Core (`SharedExpertMLP`, `moe_shared_expert_intermediate_size`)
 //! implement them that way, and so does [`crate::moe_layer::MoeLayer`].
 
-use crate::param::{Param, ParamKind};
-use crate::{init, Result};
-use tch::{Device, Tensor};
+use crate::{ParamBuilder, Result};
+use tch::Tensor;
 
 /// A dense SwiGLU MLP.
 #[derive(Debug)]
@@ -22,25 +21,14 @@ pub struct SwiGlu {
 }
 
 impl SwiGlu {
-    /// Weights drawn from the streams `<prefix>.w_gate`, `<prefix>.w_up`, `<prefix>.w_down`;
-    /// `w_down` uses the residual-projection std `init_std / sqrt(2 * num_layers)` (GPT-2).
-    pub fn new(
-        prefix: &str,
-        d: i64,
-        h: i64,
-        init_std: f64,
-        num_layers: i64,
-        seed: u64,
-        device: Device,
-    ) -> Result<Self> {
+    /// Dense decayed parameters `<vb>.w_gate`, `<vb>.w_up`, `<vb>.w_down`; `w_down` uses the
+    /// residual-projection std `init_std / sqrt(2 * num_layers)` (GPT-2).
+    pub fn new(vb: &ParamBuilder, d: i64, h: i64, init_std: f64, num_layers: i64) -> Result<Self> {
         let std_out = init_std / ((2 * num_layers.max(1)) as f64).sqrt();
-        let w = |name: &str, shape: &[i64], std: f64| {
-            init::normal(seed, &format!("{prefix}.{name}"), 0, shape, std, device)
-        };
         Ok(Self {
-            w_gate_dh: w("w_gate", &[d, h], init_std)?,
-            w_up_dh: w("w_up", &[d, h], init_std)?,
-            w_down_hd: w("w_down", &[h, d], std_out)?,
+            w_gate_dh: vb.normal("w_gate", &[d, h], init_std)?,
+            w_up_dh: vb.normal("w_up", &[d, h], init_std)?,
+            w_down_hd: vb.normal("w_down", &[h, d], std_out)?,
         })
     }
 
@@ -55,22 +43,5 @@ impl SwiGlu {
         Ok(gate
             .f_mul(&up)?
             .f_matmul(&self.w_down_hd.f_to_kind(kind)?)?)
-    }
-
-    /// The weights as dense parameters `<prefix>.w_gate|w_up|w_down` (decayed).
-    pub fn params(&self, prefix: &str) -> Vec<Param> {
-        [
-            ("w_gate", &self.w_gate_dh),
-            ("w_up", &self.w_up_dh),
-            ("w_down", &self.w_down_hd),
-        ]
-        .into_iter()
-        .map(|(name, t)| Param {
-            name: format!("{prefix}.{name}"),
-            tensor: t.shallow_clone(),
-            kind: ParamKind::Dense,
-            weight_decay: true,
-        })
-        .collect()
     }
 }

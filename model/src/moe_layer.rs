@@ -9,9 +9,9 @@ use crate::config::{AuxLossKind, ModelConfig, MoeConfig, ScoreFunction};
 use crate::dispatcher::Dispatcher;
 use crate::experts::RoutedExperts;
 use crate::mlp::SwiGlu;
-use crate::param::{Param, ParamKind};
+use crate::parallel::ExpertParallel;
 use crate::router::{self, RouterInput, Routing};
-use crate::{init, ModelError, Result};
+use crate::{ModelError, ParamBuilder, Result};
 use moe_comm::Placement;
 use rand::distr::{Distribution, Uniform};
 use rand::SeedableRng;
@@ -34,19 +34,20 @@ pub struct MoeLayer {
     /// Aux-loss-free balancing bias f32 `[E]` (a buffer, not a parameter), when
     /// `bias_update_rate > 0`.
     pub expert_bias_e: Option<Tensor>,
+    /// How rows reach the experts, built once with the layer; its EP position decided which
+    /// experts [`MoeLayer::experts`] holds.
+    dispatcher: Dispatcher,
+    /// Capacity groups of the router, see [`ExpertParallel::capacity_groups`].
+    capacity_groups: i64,
     cfg: MoeConfig,
 }
 
 /// Per-call context of [`MoeLayer::forward`].
-pub struct MoeForward<'a> {
+pub struct MoeForward {
     /// Training (jitter on) or evaluation.
     pub train: bool,
     /// Tokens per sequence (`seq_aux_loss`).
     pub seq_len: i64,
-    /// Capacity groups, see [`RouterInput::capacity_groups`].
-    pub capacity_groups: i64,
-    /// How rows reach the experts.
-    pub dispatcher: &'a Dispatcher,
     /// Seed of the router jitter noise of this call (unused unless training with jitter).
     pub jitter_seed: u64,
     /// The kind the layer input and the expert GEMMs run in (strict mode checks it).
@@ -103,69 +104,61 @@ impl MoeStats {
 }
 
 impl MoeLayer {
-    /// Builds layer `prefix` (e.g. `layers.3.moe`) for EP rank `ep_rank` of `ep_size`: router
-    /// `<prefix>.w_router`, experts `<prefix>.experts.*` (global experts
-    /// `ep_rank*E/P .. (ep_rank+1)*E/P`), shared experts `<prefix>.shared.*`.
+    /// Builds the layer under `vb` (e.g. `layers.3.moe`) at EP position `par` (rank r of P):
+    /// router `<vb>.w_router`, experts `<vb>.experts.*` (global experts `r*E/P .. (r+1)*E/P`,
+    /// expert-sharded), shared experts `<vb>.shared.*` and their gate `<vb>.shared.out_gate`,
+    /// all decayed (as Megatron-Core does), and the buffer `<vb>.expert_bias` when aux-loss-free
+    /// balancing is on. The layer keeps `par`'s dispatcher.
     pub fn new(
         model: &ModelConfig,
         moe: &MoeConfig,
-        prefix: &str,
-        ep_rank: i64,
-        ep_size: i64,
-        seed: u64,
-        device: Device,
+        vb: &ParamBuilder,
+        par: &ExpertParallel,
     ) -> Result<Self> {
         let e = moe.num_experts;
+        let (ep_rank, ep_size) = (par.dispatcher.ep_rank(), par.dispatcher.ep_size());
         if ep_size <= 0 || e % ep_size != 0 || !(0..ep_size).contains(&ep_rank) {
             return Err(ModelError::Invalid(format!(
                 "moe.num_experts ({e}) must be divisible by parallel.ep_size ({ep_size}), ep_rank {ep_rank} in 0..{ep_size}"
             )));
         }
+        if par.capacity_groups < 1 {
+            return Err(ModelError::Invalid(format!(
+                "capacity groups ({}) must be at least 1",
+                par.capacity_groups
+            )));
+        }
         let num_local = e / ep_size;
-        let w_router_de = init::normal(
-            seed,
-            &format!("{prefix}.w_router"),
-            0,
-            &[model.d_model, e],
-            model.init_std,
-            device,
-        )?;
+        let w_router_de = vb.normal("w_router", &[model.d_model, e], model.init_std)?;
         let experts = RoutedExperts::new(
             model,
             moe,
-            &format!("{prefix}.experts"),
+            &vb.pp("experts"),
             ep_rank * num_local,
             num_local,
-            seed,
-            device,
         )?;
         let shared = if moe.num_shared_experts > 0 {
             Some(SwiGlu::new(
-                &format!("{prefix}.shared"),
+                &vb.pp("shared"),
                 model.d_model,
                 moe.num_shared_experts * moe.shared_hidden(),
                 model.init_std,
                 model.num_layers,
-                seed,
-                device,
             )?)
         } else {
             None
         };
         let shared_gate_d1 = if moe.shared_expert_gate && shared.is_some() {
-            Some(init::normal(
-                seed,
-                &format!("{prefix}.shared.out_gate"),
-                0,
-                &[model.d_model, 1],
-                model.init_std,
-                device,
-            )?)
+            Some(
+                vb.pp("shared")
+                    .normal("out_gate", &[model.d_model, 1], model.init_std)?,
+            )
         } else {
             None
         };
         let expert_bias_e = if moe.bias_update_rate > 0.0 {
-            Some(Tensor::f_zeros([e], (Kind::Float, device))?)
+            let zeros = Tensor::f_zeros([e], (Kind::Float, vb.device()))?;
+            Some(vb.buffer("expert_bias", zeros)?)
         } else {
             None
         };
@@ -175,6 +168,8 @@ impl MoeLayer {
             shared,
             shared_gate_d1,
             expert_bias_e,
+            dispatcher: par.dispatcher.clone(),
+            capacity_groups: par.capacity_groups,
             cfg: moe.clone(),
         })
     }
@@ -182,6 +177,11 @@ impl MoeLayer {
     /// The layer's MoE configuration.
     pub fn config(&self) -> &MoeConfig {
         &self.cfg
+    }
+
+    /// How the layer's rows reach its experts.
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
     }
 
     /// Router, global statistics, dispatch, experts, combine, plus shared experts.
@@ -203,7 +203,7 @@ impl MoeLayer {
             }
         };
         let e = self.cfg.num_experts;
-        self.check_dispatcher(ctx.dispatcher)?;
+        let dispatcher = &self.dispatcher;
         // Strict mode: what reaches the dispatcher and the experts is on the layer's device
         // and of the compute kind, as NCCL and the GPU kernels will require.
         let placement = Placement::new(self.w_router_de.device(), ctx.compute_kind);
@@ -226,14 +226,14 @@ impl MoeLayer {
                 logits_ne: &logits_ne,
                 expert_bias_e: self.expert_bias_e.as_ref(),
                 seq_len: ctx.seq_len,
-                capacity_groups: ctx.capacity_groups,
+                capacity_groups: self.capacity_groups,
             },
         )?;
 
-        let (global_counts_e, load_e, topk_load_e) = self.global_stats(&routing, ctx.dispatcher)?;
+        let (global_counts_e, load_e, topk_load_e) = self.global_stats(&routing)?;
         // Every data-parallel rank routes the same number of tokens (the global batch is split
         // evenly), so the global count is known here without a read.
-        let global_tokens = routing.aux_stats.num_tokens * ctx.dispatcher.world_size();
+        let global_tokens = routing.aux_stats.num_tokens * dispatcher.world_size();
         let aux_loss = match self.cfg.aux_loss {
             AuxLossKind::AuxLoss => router::aux_loss(
                 &self.cfg,
@@ -248,7 +248,7 @@ impl MoeLayer {
             AuxLossKind::None => Tensor::f_zeros([], (Kind::Float, x_nd.device()))?,
         };
 
-        let (x_md, rows_l, meta) = ctx.dispatcher.dispatch(x_nd, &routing, e)?;
+        let (x_md, rows_l, meta) = dispatcher.dispatch(x_nd, &routing, e)?;
         placement.check_of(
             "MoeLayer::forward",
             "dispatched rows x_md",
@@ -262,7 +262,7 @@ impl MoeLayer {
             &y_md,
             ctx.compute_kind,
         )?;
-        let mut y_nd = ctx.dispatcher.combine(&y_md, meta)?;
+        let mut y_nd = dispatcher.combine(&y_md, meta)?;
         if let Some(shared) = &self.shared {
             let mut s_nd = shared.forward(x_nd)?;
             if let Some(g) = &self.shared_gate_d1 {
@@ -284,32 +284,10 @@ impl MoeLayer {
         Ok((y_nd, stats))
     }
 
-    /// The dispatcher must shard experts the way this layer was built.
-    fn check_dispatcher(&self, dispatcher: &Dispatcher) -> Result<()> {
-        let (p, r) = (dispatcher.ep_size(), dispatcher.ep_rank());
-        if p <= 0
-            || self.cfg.num_experts / p != self.experts.num_local
-            || r * self.experts.num_local != self.experts.first_global
-        {
-            return Err(ModelError::Invalid(format!(
-                "dispatcher (ep_rank {r}, ep_size {p}) does not match the layer's experts \
-                 (global {}..{} of {})",
-                self.experts.first_global,
-                self.experts.first_global + self.experts.num_local,
-                self.cfg.num_experts
-            )));
-        }
-        Ok(())
-    }
-
     /// One all-reduce over the world of `[aux counts_e | top-k counts_e | kept_e]`, in f64 so
     /// that counts stay exact beyond 2^24 tokens. Returns the global aux counts (f32), load
     /// and top-k load (f32, no grad), all on the device.
-    fn global_stats(
-        &self,
-        routing: &Routing,
-        dispatcher: &Dispatcher,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    fn global_stats(&self, routing: &Routing) -> Result<(Tensor, Tensor, Tensor)> {
         let e = self.cfg.num_experts;
         // Padding rows are in the map but carry zero weight; without padding the map is exact.
         let kept_e = if self.cfg.pad_to_capacity {
@@ -333,7 +311,7 @@ impl MoeLayer {
             ],
             0,
         )?;
-        let global = dispatcher.all_reduce_stats(&local)?;
+        let global = self.dispatcher.all_reduce_stats(&local)?;
         let part = |i: i64| -> Result<Tensor> {
             Ok(global.f_narrow(0, i * e, e)?.f_to_kind(Kind::Float)?)
         };
@@ -379,38 +357,6 @@ impl MoeLayer {
             }
             None => Ok(()),
         }
-    }
-
-    /// Parameters `<prefix>.w_router`, `<prefix>.experts.*` (expert-sharded) and
-    /// `<prefix>.shared.*`. All are matrices, so all are decayed (as Megatron-Core does).
-    pub fn params(&self, prefix: &str) -> Vec<Param> {
-        let mut params = vec![Param {
-            name: format!("{prefix}.w_router"),
-            tensor: self.w_router_de.shallow_clone(),
-            kind: ParamKind::Dense,
-            weight_decay: true,
-        }];
-        params.extend(self.experts.params(&format!("{prefix}.experts")));
-        if let Some(shared) = &self.shared {
-            params.extend(shared.params(&format!("{prefix}.shared")));
-        }
-        if let Some(g) = &self.shared_gate_d1 {
-            params.push(Param {
-                name: format!("{prefix}.shared.out_gate"),
-                tensor: g.shallow_clone(),
-                kind: ParamKind::Dense,
-                weight_decay: true,
-            });
-        }
-        params
-    }
-
-    /// Non-trainable state: `<prefix>.expert_bias` when aux-loss-free balancing is on.
-    pub fn buffers(&self, prefix: &str) -> Vec<(String, Tensor)> {
-        self.expert_bias_e
-            .iter()
-            .map(|b| (format!("{prefix}.expert_bias"), b.shallow_clone()))
-            .collect()
     }
 }
 

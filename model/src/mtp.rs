@@ -12,10 +12,11 @@
 use crate::config::{ModelConfig, MoeConfig};
 use crate::moe_layer::MoeStats;
 use crate::norm::{accum_kind, RmsNorm};
+use crate::parallel::ExpertParallel;
 use crate::rope::Rope;
-use crate::transformer::{Block, LmForward, ParallelInfo};
-use crate::{init, ModelError, Param, ParamKind, Result};
-use tch::{Device, Tensor};
+use crate::transformer::{Block, LmForward};
+use crate::{ModelError, ParamBuilder, Result};
+use tch::Tensor;
 
 /// The prediction module.
 #[derive(Debug)]
@@ -31,28 +32,21 @@ pub(crate) struct Mtp {
 }
 
 impl Mtp {
-    /// Weights under `layers.{num_layers}`.
+    /// Parameters under `vb` = `layers.{num_layers}`: `{enorm,hnorm}.weight`, `eh_proj`, the
+    /// block's parameters and `norm.weight`.
     pub(crate) fn new(
         model: &ModelConfig,
         moe: &MoeConfig,
-        par: ParallelInfo,
-        seed: u64,
-        device: Device,
+        par: &ExpertParallel,
+        vb: &ParamBuilder,
     ) -> Result<Self> {
         let (d, l) = (model.d_model, model.num_layers);
         Ok(Self {
-            enorm: RmsNorm::new(d, model.norm_eps, device)?,
-            hnorm: RmsNorm::new(d, model.norm_eps, device)?,
-            eh_proj: init::normal(
-                seed,
-                &format!("layers.{l}.eh_proj"),
-                0,
-                &[2 * d, d],
-                model.init_std,
-                device,
-            )?,
-            block: Block::new(model, moe, par, l, seed, device)?,
-            norm: RmsNorm::new(d, model.norm_eps, device)?,
+            enorm: RmsNorm::new(&vb.pp("enorm"), d, model.norm_eps)?,
+            hnorm: RmsNorm::new(&vb.pp("hnorm"), d, model.norm_eps)?,
+            eh_proj: vb.normal("eh_proj", &[2 * d, d], model.init_std)?,
+            block: Block::new(model, moe, par, l, vb)?,
+            norm: RmsNorm::new(&vb.pp("norm"), d, model.norm_eps)?,
             index: l,
         })
     }
@@ -101,21 +95,5 @@ impl Mtp {
             .f_matmul(&head_vd.f_to_kind(ck)?.f_tr()?)?
             .f_to_kind(res_kind)?;
         Ok((logits_btv, stats))
-    }
-
-    /// `layers.{i}.{enorm,hnorm}.weight`, `layers.{i}.eh_proj`, the block's parameters and
-    /// `layers.{i}.norm.weight`, with `i = num_layers`.
-    pub(crate) fn params(&self, i: i64) -> Vec<Param> {
-        let mut out = self.enorm.params(&format!("layers.{i}.enorm"));
-        out.extend(self.hnorm.params(&format!("layers.{i}.hnorm")));
-        out.push(Param {
-            name: format!("layers.{i}.eh_proj"),
-            tensor: self.eh_proj.shallow_clone(),
-            kind: ParamKind::Dense,
-            weight_decay: true,
-        });
-        out.extend(self.block.params(i));
-        out.extend(self.norm.params(&format!("layers.{i}.norm")));
-        out
     }
 }

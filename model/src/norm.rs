@@ -2,8 +2,8 @@
 //! Normalization"), as Llama uses it: `y = x / sqrt(mean(x^2) + eps) * weight`, no mean
 //! subtraction, no bias.
 
-use crate::{init, Param, ParamKind, Result};
-use tch::{Device, Kind, Tensor};
+use crate::{ParamBuilder, Result};
+use tch::{Kind, Tensor};
 
 /// The kind a reduction over `kind` accumulates in: at least float32, so bfloat16
 /// activations do not lose the statistics (float64 stays float64 for gradient checks).
@@ -24,10 +24,11 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// A norm over a last dimension of width `dim`, with `eps` inside the square root.
-    pub fn new(dim: i64, eps: f64, device: Device) -> Result<Self> {
+    /// A norm over a last dimension of width `dim`, with `eps` inside the square root; its
+    /// scale is the parameter `<vb>.weight`, not decayed.
+    pub fn new(vb: &ParamBuilder, dim: i64, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight_d: init::ones(&[dim], device)?,
+            weight_d: vb.ones("weight", &[dim])?,
             eps,
         })
     }
@@ -49,21 +50,16 @@ impl RmsNorm {
         let y = x.f_mul(&inv_rms)?.f_mul(&self.weight_d.f_to_kind(acc)?)?;
         Ok(y.f_to_kind(kind)?)
     }
-
-    /// The scale as a parameter named `<prefix>.weight`, without weight decay.
-    pub fn params(&self, prefix: &str) -> Vec<Param> {
-        vec![Param {
-            name: format!("{prefix}.weight"),
-            tensor: self.weight_d.shallow_clone(),
-            kind: ParamKind::Dense,
-            weight_decay: false,
-        }]
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
+
+    fn vb() -> ParamBuilder {
+        ParamBuilder::new(0, Device::Cpu)
+    }
 
     /// Against the formula evaluated by hand in f64 on the host; 1e-6 relative is float32
     /// rounding of a handful of operations.
@@ -71,7 +67,7 @@ mod tests {
     fn matches_hand_formula() {
         let vals = [1.0f32, -2.0, 3.0, 0.5, 0.0, 4.0, -1.5, 2.5];
         let x = Tensor::from_slice(&vals).reshape([2, 4]);
-        let norm = RmsNorm::new(4, 1e-5, Device::Cpu).unwrap();
+        let norm = RmsNorm::new(&vb(), 4, 1e-5).unwrap();
         let scale = [0.5f32, 1.0, 2.0, -1.0];
         tch::no_grad(|| {
             norm.weight_d
@@ -101,7 +97,7 @@ mod tests {
             .f_mul_scalar(30.0)
             .unwrap();
         let x_bf = x.to_kind(Kind::BFloat16);
-        let norm = RmsNorm::new(64, 1e-5, Device::Cpu).unwrap();
+        let norm = RmsNorm::new(&vb(), 64, 1e-5).unwrap();
         let y_bf = norm.forward(&x_bf).unwrap();
         assert_eq!(y_bf.kind(), Kind::BFloat16);
         let y_ref = norm.forward(&x_bf.to_kind(Kind::Float)).unwrap();
@@ -115,8 +111,10 @@ mod tests {
 
     #[test]
     fn params_are_named_and_not_decayed() {
-        let norm = RmsNorm::new(8, 1e-5, Device::Cpu).unwrap();
-        let p = norm.params("layers.0.attn_norm");
+        let vb = vb();
+        let norm = RmsNorm::new(&vb.pp("layers.0.attn_norm"), 8, 1e-5).unwrap();
+        let p = vb.params();
+        assert!(p[0].tensor.equal(&norm.weight_d));
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].name, "layers.0.attn_norm.weight");
         assert!(!p[0].weight_decay);

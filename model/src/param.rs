@@ -22,3 +22,15 @@ pub struct Param {
     /// AdamW decay applies (false for norms, biases and embeddings).
     pub weight_decay: bool,
 }
+
+impl Param {
+    /// A copy whose tensor shares storage with this one's.
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            tensor: self.tensor.shallow_clone(),
+            kind: self.kind,
+            weight_decay: self.weight_decay,
+        }
+    }
+}

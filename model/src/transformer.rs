@@ -10,44 +10,21 @@
 //! in float64 (gradient checks).
 
 use crate::config::{ModelConfig, MoeConfig};
-use crate::dispatcher::Dispatcher;
 use crate::kv_cache::{KvCache, LayerKv};
 use crate::mixer::TokenMixer;
 use crate::mlp::SwiGlu;
 use crate::moe_layer::{MoeForward, MoeLayer, MoeStats};
 use crate::mtp::Mtp;
 use crate::norm::{accum_kind, RmsNorm};
+use crate::parallel::ExpertParallel;
 use crate::rope::Rope;
-use crate::{init, ModelError, Param, ParamKind, Result};
+use crate::{init, ModelError, Param, ParamBuilder, Result};
 use tch::{Device, Kind, Tensor};
 
-/// Where this rank sits in its expert-parallel group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ParallelInfo {
-    /// Rank within the EP group, `0..ep_size`.
-    pub ep_rank: i64,
-    /// EP group size P: each MoE layer holds `num_experts / P` routed experts.
-    pub ep_size: i64,
-}
-
-impl ParallelInfo {
-    /// One rank holding every expert.
-    pub fn single() -> Self {
-        Self {
-            ep_rank: 0,
-            ep_size: 1,
-        }
-    }
-}
-
 /// Per-call context of [`TransformerLm::forward`].
-pub struct LmForward<'a> {
+pub struct LmForward {
     /// Training (router jitter on) or evaluation.
     pub train: bool,
-    /// How MoE layers reach their experts.
-    pub dispatcher: &'a Dispatcher,
-    /// Capacity groups of the router (1 normally; P in the single-process EP reference).
-    pub capacity_groups: i64,
     /// Kind of the matmuls: `Float` or `BFloat16` (`Double` for gradient checks).
     pub compute_kind: Kind,
     /// A counter seeding the router jitter, so a run is reproducible: the trainer passes one
@@ -90,42 +67,35 @@ pub(crate) struct Block {
 impl Block {
     /// Block `i`: its attention, and an MoE FFN where `moe.is_moe_layer(i)`, else a dense
     /// SwiGLU.
+    ///
+    /// Parameters under `vb` (`layers.{i}`): `attn_norm.weight`, `attn.*`, `ffn_norm.weight`,
+    /// then `ffn.*` or `moe.*`.
     pub(crate) fn new(
         model: &ModelConfig,
         moe: &MoeConfig,
-        par: ParallelInfo,
+        par: &ExpertParallel,
         i: i64,
-        seed: u64,
-        device: Device,
+        vb: &ParamBuilder,
     ) -> Result<Self> {
         let d = model.d_model;
+        let attn_norm = RmsNorm::new(&vb.pp("attn_norm"), d, model.norm_eps)?;
+        let attn = TokenMixer::new(model, i, &vb.pp("attn"))?;
+        let ffn_norm = RmsNorm::new(&vb.pp("ffn_norm"), d, model.norm_eps)?;
         let ffn = if moe.is_moe_layer(i) {
-            let prefix = format!("layers.{i}.moe");
-            Ffn::Moe(Box::new(MoeLayer::new(
-                model,
-                moe,
-                &prefix,
-                par.ep_rank,
-                par.ep_size,
-                seed,
-                device,
-            )?))
+            Ffn::Moe(Box::new(MoeLayer::new(model, moe, &vb.pp("moe"), par)?))
         } else {
-            let prefix = format!("layers.{i}.ffn");
             Ffn::Dense(SwiGlu::new(
-                &prefix,
+                &vb.pp("ffn"),
                 d,
                 model.ffn_hidden,
                 model.init_std,
                 model.num_layers,
-                seed,
-                device,
             )?)
         };
         Ok(Block {
-            attn_norm: RmsNorm::new(d, model.norm_eps, device)?,
-            attn: TokenMixer::new(model, i, &format!("layers.{i}.attn"), seed, device)?,
-            ffn_norm: RmsNorm::new(d, model.norm_eps, device)?,
+            attn_norm,
+            attn,
+            ffn_norm,
             ffn,
         })
     }
@@ -175,8 +145,6 @@ impl Block {
                 let fwd = MoeForward {
                     train: ctx.train,
                     seq_len: t,
-                    capacity_groups: ctx.capacity_groups,
-                    dispatcher: ctx.dispatcher,
                     jitter_seed: init::stream_seed(seed ^ ctx.step, "router_jitter", i),
                     compute_kind: ck,
                 };
@@ -185,18 +153,6 @@ impl Block {
             }
         };
         Ok((x_btd.f_add(&f_btd.f_to_kind(res_kind)?)?, stats))
-    }
-
-    /// The block's parameters under `layers.{i}`.
-    pub(crate) fn params(&self, i: i64) -> Vec<Param> {
-        let mut out = self.attn_norm.params(&format!("layers.{i}.attn_norm"));
-        out.extend(self.attn.params(&format!("layers.{i}.attn")));
-        out.extend(self.ffn_norm.params(&format!("layers.{i}.ffn_norm")));
-        match &self.ffn {
-            Ffn::Dense(mlp) => out.extend(mlp.params(&format!("layers.{i}.ffn"))),
-            Ffn::Moe(moe) => out.extend(moe.params(&format!("layers.{i}.moe"))),
-        }
-        out
     }
 
     /// The MoE layer, if the FFN is one.
@@ -208,15 +164,17 @@ impl Block {
     }
 }
 
-/// A transformer LM whose FFNs are MoE layers where `moe.is_moe_layer(i)` and the config has
-/// more than one routed expert or any shared expert; other blocks (and the whole model in the
-/// `num_experts: 1` dense baseline) use a dense SwiGLU of width `model.ffn_hidden`.
+/// A transformer LM whose FFNs are MoE layers where `moe.is_moe_layer(i)` (never in the
+/// `num_experts: 1` dense baseline); other blocks use a dense SwiGLU of width
+/// `model.ffn_hidden`.
 ///
 /// Parameter names: `embed.weight`, `layers.{i}.attn_norm.weight`,
 /// `layers.{i}.attn.{wq,wk,wv,wo}` (MLA: see [`crate::mla::Mla::new`]),
 /// `layers.{i}.ffn_norm.weight`,
 /// `layers.{i}.ffn.{w_gate,w_up,w_down}` (dense) or `layers.{i}.moe.*` (see
-/// [`MoeLayer::params`]), `norm.weight`, `lm_head.weight` (absent when tied).
+/// [`MoeLayer::new`]), `norm.weight`, `lm_head.weight` (absent when tied). Each module creates
+/// and names its parameters once, through a [`ParamBuilder`]; [`TransformerLm::params`]
+/// returns that registry.
 #[derive(Debug)]
 pub struct TransformerLm {
     /// Token embedding `[v, d]`; also the LM head when `tie_embeddings`.
@@ -228,6 +186,10 @@ pub struct TransformerLm {
     rope: Rope,
     /// DeepSeek-V3's multi-token prediction module (`model.mtp_depth: 1`).
     mtp: Option<Mtp>,
+    /// Every parameter, as the modules created them (shallow clones), in creation order.
+    params: Vec<Param>,
+    /// Every buffer, likewise.
+    buffers: Vec<(String, Tensor)>,
     cfg: ModelConfig,
     seed: u64,
 }
@@ -262,12 +224,13 @@ impl MoeSums {
 }
 
 impl TransformerLm {
-    /// Builds the model for EP position `par`; every weight is drawn from (seed, name[, global
-    /// expert id]) so ranks agree on dense weights and experts do not depend on `ep_size`.
+    /// Builds the model for EP position `par`, whose dispatcher each MoE layer keeps; every
+    /// weight is drawn from (seed, name[, global expert id]) so ranks agree on dense weights
+    /// and experts do not depend on the EP size.
     pub fn new(
         model: &ModelConfig,
         moe: &MoeConfig,
-        par: ParallelInfo,
+        par: &ExpertParallel,
         seed: u64,
         device: Device,
     ) -> Result<Self> {
@@ -276,30 +239,32 @@ impl TransformerLm {
             return Err(ModelError::Invalid(errs.join("; ")));
         }
         let (v, d) = (model.vocab_size, model.d_model);
-        let embed_vd = init::normal(seed, "embed.weight", 0, &[v, d], model.init_std, device)?;
+        let vb = ParamBuilder::new(seed, device);
+        let embed_vd = vb
+            .pp("embed")
+            .normal_no_decay("weight", &[v, d], model.init_std)?;
         let layers = (0..model.num_layers)
-            .map(|i| Block::new(model, moe, par, i, seed, device))
+            .map(|i| Block::new(model, moe, par, i, &vb.pp("layers").pp(i)))
             .collect::<Result<Vec<_>>>()?;
         let mtp = match model.mtp_depth {
             0 => None,
-            _ => Some(Mtp::new(model, moe, par, seed, device)?),
+            _ => Some(Mtp::new(
+                model,
+                moe,
+                par,
+                &vb.pp("layers").pp(model.num_layers),
+            )?),
         };
+        let norm = RmsNorm::new(&vb.pp("norm"), d, model.norm_eps)?;
         let lm_head_vd = if model.tie_embeddings {
             None
         } else {
-            Some(init::normal(
-                seed,
-                "lm_head.weight",
-                0,
-                &[v, d],
-                model.init_std,
-                device,
-            )?)
+            Some(vb.pp("lm_head").normal("weight", &[v, d], model.init_std)?)
         };
         Ok(Self {
             embed_vd,
             layers,
-            norm: RmsNorm::new(d, model.norm_eps, device)?,
+            norm,
             lm_head_vd,
             rope: Rope::new(
                 model.rope_dim(),
@@ -308,6 +273,8 @@ impl TransformerLm {
                 device,
             )?,
             mtp,
+            params: vb.params(),
+            buffers: vb.buffers(),
             cfg: model.clone(),
             seed,
         })
@@ -446,34 +413,18 @@ impl TransformerLm {
         })
     }
 
-    /// Every trainable tensor under its stable name (shallow clones). Routed experts are
-    /// [`ParamKind::Expert`]; norms and the embedding are not decayed, matrices are.
+    /// Every trainable tensor under its stable name (shallow clones), in the order the
+    /// modules created them. Routed experts are `ParamKind::Expert`; norms, biases and the
+    /// embedding are not decayed, matrices are.
     pub fn params(&self) -> Vec<Param> {
-        let dense = |name: &str, t: &Tensor, weight_decay: bool| Param {
-            name: name.into(),
-            tensor: t.shallow_clone(),
-            kind: ParamKind::Dense,
-            weight_decay,
-        };
-        let mut out = vec![dense("embed.weight", &self.embed_vd, false)];
-        for (i, block) in self.layers.iter().enumerate() {
-            out.extend(block.params(i as i64));
-        }
-        if let Some(mtp) = &self.mtp {
-            out.extend(mtp.params(self.cfg.num_layers));
-        }
-        out.extend(self.norm.params("norm"));
-        if let Some(head) = &self.lm_head_vd {
-            out.push(dense("lm_head.weight", head, true));
-        }
-        out
+        self.params.iter().map(Param::shallow_clone).collect()
     }
 
     /// Non-trainable state that checkpoints carry, e.g. `layers.3.moe.expert_bias`.
     pub fn buffers(&self) -> Vec<(String, Tensor)> {
-        self.moe_layers()
-            .into_iter()
-            .flat_map(|(i, m)| m.buffers(&format!("layers.{i}.moe")))
+        self.buffers
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
             .collect()
     }
 
@@ -493,6 +444,7 @@ impl TransformerLm {
 mod tests {
     use super::*;
     use crate::config::ExpertImpl;
+    use crate::ParamKind;
 
     fn model_cfg() -> ModelConfig {
         ModelConfig {
@@ -526,11 +478,9 @@ mod tests {
         }
     }
 
-    fn ctx(dispatcher: &Dispatcher, kind: Kind) -> LmForward<'_> {
+    fn ctx(kind: Kind) -> LmForward {
         LmForward {
             train: true,
-            dispatcher,
-            capacity_groups: 1,
             compute_kind: kind,
             step: 0,
         }
@@ -549,14 +499,12 @@ mod tests {
         let lm = TransformerLm::new(
             &model_cfg(),
             &moe_cfg(),
-            ParallelInfo::single(),
+            &ExpertParallel::single(),
             5,
             Device::Cpu,
         )
         .unwrap();
-        let out = lm
-            .forward(&tokens(2, 6, 0), &ctx(&Dispatcher::Local, Kind::Float))
-            .unwrap();
+        let out = lm.forward(&tokens(2, 6, 0), &ctx(Kind::Float)).unwrap();
         assert_eq!(out.logits_btv.size(), vec![2, 6, 32]);
         assert_eq!(out.logits_btv.kind(), Kind::Float);
         assert_eq!(
@@ -619,12 +567,18 @@ mod tests {
     #[test]
     fn logits_do_not_depend_on_future_tokens() {
         for moe in [moe_cfg(), dense_cfg()] {
-            let lm = TransformerLm::new(&model_cfg(), &moe, ParallelInfo::single(), 6, Device::Cpu)
-                .unwrap();
+            let lm = TransformerLm::new(
+                &model_cfg(),
+                &moe,
+                &ExpertParallel::single(),
+                6,
+                Device::Cpu,
+            )
+            .unwrap();
             let a = tokens(2, 10, 0);
             let b = a.copy();
             b.narrow(1, 6, 4).copy_(&tokens(2, 4, 3));
-            let c = ctx(&Dispatcher::Local, Kind::Float);
+            let c = ctx(Kind::Float);
             let la = lm.forward(&a, &c).unwrap().logits_btv;
             let lb = lm.forward(&b, &c).unwrap().logits_btv;
             let past = (la.narrow(1, 0, 6) - lb.narrow(1, 0, 6))
@@ -646,8 +600,14 @@ mod tests {
             tie_embeddings: true,
             ..model_cfg()
         };
-        let lm = TransformerLm::new(&model, &dense_cfg(), ParallelInfo::single(), 7, Device::Cpu)
-            .unwrap();
+        let lm = TransformerLm::new(
+            &model,
+            &dense_cfg(),
+            &ExpertParallel::single(),
+            7,
+            Device::Cpu,
+        )
+        .unwrap();
         assert!(lm.moe_layers().is_empty());
         let params = lm.params();
         assert!(params.iter().all(|p| p.kind == ParamKind::Dense));
@@ -661,9 +621,7 @@ mod tests {
                 .count(),
             3
         );
-        let out = lm
-            .forward(&tokens(1, 5, 0), &ctx(&Dispatcher::Local, Kind::Float))
-            .unwrap();
+        let out = lm.forward(&tokens(1, 5, 0), &ctx(Kind::Float)).unwrap();
         assert_eq!(out.aux_loss.double_value(&[]), 0.0);
         assert!(out.moe.is_empty());
         // Tied head: the logits are the final hidden state times the embedding, so the
@@ -678,19 +636,28 @@ mod tests {
     #[test]
     fn expert_params_follow_global_ids() {
         let moe = moe_cfg();
-        let full =
-            TransformerLm::new(&model_cfg(), &moe, ParallelInfo::single(), 8, Device::Cpu).unwrap();
-        let half = TransformerLm::new(
+        let full = TransformerLm::new(
             &model_cfg(),
             &moe,
-            ParallelInfo {
-                ep_rank: 1,
-                ep_size: 2,
-            },
+            &ExpertParallel::single(),
             8,
             Device::Cpu,
         )
         .unwrap();
+        let half = TransformerLm::new(
+            &model_cfg(),
+            &moe,
+            &ExpertParallel::detached(1, 2),
+            8,
+            Device::Cpu,
+        )
+        .unwrap();
+        // Built without process groups: parameters only, and a forward says so.
+        let err = half
+            .forward(&tokens(1, 4, 0), &ctx(Kind::Float))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("without process groups"), "{err}");
         let (pf, ph) = (full.params(), half.params());
         assert_eq!(pf.len(), ph.len());
         for (a, b) in pf.iter().zip(&ph) {
@@ -709,10 +676,7 @@ mod tests {
         assert!(TransformerLm::new(
             &model_cfg(),
             &moe,
-            ParallelInfo {
-                ep_rank: 0,
-                ep_size: 3
-            },
+            &ExpertParallel::detached(0, 3),
             8,
             Device::Cpu
         )
@@ -728,8 +692,14 @@ mod tests {
             num_layers: 2,
             ..model_cfg()
         };
-        let lm = TransformerLm::new(&model, &dense_cfg(), ParallelInfo::single(), 9, Device::Cpu)
-            .unwrap();
+        let lm = TransformerLm::new(
+            &model,
+            &dense_cfg(),
+            &ExpertParallel::single(),
+            9,
+            Device::Cpu,
+        )
+        .unwrap();
         let params = lm.params();
         for p in &params {
             let mut t = p.tensor.shallow_clone();
@@ -743,9 +713,7 @@ mod tests {
         let inputs = tokens(2, 5, 1);
         let targets = tokens(2, 5, 2);
         let loss = || {
-            let out = lm
-                .forward(&inputs, &ctx(&Dispatcher::Local, Kind::Double))
-                .unwrap();
+            let out = lm.forward(&inputs, &ctx(Kind::Double)).unwrap();
             // Not `cross_entropy_for_logits`: tch computes its log-softmax in float32.
             out.logits_btv
                 .view([-1, 32])
@@ -792,18 +760,14 @@ mod tests {
         let lm = TransformerLm::new(
             &model_cfg(),
             &moe_cfg(),
-            ParallelInfo::single(),
+            &ExpertParallel::single(),
             10,
             Device::Cpu,
         )
         .unwrap();
         let toks = tokens(2, 8, 0);
-        let f = lm
-            .forward(&toks, &ctx(&Dispatcher::Local, Kind::Float))
-            .unwrap();
-        let h = lm
-            .forward(&toks, &ctx(&Dispatcher::Local, Kind::BFloat16))
-            .unwrap();
+        let f = lm.forward(&toks, &ctx(Kind::Float)).unwrap();
+        let h = lm.forward(&toks, &ctx(Kind::BFloat16)).unwrap();
         assert_eq!(h.logits_btv.kind(), Kind::Float);
         assert_eq!(h.aux_loss.kind(), Kind::Float);
         let err = (&f.logits_btv - &h.logits_btv)
@@ -820,12 +784,12 @@ mod tests {
         let lm = TransformerLm::new(
             &model_cfg(),
             &dense_cfg(),
-            ParallelInfo::single(),
+            &ExpertParallel::single(),
             11,
             Device::Cpu,
         )
         .unwrap();
-        let c = ctx(&Dispatcher::Local, Kind::Float);
+        let c = ctx(Kind::Float);
         assert!(lm.forward(&tokens(1, 17, 0), &c).is_err());
         assert!(lm.forward(&tokens(1, 4, 0).view([-1]), &c).is_err());
     }

@@ -15,6 +15,8 @@ use moe_comm::ProcessGroups;
 use moe_model::config::{ExpertImpl, ModelConfig, MoeConfig};
 use moe_model::dispatcher::Dispatcher;
 use moe_model::experts::RoutedExperts;
+use moe_model::ParamBuilder;
+use moe_testutil::{assert_close, Tol};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Duration;
@@ -113,19 +115,6 @@ fn run(disp: &Dispatcher, experts: &RoutedExperts, rank: usize, p: usize) -> Out
     }
 }
 
-fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
-    assert_eq!(a.size(), b.size(), "{what}: shapes");
-    if b.numel() == 0 {
-        return;
-    }
-    let scale = b.abs().max().double_value(&[]).max(1e-12);
-    let diff = (a - b).abs().max().double_value(&[]);
-    assert!(
-        diff <= 1e-5 * scale,
-        "{what}: max diff {diff} vs scale {scale}"
-    );
-}
-
 fn check(p: usize, imp: ExpertImpl) {
     tch::set_num_threads(1);
     let (model, moe) = configs(imp);
@@ -140,23 +129,10 @@ fn check(p: usize, imp: ExpertImpl) {
                 tch::set_num_threads(1);
                 let groups = ProcessGroups::new(comm, p).unwrap();
                 // Built explicitly (not `from_groups`) so that P=1 also runs the all-to-all path.
-                let disp = Dispatcher::AllToAll {
-                    ep: groups.ep.clone(),
-                    world: groups.world.clone(),
-                    ep_rank: groups.ep_rank as i64,
-                    ep_size: groups.ep_size as i64,
-                };
+                let disp = Dispatcher::all_to_all(&groups);
                 assert_eq!(disp.world_size(), p as i64);
-                let experts = RoutedExperts::new(
-                    &model,
-                    &moe,
-                    "t.experts",
-                    rank as i64 * l,
-                    l,
-                    SEED,
-                    Device::Cpu,
-                )
-                .unwrap();
+                let vb = ParamBuilder::new(SEED, Device::Cpu).pp("t.experts");
+                let experts = RoutedExperts::new(&model, &moe, &vb, rank as i64 * l, l).unwrap();
                 let out = run(&disp, &experts, rank, p);
                 // The statistics all-reduce sums over the world.
                 let s = disp
@@ -168,9 +144,10 @@ fn check(p: usize, imp: ExpertImpl) {
         .collect();
     let ep: Vec<(Outcome, Vec<f64>)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
 
-    let reference = RoutedExperts::new(&model, &moe, "t.experts", 0, E, SEED, Device::Cpu).unwrap();
+    let vb = ParamBuilder::new(SEED, Device::Cpu).pp("t.experts");
+    let reference = RoutedExperts::new(&model, &moe, &vb, 0, E).unwrap();
     let refs: Vec<Outcome> = (0..p)
-        .map(|r| run(&Dispatcher::Local, &reference, r, p))
+        .map(|r| run(&Dispatcher::local(), &reference, r, p))
         .collect();
     let ref_gw: Vec<Tensor> = [
         &reference.w_gate_ldh,
@@ -183,12 +160,17 @@ fn check(p: usize, imp: ExpertImpl) {
 
     for (rank, ((got, stats), want)) in ep.iter().zip(&refs).enumerate() {
         let tag = format!("P={p} {imp:?} rank {rank}");
-        assert_close(&got.y, &want.y, &format!("{tag} y"));
-        assert_close(&got.gx, &want.gx, &format!("{tag} dx"));
-        assert_close(&got.gp, &want.gp, &format!("{tag} dprobs"));
+        assert_close(&format!("{tag} y"), &got.y, &want.y, Tol::Rel(1e-5));
+        assert_close(&format!("{tag} dx"), &got.gx, &want.gx, Tol::Rel(1e-5));
+        assert_close(&format!("{tag} dprobs"), &got.gp, &want.gp, Tol::Rel(1e-5));
         for (i, g) in got.gw.iter().enumerate() {
             let want_g = ref_gw[i].narrow(0, rank as i64 * l, l);
-            assert_close(g, &want_g, &format!("{tag} expert weight {i}"));
+            assert_close(
+                &format!("{tag} expert weight {i}"),
+                g,
+                &want_g,
+                Tol::Rel(1e-5),
+            );
         }
         assert_eq!(
             stats,

@@ -57,7 +57,7 @@ fn identity_experts_give_weighted_sum_and_exact_gradients() {
     ];
     let (probs_ne, map_ne) = routing(n, e, &assignments);
     let x_nd = x_values(n, d);
-    let disp = Dispatcher::Local;
+    let disp = Dispatcher::local();
     let (x_md, rows, meta) = disp.dispatch_map(&x_nd, &probs_ne, &map_ne, e).unwrap();
 
     // Expert-major, by token within an expert.
@@ -147,7 +147,7 @@ fn every_kept_assignment_is_served_exactly_once() {
         .map(|i| if i % d == 0 { (i / d) as f32 } else { 0.5 })
         .collect();
     let x_nd = Tensor::from_slice(&ids).reshape([n, d]);
-    let (x_md, rows, meta) = Dispatcher::Local
+    let (x_md, rows, meta) = Dispatcher::local()
         .dispatch_map(&x_nd, &probs_ne, &map_ne, e)
         .unwrap();
 
@@ -175,7 +175,7 @@ fn empty_batch_and_no_kept_assignment() {
     for n in [0i64, 3] {
         let (probs_ne, map_ne) = routing(n, e, &[]);
         let x_nd = x_values(n, d);
-        let disp = Dispatcher::Local;
+        let disp = Dispatcher::local();
         let (x_md, rows, meta) = disp.dispatch_map(&x_nd, &probs_ne, &map_ne, e).unwrap();
         assert_eq!(x_md.size(), vec![0, d]);
         assert_eq!(rows, vec![0; e as usize]);
@@ -193,7 +193,7 @@ fn empty_batch_and_no_kept_assignment() {
 fn combine_keeps_the_input_dtype_and_checks_row_count() {
     let (probs_ne, map_ne) = routing(2, 2, &[(0, 0, 0.5), (1, 1, 0.25)]);
     let x_nd = x_values(2, 4).detach().to_kind(Kind::Double);
-    let disp = Dispatcher::Local;
+    let disp = Dispatcher::local();
     let (x_md, _, meta) = disp.dispatch_map(&x_nd, &probs_ne, &map_ne, 2).unwrap();
     // Experts computing in f32 on f64 input: the combined output returns to f64.
     let y_nd = disp.combine(&x_md.to_kind(Kind::Float), meta).unwrap();

@@ -7,6 +7,8 @@
 
 use moe_model::config::{ExpertImpl, ModelConfig, MoeConfig};
 use moe_model::experts::RoutedExperts;
+use moe_model::ParamBuilder;
+use moe_testutil::{assert_close, Tol};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
@@ -16,6 +18,18 @@ fn experts(d: i64, h: i64, num_local: i64, imp: ExpertImpl) -> RoutedExperts {
 }
 
 fn experts_on(d: i64, h: i64, num_local: i64, imp: ExpertImpl, dev: Device) -> RoutedExperts {
+    experts_built(d, h, num_local, imp, dev).0
+}
+
+/// The second EP rank's shard of `2 * num_local` experts, and the builder holding its
+/// parameters.
+fn experts_built(
+    d: i64,
+    h: i64,
+    num_local: i64,
+    imp: ExpertImpl,
+    dev: Device,
+) -> (RoutedExperts, ParamBuilder) {
     let model = ModelConfig {
         d_model: d,
         num_layers: 2,
@@ -29,35 +43,22 @@ fn experts_on(d: i64, h: i64, num_local: i64, imp: ExpertImpl, dev: Device) -> R
         ..Default::default()
     };
     // Global experts num_local..2*num_local: the second EP rank's shard.
-    RoutedExperts::new(
+    let vb = ParamBuilder::new(5, dev);
+    let ex = RoutedExperts::new(
         &model,
         &moe,
-        "layers.0.moe.experts",
+        &vb.pp("layers.0.moe.experts"),
         num_local,
         num_local,
-        5,
-        dev,
     )
-    .unwrap()
+    .unwrap();
+    (ex, vb)
 }
 
 fn rows_input(m: i64, d: i64, seed: u64) -> Tensor {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let v: Vec<f32> = (0..m * d).map(|_| rng.random_range(-1.0f32..1.0)).collect();
     Tensor::from_slice(&v).reshape([m, d])
-}
-
-fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
-    assert_eq!(a.size(), b.size(), "{what}: shapes");
-    if b.numel() == 0 {
-        return;
-    }
-    let scale = b.abs().max().double_value(&[]).max(1e-12);
-    let diff = (a - b).abs().max().double_value(&[]);
-    assert!(
-        diff <= 1e-5 * scale,
-        "{what}: max diff {diff} vs scale {scale}"
-    );
 }
 
 /// Forward and `loss = sum(y * g)` gradients (x, w_gate, w_up, w_down). `expanded_grad` uses
@@ -112,7 +113,12 @@ fn sequential_matches_per_expert_formula() {
         let l = l as i64;
         let hb = xb.matmul(&ex.w_gate_ldh.get(l)).silu() * xb.matmul(&ex.w_up_ldh.get(l));
         let want = hb.matmul(&ex.w_down_lhd.get(l));
-        assert_close(&y.narrow(0, start, r), &want, &format!("expert {l}"));
+        assert_close(
+            &format!("expert {l}"),
+            &y.narrow(0, start, r),
+            &want,
+            Tol::Rel(1e-5),
+        );
         start += r;
     }
     assert!(y.abs().max().double_value(&[]) > 0.0);
@@ -153,9 +159,10 @@ fn grouped_equals_sequential_including_empty_experts(dev: Device) {
                 .enumerate()
             {
                 assert_close(
+                    &format!("rows {rows:?} expanded {expanded}: {name}"),
                     &a[j],
                     &b[j],
-                    &format!("rows {rows:?} expanded {expanded}: {name}"),
+                    Tol::Rel(1e-5),
                 );
             }
             if m > 0 {
@@ -219,7 +226,7 @@ fn grouped_falls_back_when_rows_are_unaligned() {
     let seq = experts(6, 12, 2, ExpertImpl::Sequential)
         .forward(&x, &[2, 3])
         .unwrap();
-    assert_close(&y, &seq, "fallback");
+    assert_close("fallback", &y, &seq, Tol::Rel(1e-5));
     assert!(
         ex.forward_grouped(&x, &[2, 3]).is_err(),
         "the grouped path itself refuses"
@@ -237,8 +244,8 @@ fn rejects_rows_that_do_not_cover_the_input() {
 
 #[test]
 fn params_are_expert_sharded_under_global_ids() {
-    let ex = experts(8, 12, 3, ExpertImpl::Grouped);
-    let ps = ex.params("layers.0.moe.experts");
+    let (ex, vb) = experts_built(8, 12, 3, ExpertImpl::Grouped, Device::Cpu);
+    let ps = vb.params();
     let names: Vec<&str> = ps.iter().map(|p| p.name.as_str()).collect();
     assert_eq!(
         names,
@@ -272,7 +279,8 @@ fn params_are_expert_sharded_under_global_ids() {
             expert_hidden: 12,
             ..Default::default()
         };
-        RoutedExperts::new(&model, &moe, "layers.0.moe.experts", 0, 6, 5, Device::Cpu).unwrap()
+        let vb = ParamBuilder::new(5, Device::Cpu).pp("layers.0.moe.experts");
+        RoutedExperts::new(&model, &moe, &vb, 0, 6).unwrap()
     };
     assert!(whole.w_up_ldh.get(4).equal(&ex.w_up_ldh.get(1)));
     // Residual projection std init_std / sqrt(2 * num_layers) = 0.15 vs 0.3.

@@ -6,6 +6,7 @@
 
 use moe_model::config::{ExpertImpl, ModelConfig, MoeConfig};
 use moe_model::experts::{RoutedExperts, GROUP_ALIGN_ROWS};
+use moe_testutil::{assert_close, Tol};
 use tch::{Device, Kind, Tensor};
 
 fn experts() -> RoutedExperts {
@@ -22,12 +23,8 @@ fn experts() -> RoutedExperts {
         expert_impl: ExpertImpl::Grouped,
         ..Default::default()
     };
-    RoutedExperts::new(&model, &moe, "layers.0.moe.experts", 0, 5, 11, Device::Cpu).unwrap()
-}
-
-fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
-    let scale = b.abs().max().double_value(&[]).max(1e-12);
-    (a - b).abs().max().double_value(&[]) / scale
+    let vb = moe_model::ParamBuilder::new(11, Device::Cpu).pp("layers.0.moe.experts");
+    RoutedExperts::new(&model, &moe, &vb, 0, 5).unwrap()
 }
 
 #[test]
@@ -62,10 +59,10 @@ fn padded_grouped_equals_sequential_with_empty_groups() {
     let (y_pad, gx_pad, gw_pad) = run(true);
     let (y_seq, gx_seq, gw_seq) = run(false);
     assert_eq!(y_pad.size(), [m, 16]);
-    assert!(max_rel(&y_pad, &y_seq) <= 1e-5, "outputs");
-    assert!(max_rel(&gx_pad, &gx_seq) <= 1e-5, "input gradients");
+    assert_close("outputs", &y_pad, &y_seq, Tol::Rel(1e-5));
+    assert_close("input gradients", &gx_pad, &gx_seq, Tol::Rel(1e-5));
     for (i, (a, b)) in gw_pad.iter().zip(&gw_seq).enumerate() {
-        assert!(max_rel(a, b) <= 1e-5, "weight gradient {i}");
+        assert_close(&format!("weight gradient {i}"), a, b, Tol::Rel(1e-5));
     }
 }
 

@@ -8,8 +8,8 @@
 use moe_comm::threads::threads_world;
 use moe_comm::{host_reads, ProcessGroups};
 use moe_model::config::{DropPolicy, ExpertImpl, ModelConfig, MoeConfig};
-use moe_model::dispatcher::Dispatcher;
 use moe_model::moe_layer::{MoeForward, MoeLayer};
+use moe_model::{ExpertParallel, ParamBuilder};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
@@ -35,14 +35,12 @@ fn configs(capacity: Option<f64>, pad: bool) -> (ModelConfig, MoeConfig) {
 }
 
 /// Host reads made by one forward + backward of `layer` on 16 tokens.
-fn reads_of_one_forward(layer: &MoeLayer, disp: &Dispatcher) -> u64 {
+fn reads_of_one_forward(layer: &MoeLayer) -> u64 {
     tch::manual_seed(5);
     let x = Tensor::randn([16, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let ctx = MoeForward {
         train: true,
         seq_len: 4,
-        capacity_groups: 1,
-        dispatcher: disp,
         jitter_seed: 0,
         compute_kind: Kind::Float,
     };
@@ -56,9 +54,16 @@ fn reads_of_one_forward(layer: &MoeLayer, disp: &Dispatcher) -> u64 {
 fn one_host_read_per_moe_layer_forward_on_one_rank() {
     for (capacity, pad) in [(None, false), (Some(1.0), false), (Some(1.0), true)] {
         let (model, moe) = configs(capacity, pad);
-        let layer = MoeLayer::new(&model, &moe, "layers.0.moe", 0, 1, 3, Device::Cpu).unwrap();
+        let par = ExpertParallel::single();
+        let layer = MoeLayer::new(
+            &model,
+            &moe,
+            &ParamBuilder::new(3, Device::Cpu).pp("layers.0.moe"),
+            &par,
+        )
+        .unwrap();
         assert_eq!(
-            reads_of_one_forward(&layer, &Dispatcher::Local),
+            reads_of_one_forward(&layer),
             1,
             "capacity {capacity:?}, pad {pad}"
         );
@@ -75,23 +80,68 @@ fn one_host_read_per_moe_layer_forward_per_rank_at_ep2() {
             std::thread::spawn(move || {
                 tch::set_num_threads(1);
                 let groups = ProcessGroups::new(comm, p).unwrap();
-                let disp = Dispatcher::from_groups(&groups);
+                let par = ExpertParallel::from_groups(&groups);
+                assert_eq!(par.dispatcher().ep_rank(), rank as i64);
                 let (model, moe) = configs(Some(1.0), false);
                 let layer = MoeLayer::new(
                     &model,
                     &moe,
-                    "layers.0.moe",
-                    rank as i64,
-                    p as i64,
-                    3,
-                    Device::Cpu,
+                    &ParamBuilder::new(3, Device::Cpu).pp("layers.0.moe"),
+                    &par,
                 )
                 .unwrap();
-                reads_of_one_forward(&layer, &disp)
+                reads_of_one_forward(&layer)
             })
         })
         .collect();
     for (rank, h) in handles.into_iter().enumerate() {
         assert_eq!(h.join().unwrap(), 1, "rank {rank}");
+    }
+}
+
+/// Pure data parallelism (two ranks, EP size 1): every expert is local, so the layer takes the
+/// local path (no all-to-all, not even of size 1) and still reads the host once; its router
+/// statistics are summed over both ranks (16 tokens x top-2 each, dropless).
+#[test]
+fn data_parallel_ranks_dispatch_locally_with_one_host_read() {
+    let p = 2usize;
+    let handles: Vec<_> = threads_world(p, Duration::from_secs(60))
+        .into_iter()
+        .map(|comm| {
+            std::thread::spawn(move || {
+                tch::set_num_threads(1);
+                let groups = ProcessGroups::new(comm, 1).unwrap();
+                let par = ExpertParallel::from_groups(&groups);
+                assert!(par.dispatcher().is_local());
+                assert_eq!(par.dispatcher().world_size(), 2);
+                let (model, moe) = configs(None, false);
+                let layer = MoeLayer::new(
+                    &model,
+                    &moe,
+                    &ParamBuilder::new(3, Device::Cpu).pp("layers.0.moe"),
+                    &par,
+                )
+                .unwrap();
+                let reads = reads_of_one_forward(&layer);
+                let x = Tensor::ones([16, 8], (Kind::Float, Device::Cpu));
+                let ctx = MoeForward {
+                    train: false,
+                    seq_len: 4,
+                    jitter_seed: 0,
+                    compute_kind: Kind::Float,
+                };
+                let (_, stats) = layer.forward(&x, &ctx).unwrap();
+                (reads, stats.load_e.sum(Kind::Float).double_value(&[]))
+            })
+        })
+        .collect();
+    for (rank, h) in handles.into_iter().enumerate() {
+        let (reads, load) = h.join().unwrap();
+        assert_eq!(reads, 1, "rank {rank}");
+        assert_eq!(
+            load,
+            (2 * 16 * 2) as f64,
+            "rank {rank}: load summed over both ranks"
+        );
     }
 }

@@ -4,8 +4,8 @@
 //! without a cache say so and refuse.
 
 use moe_model::config::{AttentionConfig, AttentionKind, ExpertImpl, ModelConfig, MoeConfig};
-use moe_model::dispatcher::Dispatcher;
-use moe_model::transformer::{LmForward, ParallelInfo, TransformerLm};
+use moe_model::transformer::{LmForward, TransformerLm};
+use moe_model::ExpertParallel;
 use tch::{Device, Kind, Tensor};
 
 fn model_cfg(qwen: bool) -> ModelConfig {
@@ -35,11 +35,9 @@ fn moe_cfg() -> MoeConfig {
     }
 }
 
-fn ctx(d: &Dispatcher) -> LmForward<'_> {
+fn ctx() -> LmForward {
     LmForward {
         train: false,
-        dispatcher: d,
-        capacity_groups: 1,
         compute_kind: Kind::Float,
         step: 0,
     }
@@ -57,21 +55,20 @@ fn cached_decoding_equals_the_full_forward() {
         let lm = TransformerLm::new(
             &model_cfg(qwen),
             &moe_cfg(),
-            ParallelInfo::single(),
+            &ExpertParallel::single(),
             4,
             Device::Cpu,
         )
         .unwrap();
         assert!(lm.supports_kv_cache());
-        let d = Dispatcher::Local;
         let _g = tch::no_grad_guard();
         let tokens = Tensor::randint(32, [1, 16], (Kind::Int64, Device::Cpu));
-        let full = lm.forward(&tokens, &ctx(&d)).unwrap().logits_btv;
+        let full = lm.forward(&tokens, &ctx()).unwrap().logits_btv;
         let mut cache = lm.new_kv_cache();
         let mut pos = 0;
         for len in [5, 1, 1, 1, 1, 1, 1, 1, 3, 1] {
             let out = lm
-                .forward_cached(&tokens.narrow(1, pos, len), &ctx(&d), &mut cache)
+                .forward_cached(&tokens.narrow(1, pos, len), &ctx(), &mut cache)
                 .unwrap();
             let want = full.narrow(1, pos, len);
             let err = (&out.logits_btv - &want).abs().max().double_value(&[]);
@@ -85,13 +82,13 @@ fn cached_decoding_equals_the_full_forward() {
         }
         // The cache is full: one more position is refused, not wrapped.
         assert!(lm
-            .forward_cached(&tokens.narrow(1, 0, 1), &ctx(&d), &mut cache)
+            .forward_cached(&tokens.narrow(1, 0, 1), &ctx(), &mut cache)
             .is_err());
         // Without the cache the same single token gives other logits (the test sees the
         // cache): position 15 alone vs after its prefix.
         let mut empty = lm.new_kv_cache();
         let alone = lm
-            .forward_cached(&tokens.narrow(1, 15, 1), &ctx(&d), &mut empty)
+            .forward_cached(&tokens.narrow(1, 15, 1), &ctx(), &mut empty)
             .unwrap()
             .logits_btv;
         let diff = (&alone - full.narrow(1, 15, 1))
@@ -126,13 +123,12 @@ fn other_attention_kinds_refuse_the_cache() {
             attention: att,
             ..model_cfg(false)
         };
-        let lm =
-            TransformerLm::new(&cfg, &moe_cfg(), ParallelInfo::single(), 5, Device::Cpu).unwrap();
+        let lm = TransformerLm::new(&cfg, &moe_cfg(), &ExpertParallel::single(), 5, Device::Cpu)
+            .unwrap();
         assert!(!lm.supports_kv_cache(), "{name}");
-        let d = Dispatcher::Local;
         let tokens = Tensor::randint(32, [1, 4], (Kind::Int64, Device::Cpu));
         let err = lm
-            .forward_cached(&tokens, &ctx(&d), &mut lm.new_kv_cache())
+            .forward_cached(&tokens, &ctx(), &mut lm.new_kv_cache())
             .unwrap_err()
             .to_string();
         assert!(err.contains(name) && err.contains("no KV cache"), "{err}");

@@ -2,8 +2,8 @@
 //! a few plain SGD steps on one fixed batch lower the loss.
 
 use moe_model::config::{AttentionConfig, AttentionKind, ExpertImpl, ModelConfig, MoeConfig};
-use moe_model::dispatcher::Dispatcher;
-use moe_model::transformer::{LmForward, ParallelInfo, TransformerLm};
+use moe_model::transformer::{LmForward, TransformerLm};
+use moe_model::ExpertParallel;
 use tch::{Device, Kind, Tensor};
 
 fn model_cfg() -> ModelConfig {
@@ -39,8 +39,14 @@ fn mla_lm_names_its_weights_and_learns() {
         ..MoeConfig::default()
     };
     tch::manual_seed(0);
-    let lm =
-        TransformerLm::new(&model_cfg(), &moe, ParallelInfo::single(), 3, Device::Cpu).unwrap();
+    let lm = TransformerLm::new(
+        &model_cfg(),
+        &moe,
+        &ExpertParallel::single(),
+        3,
+        Device::Cpu,
+    )
+    .unwrap();
     let params = lm.params();
     let names: Vec<&str> = params.iter().map(|p| p.name.as_str()).collect();
     for want in [
@@ -62,11 +68,8 @@ fn mla_lm_names_its_weights_and_learns() {
         .view([2, 12]);
     let inputs = tokens.narrow(1, 0, 11);
     let targets = tokens.narrow(1, 1, 11);
-    let dispatcher = Dispatcher::Local;
     let ctx = LmForward {
         train: true,
-        dispatcher: &dispatcher,
-        capacity_groups: 1,
         compute_kind: Kind::Float,
         step: 0,
     };

@@ -11,10 +11,10 @@
 use moe_comm::threads::threads_world;
 use moe_comm::ProcessGroups;
 use moe_model::config::{ExpertImpl, ModelConfig, MoeConfig};
-use moe_model::dispatcher::Dispatcher;
 use moe_model::moe_layer::{jitter_noise, MoeForward, MoeLayer};
 use moe_model::router::{self, RouterInput};
-use moe_model::ParamKind;
+use moe_model::{ExpertParallel, ParamBuilder, ParamKind};
+use moe_testutil::{assert_close, Tol};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::time::Duration;
@@ -51,26 +51,21 @@ fn values(n: i64, d: i64, seed: u64) -> Tensor {
     Tensor::from_slice(&v).reshape([n, d])
 }
 
-fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
-    assert_eq!(a.size(), b.size(), "{what}: shapes");
-    let scale = b.abs().max().double_value(&[]).max(1e-12);
-    let diff = (a - b).abs().max().double_value(&[]);
-    assert!(
-        diff <= 1e-5 * scale,
-        "{what}: max diff {diff} vs scale {scale}"
-    );
+/// The layer under `PREFIX` at `par`, and the builder holding its parameters and buffers.
+fn build(model: &ModelConfig, moe: &MoeConfig, par: &ExpertParallel) -> (MoeLayer, ParamBuilder) {
+    let vb = ParamBuilder::new(SEED, Device::Cpu);
+    let layer = MoeLayer::new(model, moe, &vb.pp(PREFIX), par).unwrap();
+    (layer, vb)
 }
 
 fn swiglu(x: &Tensor, wg: &Tensor, wu: &Tensor, wd: &Tensor) -> Tensor {
     (x.matmul(wg).silu() * x.matmul(wu)).matmul(wd)
 }
 
-fn ctx(disp: &Dispatcher, capacity_groups: i64) -> MoeForward<'_> {
+fn ctx() -> MoeForward {
     MoeForward {
         train: true,
         seq_len: 4,
-        capacity_groups,
-        dispatcher: disp,
         jitter_seed: 0,
         compute_kind: tch::Kind::Float,
     }
@@ -81,12 +76,12 @@ fn dropless_layer_equals_dense_reference() {
     for imp in [ExpertImpl::Sequential, ExpertImpl::Grouped] {
         let (model, moe) = configs(imp);
         let (n, e) = (12, moe.num_experts);
-        let layer = MoeLayer::new(&model, &moe, PREFIX, 0, 1, SEED, Device::Cpu).unwrap();
-        let refl = MoeLayer::new(&model, &moe, PREFIX, 0, 1, SEED, Device::Cpu).unwrap();
+        let (layer, layer_vb) = build(&model, &moe, &ExpertParallel::single());
+        let (refl, refl_vb) = build(&model, &moe, &ExpertParallel::single());
         let g = values(n, D, 2);
 
         let x = values(n, D, 1).set_requires_grad(true);
-        let (y, stats) = layer.forward(&x, &ctx(&Dispatcher::Local, 1)).unwrap();
+        let (y, stats) = layer.forward(&x, &ctx()).unwrap();
         (&y * &g + &stats.aux_loss + &stats.z_loss)
             .sum(Kind::Float)
             .backward();
@@ -128,16 +123,22 @@ fn dropless_layer_equals_dense_reference() {
             .backward();
 
         let tag = format!("{imp:?}");
-        assert_close(&y, &yr, &format!("{tag} y"));
-        assert_close(&stats.aux_loss, &aux, &format!("{tag} aux"));
-        assert_close(&stats.z_loss, &routing.z_loss, &format!("{tag} z"));
-        assert_close(&x.grad(), &xr.grad(), &format!("{tag} dx"));
-        for (p, q) in layer.params(PREFIX).iter().zip(refl.params(PREFIX)) {
+        assert_close(&format!("{tag} y"), &y, &yr, Tol::Rel(1e-5));
+        assert_close(&format!("{tag} aux"), &stats.aux_loss, &aux, Tol::Rel(1e-5));
+        assert_close(
+            &format!("{tag} z"),
+            &stats.z_loss,
+            &routing.z_loss,
+            Tol::Rel(1e-5),
+        );
+        assert_close(&format!("{tag} dx"), &x.grad(), &xr.grad(), Tol::Rel(1e-5));
+        for (p, q) in layer_vb.params().iter().zip(refl_vb.params()) {
             assert_eq!(p.name, q.name);
             assert_close(
+                &format!("{tag} d{}", p.name),
                 &p.tensor.grad(),
                 &q.tensor.grad(),
-                &format!("{tag} d{}", p.name),
+                Tol::Rel(1e-5),
             );
         }
         assert_eq!(
@@ -186,24 +187,16 @@ fn ep2_with_capacity_equals_single_process() {
             std::thread::spawn(move || {
                 tch::set_num_threads(1);
                 let groups = ProcessGroups::new(comm, p).unwrap();
-                let disp = Dispatcher::from_groups(&groups);
-                let layer = MoeLayer::new(
-                    &model,
-                    &moe,
-                    PREFIX,
-                    rank as i64,
-                    p as i64,
-                    SEED,
-                    Device::Cpu,
-                )
-                .unwrap();
+                let par = ExpertParallel::from_groups(&groups);
+                assert_eq!(par.dispatcher().ep_rank(), rank as i64);
+                let (layer, layer_vb) = build(&model, &moe, &par);
                 let x = x.set_requires_grad(true);
-                let (y, st) = layer.forward(&x, &ctx(&disp, 1)).unwrap();
+                let (y, st) = layer.forward(&x, &ctx()).unwrap();
                 // Per-rank losses are means over local tokens: the global loss is their mean.
                 let losses = (&st.aux_loss + &st.z_loss) / p as f64;
                 ((&y * &g).sum(Kind::Float) + losses).backward();
-                let grads = layer
-                    .params(PREFIX)
+                let grads = layer_vb
+                    .params()
                     .into_iter()
                     .map(|q| (q.name, q.kind, q.tensor.grad()))
                     .collect();
@@ -220,11 +213,10 @@ fn ep2_with_capacity_equals_single_process() {
         .collect();
     let ranks: Vec<RankOut> = handles.into_iter().map(|h| h.join().unwrap()).collect();
 
-    let single = MoeLayer::new(&model, &moe, PREFIX, 0, 1, SEED, Device::Cpu).unwrap();
+    let reference = ExpertParallel::single().with_capacity_groups(p as i64);
+    let (single, single_vb) = build(&model, &moe, &reference);
     let x = x_all.set_requires_grad(true);
-    let (y, st) = single
-        .forward(&x, &ctx(&Dispatcher::Local, p as i64))
-        .unwrap();
+    let (y, st) = single.forward(&x, &ctx()).unwrap();
     ((&y * &g_all).sum(Kind::Float) + &st.aux_loss + &st.z_loss).backward();
     assert!(
         st.num_dropped.int64_value(&[]) > 0,
@@ -242,8 +234,13 @@ fn ep2_with_capacity_equals_single_process() {
     );
     for (rank, r) in ranks.iter().enumerate() {
         let rows = |t: &Tensor| t.narrow(0, rank as i64 * n_r, n_r);
-        assert_close(&r.y, &rows(&y), &format!("rank {rank} y"));
-        assert_close(&r.gx, &rows(&x.grad()), &format!("rank {rank} dx"));
+        assert_close(&format!("rank {rank} y"), &r.y, &rows(&y), Tol::Rel(1e-5));
+        assert_close(
+            &format!("rank {rank} dx"),
+            &r.gx,
+            &rows(&x.grad()),
+            Tol::Rel(1e-5),
+        );
         assert!(
             r.load.equal(&st.load_e),
             "rank {rank}: global load {:?} vs {:?}",
@@ -253,7 +250,7 @@ fn ep2_with_capacity_equals_single_process() {
     }
     // Dense gradients: the single-process gradient is the sum over ranks. Expert gradients:
     // rank r's local experts match the single process's slice.
-    for (i, q) in single.params(PREFIX).iter().enumerate() {
+    for (i, q) in single_vb.params().iter().enumerate() {
         let want = q.tensor.grad();
         match ranks[0].grads[i].1 {
             ParamKind::Dense => {
@@ -262,12 +259,17 @@ fn ep2_with_capacity_equals_single_process() {
                     .map(|r| r.grads[i].2.shallow_clone())
                     .reduce(|a, b| a + b)
                     .unwrap();
-                assert_close(&sum, &want, &q.name);
+                assert_close(&q.name, &sum, &want, Tol::Rel(1e-5));
             }
             ParamKind::Expert { .. } => {
                 for (rank, r) in ranks.iter().enumerate() {
                     let l = want.size()[0] / p as i64;
-                    assert_close(&r.grads[i].2, &want.narrow(0, rank as i64 * l, l), &q.name);
+                    assert_close(
+                        &q.name,
+                        &r.grads[i].2,
+                        &want.narrow(0, rank as i64 * l, l),
+                        Tol::Rel(1e-5),
+                    );
                 }
             }
         }
@@ -278,15 +280,12 @@ fn ep2_with_capacity_equals_single_process() {
 fn jitter_is_deterministic_training_only_and_bounded() {
     let (model, mut moe) = configs(ExpertImpl::Sequential);
     moe.jitter_eps = 0.2;
-    let layer = MoeLayer::new(&model, &moe, PREFIX, 0, 1, SEED, Device::Cpu).unwrap();
+    let (layer, _) = build(&model, &moe, &ExpertParallel::single());
     let x = values(16, D, 4);
-    let disp = Dispatcher::Local;
     let run = |train: bool, seed: u64| {
         let c = MoeForward {
             train,
             seq_len: 4,
-            capacity_groups: 1,
-            dispatcher: &disp,
             jitter_seed: seed,
             compute_kind: tch::Kind::Float,
         };
@@ -296,12 +295,10 @@ fn jitter_is_deterministic_training_only_and_bounded() {
     assert_ne!(run(true, 1), run(true, 2));
     // Evaluation ignores jitter: equal to a layer without it.
     moe.jitter_eps = 0.0;
-    let plain = MoeLayer::new(&model, &moe, PREFIX, 0, 1, SEED, Device::Cpu).unwrap();
+    let (plain, _) = build(&model, &moe, &ExpertParallel::single());
     let c = MoeForward {
         train: true,
         seq_len: 4,
-        capacity_groups: 1,
-        dispatcher: &disp,
         jitter_seed: 1,
         compute_kind: tch::Kind::Float,
     };
@@ -323,12 +320,8 @@ fn params_buffers_and_bias_update() {
     let (model, mut moe) = configs(ExpertImpl::Grouped);
     moe.bias_update_rate = 0.1;
     moe.aux_loss = moe_model::config::AuxLossKind::None;
-    let layer = MoeLayer::new(&model, &moe, PREFIX, 1, 2, SEED, Device::Cpu).unwrap();
-    let names: Vec<String> = layer
-        .params(PREFIX)
-        .iter()
-        .map(|p| p.name.clone())
-        .collect();
+    let (layer, layer_vb) = build(&model, &moe, &ExpertParallel::detached(1, 2));
+    let names: Vec<String> = layer_vb.params().iter().map(|p| p.name.clone()).collect();
     let want: Vec<String> = [
         "w_router",
         "experts.w_gate",
@@ -342,7 +335,7 @@ fn params_buffers_and_bias_update() {
     .map(|s| format!("{PREFIX}.{s}"))
     .collect();
     assert_eq!(names, want);
-    let ps = layer.params(PREFIX);
+    let ps = layer_vb.params();
     assert_eq!(
         ps[1].kind,
         ParamKind::Expert {
@@ -356,17 +349,18 @@ fn params_buffers_and_bias_update() {
         "2 shared experts of width 4 = one of width 8"
     );
     assert_eq!(ps[0].tensor.kind(), Kind::Float);
-    let bufs = layer.buffers(PREFIX);
+    let bufs = layer_vb.buffers();
     assert_eq!(bufs.len(), 1);
     assert_eq!(bufs[0].0, format!("{PREFIX}.expert_bias"));
 
-    // A wrong dispatcher is refused, not silently mis-sharded.
+    // A shard built without process groups has its parameters but refuses to run.
     let x = values(8, D, 5);
-    assert!(layer.forward(&x, &ctx(&Dispatcher::Local, 1)).is_err());
+    let err = layer.forward(&x, &ctx()).unwrap_err().to_string();
+    assert!(err.contains("without process groups"), "{err}");
 
     // The bias moves toward under-loaded experts: +rate below the mean load, -rate above.
-    let single = MoeLayer::new(&model, &moe, PREFIX, 0, 1, SEED, Device::Cpu).unwrap();
-    let (_, st) = single.forward(&x, &ctx(&Dispatcher::Local, 1)).unwrap();
+    let (single, _) = build(&model, &moe, &ExpertParallel::single());
+    let (_, st) = single.forward(&x, &ctx()).unwrap();
     assert_eq!(st.aux_loss.double_value(&[]), 0.0);
     single.update_expert_bias(&st).unwrap();
     let bias = Vec::<f32>::try_from(single.expert_bias_e.as_ref().unwrap()).unwrap();
@@ -398,18 +392,18 @@ fn shared_expert_gate_scales_the_shared_output() {
         shared_expert_gate: true,
         ..moe.clone()
     };
-    let plain = MoeLayer::new(&model, &moe, PREFIX, 0, 1, SEED, Device::Cpu).unwrap();
-    let gated = MoeLayer::new(&model, &gated_cfg, PREFIX, 0, 1, SEED, Device::Cpu).unwrap();
-    let names: Vec<String> = gated.params(PREFIX).into_iter().map(|p| p.name).collect();
+    let (plain, _) = build(&model, &moe, &ExpertParallel::single());
+    let (gated, gated_vb) = build(&model, &gated_cfg, &ExpertParallel::single());
+    let names: Vec<String> = gated_vb.params().into_iter().map(|p| p.name).collect();
     assert_eq!(names.last().unwrap(), &format!("{PREFIX}.shared.out_gate"));
     let w = gated.shared_gate_d1.as_ref().unwrap();
     assert_eq!(w.size(), vec![D, 1]);
     let x = values(10, D, 7);
-    let (y, _) = plain.forward(&x, &ctx(&Dispatcher::Local, 1)).unwrap();
-    let (yg, _) = gated.forward(&x, &ctx(&Dispatcher::Local, 1)).unwrap();
+    let (y, _) = plain.forward(&x, &ctx()).unwrap();
+    let (yg, _) = gated.forward(&x, &ctx()).unwrap();
     let s = plain.shared.as_ref().unwrap().forward(&x).unwrap();
     let want = &y - &s + x.matmul(w).sigmoid() * &s;
-    assert_close(&yg, &want, "gated");
+    assert_close("gated", &yg, &want, Tol::Rel(1e-5));
     assert!((&yg - &y).abs().max().double_value(&[]) > 1e-3);
     // Without shared experts the gate is a config error.
     let bad = MoeConfig {

@@ -2,8 +2,8 @@
 //! that it leaves the main model untouched.
 
 use moe_model::config::{ExpertImpl, ModelConfig, MoeConfig};
-use moe_model::dispatcher::Dispatcher;
-use moe_model::transformer::{LmForward, ParallelInfo, TransformerLm};
+use moe_model::transformer::{LmForward, TransformerLm};
+use moe_model::ExpertParallel;
 use tch::{Device, Kind, Tensor};
 
 fn model_cfg(mtp_depth: i64) -> ModelConfig {
@@ -48,7 +48,7 @@ fn mtp_block_is_layer_l_and_predicts_from_the_next_token() {
     let lm = TransformerLm::new(
         &model_cfg(1),
         &moe_cfg(),
-        ParallelInfo::single(),
+        &ExpertParallel::single(),
         5,
         Device::Cpu,
     )
@@ -75,12 +75,8 @@ fn mtp_block_is_layer_l_and_predicts_from_the_next_token() {
         lm.moe_layers().iter().map(|(i, _)| *i).collect::<Vec<_>>(),
         vec![1, 2]
     );
-
-    let dispatcher = Dispatcher::Local;
     let ctx = LmForward {
         train: false,
-        dispatcher: &dispatcher,
-        capacity_groups: 1,
         compute_kind: Kind::Float,
         step: 0,
     };
@@ -105,7 +101,7 @@ fn mtp_block_is_layer_l_and_predicts_from_the_next_token() {
     let plain = TransformerLm::new(
         &model_cfg(0),
         &moe_cfg(),
-        ParallelInfo::single(),
+        &ExpertParallel::single(),
         5,
         Device::Cpu,
     )

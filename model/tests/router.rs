@@ -7,6 +7,7 @@
 
 use moe_model::config::{AuxLossKind, DropPolicy, MoeConfig, ScoreFunction};
 use moe_model::router::{aux_loss, capacity, route, update_expert_bias, RouterInput, Routing};
+use moe_testutil::{assert_close, Tol};
 use tch::{Device, Kind, Tensor};
 
 /// float32 softmax/sigmoid of O(1) logits: a few ulps.
@@ -98,16 +99,6 @@ fn column(map_ne: &Tensor, e: usize) -> Vec<i64> {
         .collect()
 }
 
-fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(
-            (g - w).abs() <= tol,
-            "{what}[{i}]: got {g}, want {w} (tol {tol})"
-        );
-    }
-}
-
 #[test]
 fn post_softmax_takes_topk_logits_then_softmax_over_k() {
     for dev in devices() {
@@ -121,10 +112,10 @@ fn post_softmax_takes_topk_logits_then_softmax_over_k() {
         );
         // torch.softmax(torch.tensor([3., 2.], dtype=torch.float64), 0)
         assert_close(
+            "probs",
             &dense(&r.probs_ne)[0],
             &[0.0, 0.73105857863, 0.26894142137, 0.0],
-            TOL_F32,
-            "probs",
+            Tol::Abs(TOL_F32),
         );
         assert_eq!(rows_of(&r.routing_map_ne), vec![vec![1, 2]]);
         assert_eq!(r.host_counts().unwrap().0, vec![0, 1, 1, 0]);
@@ -150,19 +141,19 @@ fn pre_softmax_is_not_renormalised_unless_norm_topk_prob() {
         // torch.softmax(torch.tensor([1., 3., 2., 0.], dtype=torch.float64), 0)[[1, 2]]
         let r = run(&c, &x, None, 0, 1);
         assert_close(
+            "pre",
             &dense(&r.probs_ne)[0],
             &[0.0, 0.643914259888, 0.23688281809, 0.0],
-            TOL_F32,
-            "pre",
+            Tol::Abs(TOL_F32),
         );
         c.norm_topk_prob = Some(true);
         // p = torch.softmax(..); p[[1, 2]] / p[[1, 2]].sum()
         let r = run(&c, &x, None, 0, 1);
         assert_close(
+            "pre+norm",
             &dense(&r.probs_ne)[0],
             &[0.0, 0.73105857863, 0.26894142137, 0.0],
-            TOL_F32,
-            "pre+norm",
+            Tol::Abs(TOL_F32),
         );
     }
 }
@@ -182,10 +173,10 @@ fn sigmoid_selects_with_bias_and_weighs_without_it() {
         // w = s[[3, 2]]; w / w.sum() * 2.5
         let r = run(&c, &x, Some(&bias), 0, 1);
         assert_close(
+            "sigmoid",
             &dense(&r.probs_ne)[0],
             &[0.0, 0.0, 1.594725778367, 0.905274221633],
-            TOL_F32,
-            "sigmoid",
+            Tol::Abs(TOL_F32),
         );
         assert_eq!(flat(&r.topk_counts_e), vec![0.0, 0.0, 1.0, 1.0]);
         // Without renormalisation the weights are the raw sigmoid scores: s[[3, 2]] * 2.5.
@@ -200,10 +191,10 @@ fn sigmoid_selects_with_bias_and_weighs_without_it() {
             1,
         );
         assert_close(
+            "raw",
             &dense(&r.probs_ne)[0],
             &[0.0, 0.0, 2.5 * 0.880797077978, 2.5 * 0.5],
-            TOL_F32,
-            "raw",
+            Tol::Abs(TOL_F32),
         );
         // Without the bias the top-2 sigmoid scores are experts {1, 2}.
         let r = run(&c, &x, None, 0, 1);
@@ -219,10 +210,10 @@ fn bias_changes_softmax_selection_but_not_weights() {
         // Selection on x + bias = [1, 3, 2, 5] -> {3, 1}; torch.softmax(torch.tensor([0., 3.]), 0)
         let r = run(&cfg(4, 2), &x, Some(&bias), 0, 1);
         assert_close(
+            "post",
             &dense(&r.probs_ne)[0],
             &[0.0, 0.952574126822, 0.0, 0.047425873178],
-            TOL_F32,
-            "post",
+            Tol::Abs(TOL_F32),
         );
         // Pre-softmax: selection on softmax(x) + bias -> {3, 1}; weights softmax(x)[[1, 3]].
         let c = MoeConfig {
@@ -231,10 +222,10 @@ fn bias_changes_softmax_selection_but_not_weights() {
         };
         let r = run(&c, &x, Some(&bias), 0, 1);
         assert_close(
+            "pre",
             &dense(&r.probs_ne)[0],
             &[0.0, 0.643914259888, 0.0, 0.03205860328],
-            TOL_F32,
-            "pre",
+            Tol::Abs(TOL_F32),
         );
     }
 }
@@ -253,17 +244,17 @@ fn route_scale_multiplies_the_weights() {
         );
         let r = run(&c, &x, None, 0, 1);
         assert_close(
+            "p",
             &dense(&r.probs_ne)[0],
             &[0.0, 2.0 * 0.73105857863, 2.0 * 0.26894142137, 0.0],
-            TOL_F32,
-            "p",
+            Tol::Abs(TOL_F32),
         );
         // Post-softmax weights sum to route_scale on every token.
         assert_close(
+            "sums",
             &flat(&r.probs_ne.sum_dim_intlist(1, false, Kind::Float)),
             &[2.0, 2.0],
-            TOL_F32,
-            "sums",
+            Tol::Abs(TOL_F32),
         );
     }
 }
@@ -399,10 +390,10 @@ fn probs_policy_keeps_highest_weights_ties_to_earlier_tokens() {
         ];
         for (n, w) in want.iter().enumerate() {
             assert_close(
+                &format!("probs row {n} (not renormalised)"),
                 &p[n],
                 w,
-                TOL_F32,
-                &format!("probs row {n} (not renormalised)"),
+                Tol::Abs(TOL_F32),
             );
         }
         // Counts before dropping still see every selection.
@@ -430,8 +421,8 @@ fn position_policy_keeps_earliest_tokens() {
             (3, 3)
         );
         let p = dense(&r.probs_ne);
-        assert_close(&p[0], &[0.598687660112, 0.0], TOL_F32, "row 0");
-        assert_close(&p[2], &[0.0, 0.0], TOL_F32, "row 2 dropped");
+        assert_close("row 0", &p[0], &[0.598687660112, 0.0], Tol::Abs(TOL_F32));
+        assert_close("row 2 dropped", &p[2], &[0.0, 0.0], Tol::Abs(TOL_F32));
     }
 }
 
@@ -620,12 +611,13 @@ fn sigmoid_aux_loss_uses_sigmoid_scores_normalised_over_all_experts() {
         for b in [None, Some(&bias)] {
             let r = run(&c, &x, b, 0, 1);
             assert_close(
+                "counts",
                 &flat(&r.aux_stats.counts_e),
                 &[0.0, 2.0, 2.0, 2.0],
-                0.0,
-                "counts",
+                Tol::Abs(0.0),
             );
             assert_close(
+                "probsum",
                 &flat(&r.aux_stats.probsum_e),
                 &[
                     0.7223842903581997,
@@ -633,8 +625,7 @@ fn sigmoid_aux_loss_uses_sigmoid_scores_normalised_over_all_experts() {
                     0.6953505440989642,
                     0.9170697290854514,
                 ],
-                TOL_F32,
-                "probsum",
+                Tol::Abs(TOL_F32),
             );
             let aux = aux_loss(&c, &r.aux_stats, &r.aux_stats.counts_e, 3).unwrap();
             assert!(
@@ -662,32 +653,32 @@ fn sigmoid_renormalises_by_default_whenever_k_exceeds_one() {
         assert!(sig(2, None).renormalises_topk());
         let r = run(&sig(2, None), &x, None, 0, 1);
         assert_close(
+            "k=2 default",
             &dense(&r.probs_ne)[0],
             &[0.0, 0.5195751544086155, 0.48042484559138454, 0.0],
-            TOL_F32,
-            "k=2 default",
+            Tol::Abs(TOL_F32),
         );
         let r = run(&sig(1, None), &x, None, 0, 1);
         assert_close(
+            "k=1 default",
             &dense(&r.probs_ne)[0],
             &[0.0, 0.9525741268224334, 0.0, 0.0],
-            TOL_F32,
-            "k=1 default",
+            Tol::Abs(TOL_F32),
         );
         // The explicit key overrides the rule both ways.
         let r = run(&sig(2, Some(false)), &x, None, 0, 1);
         assert_close(
+            "k=2 forced off",
             &dense(&r.probs_ne)[0],
             &[0.0, 0.9525741268224334, 0.8807970779778823, 0.0],
-            TOL_F32,
-            "k=2 forced off",
+            Tol::Abs(TOL_F32),
         );
         let r = run(&sig(1, Some(true)), &x, None, 0, 1);
         assert_close(
+            "k=1 forced on",
             &dense(&r.probs_ne)[0],
             &[0.0, 1.0, 0.0, 0.0],
-            TOL_F32,
-            "k=1 forced on",
+            Tol::Abs(TOL_F32),
         );
         // Pre-softmax keeps its default: not renormalised.
         assert!(!MoeConfig {
@@ -858,7 +849,7 @@ fn gradients_match_central_finite_differences() {
                     (eval(h) - eval(-h)) / (2.0 * h)
                 })
                 .collect();
-            assert_close(&grad, &fd, 1e-7, &format!("case {i} on {dev:?}"));
+            assert_close(&format!("case {i} on {dev:?}"), &grad, &fd, Tol::Abs(1e-7));
             assert!(
                 grad.iter().any(|g| g.abs() > 1e-3),
                 "case {i}: gradient must not vanish"
@@ -901,10 +892,10 @@ fn per_rank_aux_mean_equals_single_process() {
         assert!((scalar(&per_rank[0]) - s).abs() > 1e-6);
         mean.backward();
         assert_close(
+            "gradient of the mean over ranks",
             &flat(&x.grad()),
             &grad_single,
-            1e-14,
-            "gradient of the mean over ranks",
+            Tol::Abs(1e-14),
         );
     }
 }
@@ -916,13 +907,28 @@ fn update_expert_bias_follows_the_sign_of_the_load_gap() {
         let load = Tensor::from_slice(&[1.0f32, 5.0, 3.0, 3.0]).to_device(dev);
         let bias = Tensor::zeros([4], (Kind::Float, dev));
         update_expert_bias(&bias, &load, 0.1).unwrap();
-        assert_close(&flat(&bias), &[0.1, -0.1, 0.0, 0.0], 1e-7, "first update");
+        assert_close(
+            "first update",
+            &flat(&bias),
+            &[0.1, -0.1, 0.0, 0.0],
+            Tol::Abs(1e-7),
+        );
         update_expert_bias(&bias, &load, 0.1).unwrap();
-        assert_close(&flat(&bias), &[0.2, -0.2, 0.0, 0.0], 1e-7, "second update");
+        assert_close(
+            "second update",
+            &flat(&bias),
+            &[0.2, -0.2, 0.0, 0.0],
+            Tol::Abs(1e-7),
+        );
         // A bias that requires grad is updated in place too (under no_grad).
         let leaf = Tensor::zeros([4], (Kind::Float, dev)).set_requires_grad(true);
         update_expert_bias(&leaf, &load.to_kind(Kind::Double), 0.5).unwrap();
-        assert_close(&flat(&leaf), &[0.5, -0.5, 0.0, 0.0], 1e-7, "grad leaf");
+        assert_close(
+            "grad leaf",
+            &flat(&leaf),
+            &[0.5, -0.5, 0.0, 0.0],
+            Tol::Abs(1e-7),
+        );
     }
 }
 

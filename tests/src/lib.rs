@@ -103,16 +103,6 @@ pub fn skip(test: &str, reason: &str) {
     let _ = writeln!(std::io::stderr(), "\nSKIPPED {test}: {reason}");
 }
 
-/// |a - b| <= rel * max(|a|, |b|, 1e-12), with a message naming what differs.
-pub fn assert_close(what: &str, a: f64, b: f64, rel: f64) {
-    let scale = a.abs().max(b.abs()).max(1e-12);
-    assert!(
-        (a - b).abs() <= rel * scale,
-        "{what}: {a} vs {b} (relative difference {:.3e} > {rel:.0e})",
-        (a - b).abs() / scale
-    );
-}
-
 /// `(step, loss)` pairs of the train records in a run's `metrics.jsonl`.
 pub fn read_losses(out_dir: &Path) -> Vec<(u64, f64)> {
     let text = std::fs::read_to_string(out_dir.join("metrics.jsonl")).expect("metrics.jsonl");

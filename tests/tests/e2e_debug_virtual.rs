@@ -10,7 +10,7 @@
 mod e2e_support;
 
 use e2e_support::{metrics, run, train_cmd};
-use moe_tests::assert_close;
+use moe_testutil::{assert_close, Tol};
 use std::time::Duration;
 
 fn debug_run(ranks: &str) -> (String, Vec<moe_trainer::metrics::TrainRecord>) {
@@ -51,18 +51,23 @@ fn virtual_debug_ranks_equal_threads_ranks() {
     );
     for (a, b) in threads.iter().zip(&virt) {
         assert_eq!(a.step, b.step);
-        assert_close(&format!("step {} loss", a.step), a.loss, b.loss, 1e-5);
+        assert_close(
+            &format!("step {} loss", a.step),
+            &a.loss,
+            &b.loss,
+            Tol::Rel(1e-5),
+        );
         assert_close(
             &format!("step {} grad_norm", a.step),
-            a.grad_norm,
-            b.grad_norm,
-            1e-5,
+            &a.grad_norm,
+            &b.grad_norm,
+            Tol::Rel(1e-5),
         );
         assert_close(
             &format!("step {} dropped_frac", a.step),
-            a.dropped_frac,
-            b.dropped_frac,
-            1e-9,
+            &a.dropped_frac,
+            &b.dropped_frac,
+            Tol::Rel(1e-9),
         );
     }
 }

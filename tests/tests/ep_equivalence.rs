@@ -16,8 +16,10 @@
 //! (all-reduce vs one matmul over the batch), a few ulps per op, compounded over 4 steps.
 
 use moe_model::config::DropPolicy;
-use moe_model::transformer::{ParallelInfo, TransformerLm};
-use moe_tests::{assert_close, temp_dir, tiny_config, train_single, train_threads};
+use moe_model::transformer::TransformerLm;
+use moe_model::ExpertParallel;
+use moe_tests::{temp_dir, tiny_config, train_single, train_threads};
+use moe_testutil::{assert_close, Tol};
 use moe_trainer::checkpoint::{find_latest_intact, load_for_rank, ExpertSlot};
 use moe_trainer::config::ExperimentConfig;
 use moe_trainer::metrics::TrainRecord;
@@ -34,7 +36,7 @@ fn final_state(cfg: &ExperimentConfig) -> BTreeMap<String, Tensor> {
     let lm = TransformerLm::new(
         &cfg.model,
         &cfg.moe,
-        ParallelInfo::single(),
+        &ExpertParallel::single(),
         cfg.run.seed,
         Device::Cpu,
     )
@@ -59,14 +61,7 @@ fn compare_state(tag: &str, ep_cfg: &ExperimentConfig, single_cfg: &ExperimentCo
         "{tag}: the comparison must include expert moments"
     );
     for (name, w) in &want {
-        let g = &got[name];
-        assert_eq!(g.size(), w.size(), "{tag}: {name} shape");
-        let scale = w.abs().max().double_value(&[]).max(1e-12);
-        let diff = (g - w).abs().max().double_value(&[]);
-        assert!(
-            diff <= 1e-5 * scale,
-            "{tag}: {name} differs by {diff:.3e} (scale {scale:.3e})"
-        );
+        assert_close(&format!("{tag}: {name}"), &got[name], w, Tol::Rel(1e-5));
     }
 }
 
@@ -86,36 +81,41 @@ fn compare(tag: &str, cfg: &ExperimentConfig, world: usize, ep: usize) -> Vec<Tr
     );
     for (a, b) in ranks[0].records.iter().zip(&single.records) {
         assert_eq!(a.step, b.step);
-        assert_close(&format!("{tag} step {} loss", a.step), a.loss, b.loss, 1e-5);
+        assert_close(
+            &format!("{tag} step {} loss", a.step),
+            &a.loss,
+            &b.loss,
+            Tol::Rel(1e-5),
+        );
         assert_close(
             &format!("{tag} step {} lm_loss", a.step),
-            a.lm_loss,
-            b.lm_loss,
-            1e-5,
+            &a.lm_loss,
+            &b.lm_loss,
+            Tol::Rel(1e-5),
         );
         assert_close(
             &format!("{tag} step {} aux_loss", a.step),
-            a.aux_loss,
-            b.aux_loss,
-            1e-5,
+            &a.aux_loss,
+            &b.aux_loss,
+            Tol::Rel(1e-5),
         );
         assert_close(
             &format!("{tag} step {} z_loss", a.step),
-            a.z_loss,
-            b.z_loss,
-            1e-5,
+            &a.z_loss,
+            &b.z_loss,
+            Tol::Rel(1e-5),
         );
         assert_close(
             &format!("{tag} step {} grad_norm", a.step),
-            a.grad_norm,
-            b.grad_norm,
-            1e-5,
+            &a.grad_norm,
+            &b.grad_norm,
+            Tol::Rel(1e-5),
         );
         assert_close(
             &format!("{tag} step {} dropped_frac", a.step),
-            a.dropped_frac,
-            b.dropped_frac,
-            1e-9,
+            &a.dropped_frac,
+            &b.dropped_frac,
+            Tol::Rel(1e-9),
         );
     }
     // Every rank reports the same global metrics.
@@ -175,6 +175,15 @@ fn dp2_ep2_world4_equals_single_process() {
     // World 4 = EP 2 x DP 2: expert gradients are synced over the expert-data-parallel pair.
     let cfg = tiny_config(&temp_dir("w4-ep2"));
     compare("world4-ep2", &cfg, 4, 2);
+}
+
+#[test]
+fn dp2_ep1_equals_single_process() {
+    // Pure data parallelism: every rank holds every expert, so the MoE layers dispatch locally
+    // (no all-to-all at all) while the router statistics are still summed over both ranks.
+    let mut cfg = tiny_config(&temp_dir("w2-ep1"));
+    cfg.parallel.ep_size = 1;
+    compare("world2-ep1", &cfg, 2, 1);
 }
 
 #[test]

@@ -88,8 +88,6 @@ impl<'a> Decoder<'a> {
             .f_reshape([1, t])?;
         let ctx = LmForward {
             train: false,
-            dispatcher: self.m.dispatcher,
-            capacity_groups: self.m.capacity_groups,
             compute_kind: self.m.compute_kind,
             step: 0,
         };

@@ -8,8 +8,8 @@ use crate::config::{ExperimentConfig, Precision};
 use crate::data::{Dataset, SamplerSpec, Split};
 use crate::loss::lm_loss;
 use crate::{Result, TrainError};
-use moe_model::dispatcher::Dispatcher;
-use moe_model::transformer::{LmForward, ParallelInfo, TransformerLm};
+use moe_model::transformer::{LmForward, TransformerLm};
+use moe_model::ExpertParallel;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
@@ -25,16 +25,12 @@ pub fn compute_kind(precision: &Precision) -> Kind {
 
 /// A model and how to run it without gradients.
 pub struct EvalModel<'a> {
-    /// The model (any EP position; its dispatcher must match).
+    /// The model (any EP position; its MoE layers own their dispatchers).
     pub model: &'a TransformerLm,
-    /// How its MoE layers reach their experts.
-    pub dispatcher: &'a Dispatcher,
     /// Where the model lives.
     pub device: Device,
     /// Matmul kind.
     pub compute_kind: Kind,
-    /// Router capacity groups (1 normally).
-    pub capacity_groups: i64,
 }
 
 /// World rank `rank`'s mean validation loss over `trainer.eval_iters` batches of the
@@ -83,8 +79,6 @@ pub fn rank_val_loss_on_device(
             let targets = placement.to_device(&batch.targets_bt)?;
             let ctx = LmForward {
                 train: false,
-                dispatcher: m.dispatcher,
-                capacity_groups: m.capacity_groups,
                 compute_kind: m.compute_kind,
                 step,
             };
@@ -107,7 +101,7 @@ pub fn load_single(
     let model = TransformerLm::new(
         &cfg.model,
         &cfg.moe,
-        ParallelInfo::single(),
+        &ExpertParallel::single(),
         cfg.run.seed,
         device,
     )?;
@@ -133,8 +127,6 @@ pub fn last_logits(m: &EvalModel, tokens: &[i64]) -> Result<Tensor> {
         .f_reshape([1, t])?;
     let ctx = LmForward {
         train: false,
-        dispatcher: m.dispatcher,
-        capacity_groups: m.capacity_groups,
         compute_kind: m.compute_kind,
         step: 0,
     };

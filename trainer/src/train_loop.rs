@@ -31,8 +31,8 @@ use crate::{Result, TrainError};
 use checkpointing::TrainCheckpointer;
 use logger::Logger;
 use moe_comm::{lock, Placement, ProcessGroups};
-use moe_model::dispatcher::Dispatcher;
-use moe_model::transformer::{ParallelInfo, TransformerLm};
+use moe_model::transformer::TransformerLm;
+use moe_model::ExpertParallel;
 use moe_model::Param;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -110,7 +110,6 @@ struct Trainer<'a> {
     groups: ProcessGroups,
     placement: Placement,
     model: TransformerLm,
-    dispatcher: Dispatcher,
     params: Vec<Param>,
     optimizer: AdamW,
     opts: &'a RunOptions,
@@ -166,12 +165,10 @@ impl<'a> Trainer<'a> {
         opts: &'a RunOptions,
         printing: bool,
     ) -> Result<Self> {
-        let par = ParallelInfo {
-            ep_rank: groups.ep_rank as i64,
-            ep_size: groups.ep_size as i64,
-        };
-        let model = TransformerLm::new(&cfg.model, &cfg.moe, par, cfg.run.seed, device)?;
-        let dispatcher = Dispatcher::from_groups(&groups);
+        // Each MoE layer keeps its own dispatcher over these groups; the capacity groups are
+        // fixed here, once (P only in the single-process EP reference).
+        let par = ExpertParallel::from_groups(&groups).with_capacity_groups(opts.capacity_groups);
+        let model = TransformerLm::new(&cfg.model, &cfg.moe, &par, cfg.run.seed, device)?;
         let params = model.params();
         let kind = crate::inference::compute_kind(&cfg.trainer.precision);
         let optimizer = AdamW::new(&params, &cfg.trainer)?;
@@ -180,7 +177,6 @@ impl<'a> Trainer<'a> {
             groups,
             placement: Placement::new(device, kind),
             model,
-            dispatcher,
             params,
             optimizer,
             opts,

@@ -4,8 +4,8 @@
 //! attention kinds without a cache (MLA, gated DeltaNet) take the recompute path.
 
 use moe_model::config::{AttentionConfig, AttentionKind, ExpertImpl, ModelConfig, MoeConfig};
-use moe_model::dispatcher::Dispatcher;
-use moe_model::transformer::{ParallelInfo, TransformerLm};
+use moe_model::transformer::TransformerLm;
+use moe_model::ExpertParallel;
 use moe_trainer::decode::Decoder;
 use moe_trainer::inference::{EvalModel, Sampler};
 use tch::{Device, Kind};
@@ -79,18 +79,15 @@ fn cached_generation_equals_recomputation_for_every_attention_kind() {
         let model = TransformerLm::new(
             &model_cfg(att),
             &moe_cfg(),
-            ParallelInfo::single(),
+            &ExpertParallel::single(),
             7,
             Device::Cpu,
         )
         .unwrap();
-        let dispatcher = Dispatcher::Local;
         let m = EvalModel {
             model: &model,
-            dispatcher: &dispatcher,
             device: Device::Cpu,
             compute_kind: Kind::Float,
-            capacity_groups: 1,
         };
         let (toks_c, logits_c, starts_c, used) = run(&m, true, 40);
         let (toks_u, logits_u, starts_u, used_u) = run(&m, false, 40);

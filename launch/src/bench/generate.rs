@@ -9,8 +9,8 @@ use super::{median, set_threads};
 use crate::cli::BenchArgs;
 use crate::config_load;
 use anyhow::{anyhow, bail};
-use moe_model::dispatcher::Dispatcher;
-use moe_model::transformer::{ParallelInfo, TransformerLm};
+use moe_model::transformer::TransformerLm;
+use moe_model::ExpertParallel;
 use moe_trainer::decode::Decoder;
 use moe_trainer::inference::{compute_kind, EvalModel, Sampler};
 use std::path::PathBuf;
@@ -60,17 +60,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let model = TransformerLm::new(
         &cfg.model,
         &cfg.moe,
-        ParallelInfo::single(),
+        &ExpertParallel::single(),
         cfg.run.seed,
         Device::Cpu,
     )?;
-    let dispatcher = Dispatcher::Local;
     let m = EvalModel {
         model: &model,
-        dispatcher: &dispatcher,
         device: Device::Cpu,
         compute_kind: compute_kind(&cfg.trainer.precision),
-        capacity_groups: 1,
     };
     if !model.supports_kv_cache() {
         bail!("this config's attention kind has no KV cache: nothing to compare");

@@ -8,17 +8,17 @@
 //! - `textbook`: the loop of HF Mixtral's `MixtralSparseMoeBlock`: softmax top-k, then for
 //!   each expert mask, gather, compute with that expert's own weight tensors, scatter-add.
 //! - `sequential` / `grouped`: the project's `MoeLayer` (router with aux and z losses,
-//!   `Dispatcher::Local`, experts as a matmul loop or `_grouped_mm`).
+//!   the local dispatcher, experts as a matmul loop or `_grouped_mm`).
 
 use super::report::{Report, Table};
 use super::{median, proc_status_mib, set_threads};
 use crate::cli::BenchArgs;
 use anyhow::{anyhow, bail, Context};
 use moe_model::config::{ExpertImpl, ModelConfig, MoeConfig};
-use moe_model::dispatcher::Dispatcher;
 use moe_model::moe_layer::{MoeForward, MoeLayer};
 use moe_model::router::{self, RouterInput};
 use moe_model::{init, Result};
+use moe_model::{ExpertParallel, ParamBuilder};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -169,7 +169,8 @@ impl Setup {
                 expert_impl: imp,
                 ..moe_cfg.clone()
             };
-            MoeLayer::new(&model, &cfg, "bench.moe", 0, 1, 7, device)
+            let vb = ParamBuilder::new(7, device).pp("bench.moe");
+            MoeLayer::new(&model, &cfg, &vb, &ExpertParallel::single())
         };
         let dense = if want(Variant::Dense) {
             Some(Dense {
@@ -249,7 +250,12 @@ impl Setup {
             }
         }
         for l in [&self.sequential, &self.grouped].into_iter().flatten() {
-            v.extend(l.params("p").into_iter().map(|p| p.tensor));
+            // The bench's layers have no shared experts: the router and the routed experts.
+            let ex = &l.experts;
+            v.extend(
+                [&l.w_router_de, &ex.w_gate_ldh, &ex.w_up_ldh, &ex.w_down_lhd]
+                    .map(|t| t.shallow_clone()),
+            );
         }
         v
     }
@@ -287,8 +293,6 @@ impl Setup {
                 let ctx = MoeForward {
                     train: true,
                     seq_len: self.shape.n,
-                    capacity_groups: 1,
-                    dispatcher: &Dispatcher::Local,
                     jitter_seed: 0,
                     compute_kind: self.x_nd.kind(),
                 };
@@ -342,7 +346,7 @@ impl Setup {
         };
         let layer = layer.as_ref().ok_or_else(missing)?;
         let cfg = &self.moe_cfg;
-        let dispatcher = Dispatcher::Local;
+        let dispatcher = layer.dispatcher();
         let detached_leaf =
             |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_set_requires_grad(true)?) };
         let grad_dot =

@@ -20,11 +20,11 @@ use crate::config_load;
 use anyhow::{anyhow, bail, Context};
 use moe_comm::ProcessGroups;
 use moe_model::config::AttentionKind;
-use moe_model::dispatcher::Dispatcher;
 use moe_model::mixer::TokenMixer;
 use moe_model::moe_layer::{MoeForward, MoeLayer};
-use moe_model::transformer::{LmForward, ParallelInfo, TransformerLm};
+use moe_model::transformer::{LmForward, TransformerLm};
 use moe_model::{mlp::SwiGlu, rope::Rope};
+use moe_model::{ExpertParallel, ParamBuilder};
 use moe_trainer::config::ExperimentConfig;
 use moe_trainer::data::{load_dataset, Dataset, SamplerSpec, Split};
 use moe_trainer::grad_sync::clip_grad_norm;
@@ -96,7 +96,7 @@ impl Model {
         let lm = TransformerLm::new(
             &cfg.model,
             &cfg.moe,
-            ParallelInfo::single(),
+            &ExpertParallel::single(),
             cfg.run.seed,
             Device::Cpu,
         )?;
@@ -139,11 +139,8 @@ impl Model {
         let batch = self.batch(step)?;
         let t1 = Instant::now();
         let t = &self.cfg.trainer;
-        let dispatcher = Dispatcher::Local;
         let ctx = LmForward {
             train: true,
-            dispatcher: &dispatcher,
-            capacity_groups: 1,
             compute_kind: Kind::Float,
             step,
         };
@@ -215,43 +212,48 @@ impl Model {
         let first_full = (0..m.num_layers).find(|&i| m.attention.is_full_attention(i));
         match (m.attention.kind, first_full) {
             (AttentionKind::GatedDeltanet, Some(i)) => {
-                mixers.push((TokenMixer::new(m, i, "bench.attn", 1, Device::Cpu)?, full));
+                mixers.push((
+                    TokenMixer::new(m, i, &ParamBuilder::new(1, Device::Cpu).pp("bench.attn"))?,
+                    full,
+                ));
                 if m.num_layers as f64 > full {
                     let j = (0..m.num_layers)
                         .find(|&j| !m.attention.is_full_attention(j))
                         .unwrap_or(0);
                     mixers.push((
-                        TokenMixer::new(m, j, "bench.attn", 1, Device::Cpu)?,
+                        TokenMixer::new(m, j, &ParamBuilder::new(1, Device::Cpu).pp("bench.attn"))?,
                         m.num_layers as f64 - full,
                     ));
                 }
             }
             _ => mixers.push((
-                TokenMixer::new(m, 0, "bench.attn", 1, Device::Cpu)?,
+                TokenMixer::new(m, 0, &ParamBuilder::new(1, Device::Cpu).pp("bench.attn"))?,
                 m.num_layers as f64,
             )),
         }
         let moe_layers = (0..m.num_layers).filter(|&i| moe.is_moe_layer(i)).count() as f64;
         let moe_layer = if moe_layers > 0.0 {
-            Some(MoeLayer::new(m, moe, "bench.moe", 0, 1, 1, Device::Cpu)?)
+            Some(MoeLayer::new(
+                m,
+                moe,
+                &ParamBuilder::new(1, Device::Cpu).pp("bench.moe"),
+                &ExpertParallel::single(),
+            )?)
         } else {
             None
         };
         let dense = SwiGlu::new(
-            "bench.ffn",
+            &ParamBuilder::new(1, Device::Cpu).pp("bench.ffn"),
             d,
             m.ffn_hidden,
             m.init_std,
             m.num_layers,
-            1,
-            Device::Cpu,
         )?;
         let dense_layers = m.num_layers as f64 - moe_layers;
         let x =
             Tensor::f_randn([b, t, d], (Kind::Float, Device::Cpu))?.f_set_requires_grad(true)?;
         let (mut sf, mut sd) = (Vec::new(), Vec::new());
         let mut sa: Vec<Vec<f64>> = vec![Vec::new(); mixers.len()];
-        let dispatcher = Dispatcher::Local;
         for _ in 0..reps + 1 {
             for ((mixer, _), times) in mixers.iter().zip(sa.iter_mut()) {
                 let s = Instant::now();
@@ -266,8 +268,6 @@ impl Model {
                 let ctx = MoeForward {
                     train: true,
                     seq_len: t,
-                    capacity_groups: 1,
-                    dispatcher: &dispatcher,
                     jitter_seed: 0,
                     compute_kind: x.kind(),
                 };

@@ -11,19 +11,50 @@ use crate::{ModelError, Result};
 use moe_comm::{lock, ProcessGroups, SharedComm};
 use tch::{Kind, Tensor};
 
-/// How routed rows reach their experts.
-pub enum Dispatcher {
-    /// Every expert is on this rank (EP = 1): permute and unpermute only.
+/// How routed rows reach their experts. Each MoE layer owns one, built once from the process
+/// groups (Megatron-Core's `MoELayer.token_dispatcher`), so the layer's expert placement and
+/// its communication have one source of truth.
+#[derive(Clone)]
+pub struct Dispatcher {
+    route: Route,
+    /// All data-parallel ranks, over which router statistics are summed; `None` on a single
+    /// rank.
+    world: Option<SharedComm>,
+    /// Size of `world` (1 without one), fixed at build time so no forward locks it to ask.
+    world_size: i64,
+}
+
+#[derive(Clone)]
+enum Route {
+    /// Every expert is on this rank (EP size 1): permute and unpermute only, no exchange,
+    /// whatever the number of data-parallel ranks.
     Local,
     /// Experts are sharded over an EP group of `ep_size` ranks; this rank holds global experts
-    /// `ep_rank*E/P .. (ep_rank+1)*E/P`. `world` spans all data-parallel ranks (router
-    /// statistics).
+    /// `ep_rank*E/P .. (ep_rank+1)*E/P`.
     AllToAll {
         ep: SharedComm,
-        world: SharedComm,
         ep_rank: i64,
         ep_size: i64,
     },
+    /// Shard `ep_rank` of `ep_size` built without process groups, for its parameters only
+    /// (inspection, checkpoint tools): dispatching fails.
+    Detached { ep_rank: i64, ep_size: i64 },
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.route {
+            Route::Local => "Local",
+            Route::AllToAll { .. } => "AllToAll",
+            Route::Detached { .. } => "Detached",
+        };
+        f.debug_struct("Dispatcher")
+            .field("route", &kind)
+            .field("ep_rank", &self.ep_rank())
+            .field("ep_size", &self.ep_size())
+            .field("world_size", &self.world_size)
+            .finish()
+    }
 }
 
 /// What [`Dispatcher::combine`] needs to undo a [`Dispatcher::dispatch`].
@@ -47,19 +78,63 @@ impl DispatchMeta {
 }
 
 impl Dispatcher {
-    /// The dispatcher of these process groups: all-to-all over `groups.ep` (statistics over
-    /// `groups.world`), or [`Dispatcher::Local`] for a single rank.
+    /// One rank holding every expert: no communication at all.
+    pub fn local() -> Self {
+        Self {
+            route: Route::Local,
+            world: None,
+            world_size: 1,
+        }
+    }
+
+    /// The dispatcher of these process groups: all-to-all over `groups.ep` when the EP group
+    /// has more than one rank, the local path otherwise (pure data parallelism does no
+    /// exchange); router statistics are summed over `groups.world`.
     pub fn from_groups(groups: &ProcessGroups) -> Self {
-        if groups.world_size == 1 {
-            Dispatcher::Local
+        if groups.ep_size == 1 {
+            Self {
+                route: Route::Local,
+                ..Self::world_of(groups)
+            }
         } else {
-            Dispatcher::AllToAll {
+            Self::all_to_all(groups)
+        }
+    }
+
+    /// The all-to-all path over `groups.ep` even for an EP group of one rank (tests of the
+    /// exchange itself).
+    pub fn all_to_all(groups: &ProcessGroups) -> Self {
+        Self {
+            route: Route::AllToAll {
                 ep: groups.ep.clone(),
-                world: groups.world.clone(),
                 ep_rank: groups.ep_rank as i64,
                 ep_size: groups.ep_size as i64,
-            }
+            },
+            ..Self::world_of(groups)
         }
+    }
+
+    /// Shard `ep_rank` of `ep_size` without process groups: a model built with it has the
+    /// parameters that rank holds (inspection, checkpoint tools), and its MoE forward fails.
+    pub fn detached(ep_rank: i64, ep_size: i64) -> Self {
+        Self {
+            route: Route::Detached { ep_rank, ep_size },
+            world: None,
+            world_size: 1,
+        }
+    }
+
+    fn world_of(groups: &ProcessGroups) -> Self {
+        Self {
+            route: Route::Local,
+            world: (groups.world_size > 1).then(|| groups.world.clone()),
+            world_size: groups.world_size as i64,
+        }
+    }
+
+    /// Whether rows stay on this rank (EP size 1): no exchange.
+    pub fn is_local(&self) -> bool {
+        matches!(self.route, Route::Local)
     }
 
     /// Sends each kept assignment's row to the rank holding its expert. Returns rows
@@ -128,9 +203,10 @@ impl Dispatcher {
         moe_comm::check_kind(OP, "routing_map_ne", routing_map_ne, Kind::Bool)?;
         moe_comm::check_device(OP, "counts_e", counts_e, device)?;
         let e = num_experts as usize;
-        let (counts_host, recv_host) = match self {
-            Dispatcher::Local => (moe_comm::host_read::<i64>(counts_e)?, Vec::new()),
-            Dispatcher::AllToAll { ep, ep_size, .. } => {
+        let (counts_host, recv_host) = match &self.route {
+            Route::Local => (moe_comm::host_read::<i64>(counts_e)?, Vec::new()),
+            Route::Detached { ep_rank, ep_size } => return Err(detached(*ep_rank, *ep_size)),
+            Route::AllToAll { ep, ep_size, .. } => {
                 let recv_pl = exchange_counts(ep, *ep_size, counts_e)?;
                 let both = moe_comm::host_read::<i64>(&Tensor::f_cat(
                     &[counts_e, &recv_pl.f_reshape([-1])?],
@@ -141,8 +217,8 @@ impl Dispatcher {
         };
         let (x_md, perm) = permute(x_nd, probs_ne, routing_map_ne, &counts_host)?;
         let out_kind = x_nd.kind();
-        match self {
-            Dispatcher::Local => {
+        match &self.route {
+            Route::Local | Route::Detached { .. } => {
                 let rows = perm.counts_e.clone();
                 Ok((
                     x_md,
@@ -154,7 +230,7 @@ impl Dispatcher {
                     },
                 ))
             }
-            Dispatcher::AllToAll { ep, ep_size, .. } => {
+            Route::AllToAll { ep, ep_size, .. } => {
                 let (x_rd, rows_l, ex) = exchange(ep, *ep_size, &x_md, &perm.counts_e, &recv_host)?;
                 Ok((
                     x_rd,
@@ -187,9 +263,9 @@ impl Dispatcher {
             y_md,
             perm.token_idx_m.device(),
         )?;
-        let y_sent_md = match (self, exchange) {
-            (Dispatcher::Local, None) => y_md.shallow_clone(),
-            (Dispatcher::AllToAll { ep, .. }, Some(ex)) => exchange_back(ep, y_md, ex)?,
+        let y_sent_md = match (&self.route, exchange) {
+            (Route::Local, None) => y_md.shallow_clone(),
+            (Route::AllToAll { ep, .. }, Some(ex)) => exchange_back(ep, y_md, ex)?,
             _ => {
                 return Err(ModelError::Invalid(
                     "combine: the metadata comes from a different kind of dispatcher".into(),
@@ -200,40 +276,40 @@ impl Dispatcher {
     }
 
     /// Sums a small statistics tensor over all data-parallel ranks (world); a detached copy
-    /// for Local. Not differentiable.
+    /// on a single rank. Not differentiable.
     pub fn all_reduce_stats(&self, t: &Tensor) -> Result<Tensor> {
         let t = t.f_detach()?;
-        match self {
-            Dispatcher::Local => Ok(t.f_detach_copy()?),
-            Dispatcher::AllToAll { world, .. } => Ok(lock(world)?.all_reduce_sum(&t)?),
+        match &self.world {
+            None => Ok(t.f_detach_copy()?),
+            Some(world) => Ok(lock(world)?.all_reduce_sum(&t)?),
         }
     }
 
     /// Number of data-parallel ranks the statistics are summed over.
     pub fn world_size(&self) -> i64 {
-        match self {
-            Dispatcher::Local => 1,
-            // Reading the size from a poisoned lock is harmless: size never changes.
-            Dispatcher::AllToAll { world, .. } => match world.lock() {
-                Ok(c) => c.size() as i64,
-                Err(poisoned) => poisoned.into_inner().size() as i64,
-            },
-        }
+        self.world_size
     }
 
-    /// This rank's index in its EP group (0 for Local).
+    /// This rank's index in its EP group (0 for the local path).
     pub fn ep_rank(&self) -> i64 {
-        match self {
-            Dispatcher::Local => 0,
-            Dispatcher::AllToAll { ep_rank, .. } => *ep_rank,
+        match self.route {
+            Route::Local => 0,
+            Route::AllToAll { ep_rank, .. } | Route::Detached { ep_rank, .. } => ep_rank,
         }
     }
 
-    /// EP group size P (1 for Local).
+    /// EP group size P (1 for the local path).
     pub fn ep_size(&self) -> i64 {
-        match self {
-            Dispatcher::Local => 1,
-            Dispatcher::AllToAll { ep_size, .. } => *ep_size,
+        match self.route {
+            Route::Local => 1,
+            Route::AllToAll { ep_size, .. } | Route::Detached { ep_size, .. } => ep_size,
         }
     }
+}
+
+fn detached(ep_rank: i64, ep_size: i64) -> ModelError {
+    ModelError::Invalid(format!(
+        "this model is EP shard {ep_rank} of {ep_size} built without process groups \
+         (parameters only): build it from the run's process groups to run a forward"
+    ))
 }

@@ -23,7 +23,8 @@ use moe_model::config::ModelConfig;
 use moe_model::init;
 use moe_model::param::Param;
 use moe_model::param::ParamKind;
-use moe_model::transformer::{ParallelInfo, TransformerLm};
+use moe_model::transformer::TransformerLm;
+use moe_model::ExpertParallel;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -282,7 +283,7 @@ pub fn import(
         TransformerLm::new(
             &shapes_model,
             &cfg.moe,
-            ParallelInfo::single(),
+            &ExpertParallel::single(),
             cfg.run.seed,
             Device::Cpu,
         )

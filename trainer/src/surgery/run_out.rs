@@ -9,7 +9,6 @@ use crate::data::{load_dataset, Dataset};
 use crate::hf::outdir::Staging;
 use crate::hf::HfError;
 use crate::inference::{compute_kind, rank_val_loss, EvalModel};
-use moe_model::dispatcher::Dispatcher;
 use moe_model::transformer::TransformerLm;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -128,13 +127,10 @@ pub fn val_loss(
     dataset: &Dataset,
     world: i64,
 ) -> Result<f64, HfError> {
-    let dispatcher = Dispatcher::Local;
     let m = EvalModel {
         model,
-        dispatcher: &dispatcher,
         device: Device::Cpu,
         compute_kind: compute_kind(&cfg.trainer.precision),
-        capacity_groups: 1,
     };
     let mut sum = 0.0;
     for rank in 0..world {

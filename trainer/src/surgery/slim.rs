@@ -22,9 +22,9 @@ use crate::data::{Dataset, SamplerSpec, Split};
 use crate::hf::export::checkpoint_config;
 use crate::hf::HfError;
 use crate::inference::{compute_kind, load_single};
-use moe_model::dispatcher::Dispatcher;
 use moe_model::param::ParamKind;
-use moe_model::transformer::{LmForward, ParallelInfo, TransformerLm};
+use moe_model::transformer::{LmForward, TransformerLm};
+use moe_model::ExpertParallel;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
@@ -153,11 +153,8 @@ pub fn routing_frequency(
     batches: u64,
 ) -> Result<BTreeMap<String, Vec<f64>>, HfError> {
     let _guard = tch::no_grad_guard();
-    let dispatcher = Dispatcher::Local;
     let ctx = LmForward {
         train: false,
-        dispatcher: &dispatcher,
-        capacity_groups: 1,
         compute_kind: compute_kind(&cfg.trainer.precision),
         step: 0,
     };
@@ -257,7 +254,7 @@ pub fn slim(
     let model = TransformerLm::new(
         &cfg.model,
         &cfg.moe,
-        ParallelInfo::single(),
+        &ExpertParallel::single(),
         cfg.run.seed,
         Device::Cpu,
     )

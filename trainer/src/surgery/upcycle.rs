@@ -27,7 +27,8 @@ use crate::hf::HfError;
 use crate::inference::load_single;
 use moe_model::config::ScoreFunction;
 use moe_model::param::ParamKind;
-use moe_model::transformer::{ParallelInfo, TransformerLm};
+use moe_model::transformer::TransformerLm;
+use moe_model::ExpertParallel;
 use std::collections::BTreeSet;
 use std::path::Path;
 use tch::{Device, Tensor};
@@ -213,7 +214,7 @@ pub fn upcycle(
     let model = TransformerLm::new(
         &cfg.model,
         &cfg.moe,
-        ParallelInfo::single(),
+        &ExpertParallel::single(),
         cfg.run.seed,
         Device::Cpu,
     )

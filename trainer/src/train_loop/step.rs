@@ -108,8 +108,6 @@ impl Trainer<'_> {
             let targets = self.placement.to_device(&batch.targets_bt)?;
             let ctx = LmForward {
                 train: true,
-                dispatcher: &self.dispatcher,
-                capacity_groups: self.opts.capacity_groups,
                 compute_kind: self.placement.compute_kind,
                 step: jitter_counter(step, i),
             };

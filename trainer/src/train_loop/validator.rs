@@ -45,10 +45,8 @@ impl Validator {
     fn evaluate(&self, tr: &Trainer, step: u64) -> Result<f64> {
         let m = EvalModel {
             model: &tr.model,
-            dispatcher: &tr.dispatcher,
             device: tr.placement.device,
             compute_kind: tr.placement.compute_kind,
-            capacity_groups: tr.opts.capacity_groups,
         };
         let world = tr.groups.world_size as i64;
         let rank = tr.groups.world_rank as i64;
