@@ -23,6 +23,7 @@ pub mod mlp;
 pub mod moe_layer;
 pub mod mtp;
 pub mod norm;
+pub mod observe;
 pub mod param;
 pub mod rope;
 pub mod router;
