@@ -225,7 +225,12 @@ impl ForwardObserver for Calibration {
         }
     }
 
-    fn block(&mut self, layer: i64, x_in_btd: &Tensor, x_out_btd: &Tensor) -> moe_model::Result<()> {
+    fn block(
+        &mut self,
+        layer: i64,
+        x_in_btd: &Tensor,
+        x_out_btd: &Tensor,
+    ) -> moe_model::Result<()> {
         let k = Kind::Double;
         let cos_bt = x_in_btd
             .f_to_kind(k)
@@ -292,4 +297,120 @@ pub fn calibrate(
         }
     }
     Ok(calib)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_model::config::{ModelConfig, MoeConfig};
+    use moe_model::transformer::ParallelInfo;
+
+    /// A random tiny model (3 blocks, the first dense, 4 experts top-2, dropless) on random
+    /// tokens, observed once. References: the model's own `topk_load_e` (computed inside the
+    /// MoE layer, not by the observer) for the frequencies; post-softmax top-k weights sum to
+    /// 1 per token, so the weighted frequencies sum to the token count; each expert's
+    /// activation sums of squares recomputed by a plain loop over tokens; Block Influence in
+    /// [0, 2]. Tolerances: f32 sums of 64 terms, 1e-4 relative.
+    #[test]
+    fn statistics_match_independent_references() {
+        let model_cfg = ModelConfig {
+            d_model: 16,
+            num_layers: 3,
+            ffn_hidden: 24,
+            max_seq_len: 16,
+            init_std: 0.5,
+            ..ModelConfig::default()
+        };
+        let moe_cfg = MoeConfig {
+            num_experts: 4,
+            top_k: 2,
+            expert_hidden: 8,
+            first_dense_layers: 1,
+            ..MoeConfig::default()
+        };
+        let m = TransformerLm::new(
+            &model_cfg,
+            &moe_cfg,
+            ParallelInfo::single(),
+            3,
+            tch::Device::Cpu,
+        )
+        .unwrap();
+        tch::manual_seed(0);
+        let tokens = Tensor::randint(256, [4, 16], (Kind::Int64, tch::Device::Cpu));
+        let dispatcher = Dispatcher::Local;
+        let ctx = LmForward {
+            train: false,
+            dispatcher: &dispatcher,
+            capacity_groups: 1,
+            compute_kind: Kind::Float,
+            step: 0,
+        };
+        let mut c = Calibration::default();
+        let out = tch::no_grad(|| m.forward_observed(&tokens, &ctx, &mut c)).unwrap();
+        let plain = tch::no_grad(|| m.forward(&tokens, &ctx)).unwrap();
+        assert!(
+            out.logits_btv.equal(&plain.logits_btv),
+            "observing changed the forward"
+        );
+        for (layer, stats) in &out.moe {
+            let p = format!("layers.{layer}.moe");
+            let want = Vec::<f64>::try_from(stats.topk_load_e.to_kind(Kind::Double)).unwrap();
+            assert_eq!(c.frequency(&p).unwrap(), want, "{p}");
+            let w: f64 = c.weighted_frequency(&p).unwrap().iter().sum();
+            assert!((w - 64.0).abs() < 64.0 * 1e-4, "{p}: {w}");
+            let mw = c.mean_weight(&p).unwrap();
+            assert!(mw.iter().all(|x| (0.0..=1.0).contains(x)), "{mw:?}");
+            assert_eq!(c.activation_norms(&p).unwrap().len(), 4);
+        }
+        assert_eq!(out.moe.len(), 2);
+        assert!(c.activation_norms("layers.0.ffn").is_ok());
+        assert!(c.frequency("layers.0.moe").is_err());
+        let bi = c.block_influence().unwrap();
+        assert_eq!(bi.len(), 3);
+        assert!(bi.values().all(|b| (0.0..=2.0).contains(b)), "{bi:?}");
+
+        // Summing two ranks' statistics doubles every one of them.
+        let before = c.frequency("layers.1.moe").unwrap();
+        c.all_reduce(&mut |v: &mut [f64]| {
+            v.iter_mut().for_each(|x| *x *= 2.0);
+            Ok(())
+        })
+        .unwrap();
+        let after = c.frequency("layers.1.moe").unwrap();
+        assert!(before.iter().zip(&after).all(|(b, a)| 2.0 * b == *a));
+        assert_eq!(
+            c.tokens, 0,
+            "tokens are counted by calibrate(), not the observer"
+        );
+    }
+
+    /// The activation sum of squares of one expert against a loop over its tokens.
+    #[test]
+    fn activation_sums_by_loop() {
+        tch::manual_seed(1);
+        let x = Tensor::randn([5, 3], (Kind::Float, tch::Device::Cpu));
+        let wg = Tensor::randn([3, 4], (Kind::Float, tch::Device::Cpu));
+        let wu = Tensor::randn([3, 4], (Kind::Float, tch::Device::Cpu));
+        let got = Vec::<f64>::try_from(Calibration::act_sumsq(&x, &wg, &wu).unwrap()).unwrap();
+        let xs = Vec::<f32>::try_from(x.reshape([-1])).unwrap();
+        let g = Vec::<f32>::try_from(wg.reshape([-1])).unwrap();
+        let u = Vec::<f32>::try_from(wu.reshape([-1])).unwrap();
+        for (j, got) in got.iter().enumerate() {
+            let mut want = 0f64;
+            for n in 0..5 {
+                let (mut a, mut b) = (0f64, 0f64);
+                for i in 0..3 {
+                    a += f64::from(xs[n * 3 + i] * g[i * 4 + j]);
+                    b += f64::from(xs[n * 3 + i] * u[i * 4 + j]);
+                }
+                let silu = a / (1.0 + (-a).exp());
+                want += (silu * b).powi(2);
+            }
+            assert!(
+                (got - want).abs() <= 1e-4 * want.max(1.0),
+                "{j}: {got} vs {want}"
+            );
+        }
+    }
 }

@@ -120,9 +120,18 @@ mod tests {
     #[test]
     fn names_follow_their_block() {
         let kept = [0, 2, 3];
-        assert_eq!(source_name("layers.1.attn.wq", &kept, 4), "layers.2.attn.wq");
-        assert_eq!(source_name("layers.2.moe.w_router", &kept, 4), "layers.3.moe.w_router");
-        assert_eq!(source_name("layers.3.eh_proj", &kept, 4), "layers.4.eh_proj");
+        assert_eq!(
+            source_name("layers.1.attn.wq", &kept, 4),
+            "layers.2.attn.wq"
+        );
+        assert_eq!(
+            source_name("layers.2.moe.w_router", &kept, 4),
+            "layers.3.moe.w_router"
+        );
+        assert_eq!(
+            source_name("layers.3.eh_proj", &kept, 4),
+            "layers.4.eh_proj"
+        );
         assert_eq!(source_name("embed.weight", &kept, 4), "embed.weight");
     }
 

@@ -62,7 +62,11 @@ pub fn weighted_mean(parts: &[(Tensor, f64)]) -> Result<Tensor, HfError> {
     let n = parts.len().max(1) as f64;
     let mut acc: Option<Tensor> = None;
     for (w, f) in parts {
-        let c = if total > 0.0 { f.max(0.0) / total } else { 1.0 / n };
+        let c = if total > 0.0 {
+            f.max(0.0) / total
+        } else {
+            1.0 / n
+        };
         let term = w.f_mul_scalar(c).map_err(failed)?;
         acc = Some(match acc {
             Some(a) => a.f_add(&term).map_err(failed)?,
@@ -81,8 +85,7 @@ mod tests {
     /// cos -1 with e0 and 0 with e1 -> 1; e4 is nearest e1.
     #[test]
     fn targets_by_router_cosine() {
-        let w = Tensor::from_slice(&[1f32, 0., 1., -1., 0.1, 0., 1., 0.1, 0., 1.])
-            .reshape([2, 5]);
+        let w = Tensor::from_slice(&[1f32, 0., 1., -1., 0.1, 0., 1., 0.1, 0., 1.]).reshape([2, 5]);
         let t = merge_targets(&w, &[0, 1]).unwrap();
         assert_eq!(t, BTreeMap::from([(2, 0), (3, 1), (4, 1)]));
         let g = merge_groups(&[0, 1], &t);

@@ -305,8 +305,7 @@ pub fn slim_config(
             cfg.moe.top_k = k;
         }
         if cfg.moe.num_groups.is_some() || cfg.moe.group_topk.is_some() {
-            notes
-                .push("group-limited routing turned off (moe.num_groups, moe.group_topk)".into());
+            notes.push("group-limited routing turned off (moe.num_groups, moe.group_topk)".into());
             cfg.moe.num_groups = None;
             cfg.moe.group_topk = None;
         }
@@ -446,10 +445,19 @@ impl Planner<'_> {
                 let name = format!("{old}.experts.{p}");
                 let parts = group
                     .iter()
-                    .map(|&x| Ok((self.read(&expert_tensor_name(&name, x, None))?, freq[x as usize])))
+                    .map(|&x| {
+                        Ok((
+                            self.read(&expert_tensor_name(&name, x, None))?,
+                            freq[x as usize],
+                        ))
+                    })
                     .collect::<Result<Vec<_>, HfError>>()?;
                 w.push(if parts.len() == 1 {
-                    parts.into_iter().next().map(|p| p.0).ok_or_else(|| failed("no expert"))?
+                    parts
+                        .into_iter()
+                        .next()
+                        .map(|p| p.0)
+                        .ok_or_else(|| failed("no expert"))?
                 } else {
                     weighted_mean(&parts)?
                 });
@@ -827,10 +835,7 @@ mod tests {
             expert_hidden: Some(src.moe.expert_hidden + 1),
             ..base.clone()
         };
-        assert!(msg(wide).starts_with(&format!(
-            "--expert-hidden ({})",
-            src.moe.expert_hidden + 1
-        )));
+        assert!(msg(wide).starts_with(&format!("--expert-hidden ({})", src.moe.expert_hidden + 1)));
         let ffn = SlimOptions {
             ffn_hidden: Some(8),
             ..base.clone()

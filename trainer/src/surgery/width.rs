@@ -30,7 +30,11 @@ pub fn hidden_importance(act_norm_h: &[f64], w_down_hd: &Tensor) -> Result<Vec<f
     if act_norm_h.iter().all(|a| *a == 0.0) {
         return Ok(row_norm);
     }
-    Ok(act_norm_h.iter().zip(&row_norm).map(|(a, w)| a * w).collect())
+    Ok(act_norm_h
+        .iter()
+        .zip(&row_norm)
+        .map(|(a, w)| a * w)
+        .collect())
 }
 
 /// The `h` most important units (ties to the lower index), in their original order.
@@ -68,10 +72,7 @@ mod tests {
         let imp = hidden_importance(&[1., 4., 2., 0.], &wd).unwrap();
         assert_eq!(imp, [5., 4., 6., 0.]);
         assert_eq!(keep_units(&imp, 2), [0, 2]);
-        assert_eq!(
-            hidden_importance(&[0.; 4], &wd).unwrap(),
-            [5., 1., 3., 9.]
-        );
+        assert_eq!(hidden_importance(&[0.; 4], &wd).unwrap(), [5., 1., 3., 9.]);
         // w_gate / w_up [d=2, h=4] with entries 10*row + col.
         let wg = Tensor::from_slice(&[0f64, 1., 2., 3., 10., 11., 12., 13.]).reshape([2, 4]);
         let wu = wg.f_add_scalar(100.).unwrap();
