@@ -693,3 +693,136 @@ fn slim_merge_depth_width_match_a_reference() {
         assert!(sn.read(n).unwrap().equal(&src.read(n).unwrap()), "{n}");
     }
 }
+
+/// Distillation: a student (2 experts, trained 5 steps) trains a sixth step at EP=2 with
+/// `trainer.distill` (alpha 0.5, T 2) from a teacher of 4 experts. The logged `distill_loss`
+/// equals `alpha * T^2 * KL(teacher || student)` computed here, on that step's batch of each
+/// of the two ranks, from the two checkpoints' logits with plain log-softmax arithmetic in f64
+/// (tolerance 1e-5 relative: f32 logits, the student at EP=2 against one process here).
+/// `loss` includes it. A teacher with another vocabulary is refused: exit 2, naming
+/// `trainer.distill.teacher`, nothing written.
+#[test]
+fn distillation_term_matches_a_hand_kl() {
+    use moe_trainer::data::{load_dataset, sampler::SamplerSpec, Split};
+    let s = Scratch::new("surgery-distill");
+    let teacher = train_tiny(&s, "teacher", "  num_experts: 4\n  top_k: 2\n", &[]);
+    // A student of another seed and shape (2 experts, 5 steps), so that the two disagree.
+    let student = train_tiny(
+        &s,
+        "student",
+        "  num_experts: 2\n  top_k: 1\n",
+        &["--set", "run.seed=5", "--set", "trainer.max_steps=5"],
+    );
+    // Loaded now: training with checkpoint.keep 1 replaces the step-0 checkpoint.
+    let student_ckpt = only_checkpoint(&student);
+    let cfg = stored_config(&student_ckpt);
+    let (stu, _) = load_single(&cfg, &student_ckpt, Device::Cpu).unwrap();
+    let teach = format!("trainer.distill.teacher={}", teacher.display());
+    let cfg_path = student.join("config.yaml");
+    let train_args = |extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "--resume",
+            "auto",
+            "--debug",
+            "--set",
+            "parallel.ep_size=2",
+            "--set",
+            "trainer.max_steps=6",
+            "--set",
+            "trainer.log_every=1",
+        ];
+        a.extend_from_slice(extra);
+        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    let args = train_args(&[
+        "--set",
+        &teach,
+        "--set",
+        "trainer.distill.alpha=0.5",
+        "--set",
+        "trainer.distill.temperature=2.0",
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok(&args);
+    let text = std::fs::read_to_string(student.join("metrics.jsonl")).unwrap();
+    let rec: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["kind"] == "train" && v["step"] == 6)
+        .unwrap();
+    let got = rec["distill_loss"].as_f64().unwrap();
+    let parts = ["lm_loss", "aux_loss", "z_loss", "distill_loss"]
+        .map(|k| rec[k].as_f64().unwrap())
+        .iter()
+        .sum::<f64>();
+    assert!(
+        (rec["loss"].as_f64().unwrap() - parts).abs() < 1e-9,
+        "{rec}"
+    );
+
+    let tckpt = only_checkpoint(&teacher);
+    let (tea, _) = load_single(&stored_config(&tckpt), &tckpt, Device::Cpu).unwrap();
+    let data = load_dataset(&cfg.data, cfg.model.vocab_size).unwrap();
+    let dispatcher = Dispatcher::Local;
+    let ctx = LmForward {
+        train: false,
+        dispatcher: &dispatcher,
+        capacity_groups: 1,
+        compute_kind: Kind::Float,
+        step: 0,
+    };
+    let (alpha, temp) = (0.5, 2.0);
+    let mut want = 0.0;
+    for rank in 0..2 {
+        let spec = SamplerSpec {
+            seed: cfg.run.seed,
+            seq_len: cfg.data.seq_len,
+            batch_size: cfg.trainer.batch_size,
+            world_size: 2,
+            rank,
+            grad_accum: 1,
+        };
+        let b = data.batches(Split::Train, 5, &spec).unwrap().remove(0);
+        let (zt, zs) = tch::no_grad(|| {
+            (
+                tea.forward(&b.inputs_bt, &ctx).unwrap().logits_btv,
+                stu.forward(&b.inputs_bt, &ctx).unwrap().logits_btv,
+            )
+        });
+        let lt = (zt.to_kind(Kind::Double) / temp).log_softmax(-1, Kind::Double);
+        let ls = (zs.to_kind(Kind::Double) / temp).log_softmax(-1, Kind::Double);
+        let kl_bt = (lt.exp() * (&lt - &ls)).sum_dim_intlist(-1, false, Kind::Double);
+        want += alpha * temp * temp * kl_bt.mean(Kind::Double).double_value(&[]) / 2.0;
+    }
+    assert!(
+        want > 1e-4,
+        "degenerate: teacher and student agree ({want})"
+    );
+    assert!(
+        (got - want).abs() <= 1e-5 * want,
+        "logged {got}, by hand {want}"
+    );
+
+    // A teacher with another vocabulary.
+    let other = train_tiny(
+        &s,
+        "other",
+        "  num_experts: 4\n  top_k: 2\n",
+        &["--set", "model.vocab_size=300"],
+    );
+    let fresh = s.0.join("never");
+    let bad_teacher = format!("trainer.distill.teacher={}", other.display());
+    let out_dir = format!("run.out_dir={}", fresh.display());
+    let args = train_args(&["--set", &bad_teacher, "--set", &out_dir]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, so, se) = moe(&args);
+    assert_eq!(code, 2, "{so}\n{se}");
+    assert!(
+        se.contains("trainer.distill.teacher") && se.contains("vocabulary"),
+        "{se}"
+    );
+    assert!(!fresh.exists(), "wrote {}", fresh.display());
+}

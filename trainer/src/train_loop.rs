@@ -116,6 +116,8 @@ struct Trainer<'a> {
     opts: &'a RunOptions,
     /// World rank 0 of a run that is not quiet.
     printing: bool,
+    /// `trainer.distill`'s teacher, if any.
+    distill: Option<crate::distill::Distiller>,
 }
 
 /// Trains one rank. Collective: every rank of `groups.world` must call it with the same
@@ -172,6 +174,7 @@ impl<'a> Trainer<'a> {
         };
         let model = TransformerLm::new(&cfg.model, &cfg.moe, par, cfg.run.seed, device)?;
         let dispatcher = Dispatcher::from_groups(&groups);
+        let distill = crate::distill::Distiller::from_config(cfg, device)?;
         let params = model.params();
         let kind = crate::inference::compute_kind(&cfg.trainer.precision);
         let optimizer = AdamW::new(&params, &cfg.trainer)?;
@@ -185,6 +188,7 @@ impl<'a> Trainer<'a> {
             optimizer,
             opts,
             printing,
+            distill,
         })
     }
 
