@@ -63,8 +63,6 @@ pub struct SlimArgs {
 
 /// Runs `moe slim`.
 pub fn run_slim(a: &SlimArgs) -> anyhow::Result<()> {
-    crate::upcycle_cmd::refuse_mpirun("slim")?;
-    let ckpt = crate::ckpt_lookup::resolve("--checkpoint", &a.checkpoint)?;
     let render = |cfg: &ExperimentConfig| to_yaml(cfg).map_err(|e| e.to_string());
     let opts = SlimOptions {
         experts: a.experts,
@@ -81,7 +79,14 @@ pub fn run_slim(a: &SlimArgs) -> anyhow::Result<()> {
         calib_batches: a.calib_batches,
         data: a.data.clone(),
     };
-    let r = surgery::slim(&ckpt, &a.out, &opts, &render).map_err(hf_error)?;
-    print_report(&r);
+    // Under mpirun the calibration batches are split over the processes; rank 0 writes.
+    crate::surgery_ranks::run_ranks("slim", opts.needs_calibration(), |share| {
+        let ckpt = crate::ckpt_lookup::resolve("--checkpoint", &a.checkpoint)?;
+        let r = surgery::slim_shared(&ckpt, &a.out, &opts, &render, share).map_err(hf_error)?;
+        if let Some(r) = r {
+            print_report(&r);
+        }
+        Ok(())
+    })?;
     Ok(())
 }

@@ -248,17 +248,39 @@ impl ForwardObserver for Calibration {
     }
 }
 
-/// Which batches a calibration pass reads: training batches `0..batches` of each source rank
-/// in `ranks` (of `world`), as the source run's sampler drew them.
+/// Which batches a calibration pass reads: training batch `i` of source rank `r` for each
+/// `(i, r)` in `items`, as the source run's sampler (of `world` ranks) drew them.
 #[derive(Debug, Clone)]
 pub struct CalibPlan {
-    /// Batches per source rank (`--calib-batches`).
-    pub batches: u64,
     /// The source run's world size.
     pub world: i64,
-    /// The source ranks whose batches this process reads (all of them in one process; a
-    /// share of them per rank under mpirun).
-    pub ranks: Vec<i64>,
+    /// `(batch index, source rank)` pairs this process reads.
+    pub items: Vec<(u64, i64)>,
+}
+
+impl CalibPlan {
+    /// Batches `0..batches` of every source rank, split round-robin over `size` processes;
+    /// this is process `rank`'s share (all of them for one process).
+    pub fn share(batches: u64, world: i64, rank: i64, size: i64) -> Self {
+        let items = (0..batches)
+            .flat_map(|i| (0..world).map(move |r| (i, r)))
+            .enumerate()
+            .filter(|(j, _)| (*j as i64) % size.max(1) == rank)
+            .map(|(_, item)| item)
+            .collect();
+        Self { world, items }
+    }
+}
+
+/// This process's part in a multi-process surgery (`mpirun -np N moe slim`): its rank, the
+/// number of processes, and a sum over all of them of a flat f64 buffer (an all-reduce).
+pub struct Share<'a> {
+    /// This process, `0..size`; process 0 writes.
+    pub rank: i64,
+    /// Processes.
+    pub size: i64,
+    /// Sums the buffer over all processes, in place.
+    pub sum_f64: &'a mut dyn FnMut(&mut [f64]) -> Result<(), String>,
 }
 
 /// Runs the no-grad calibration forward of `model` (single-process, every expert local).
@@ -278,22 +300,20 @@ pub fn calibrate(
         step: 0,
     };
     let mut calib = Calibration::default();
-    for i in 0..plan.batches {
-        for &rank in &plan.ranks {
-            let spec = SamplerSpec {
-                seed: cfg.run.seed,
-                seq_len: cfg.data.seq_len,
-                batch_size: cfg.trainer.batch_size,
-                world_size: plan.world,
-                rank,
-                grad_accum: 1,
-            };
-            for b in dataset.batches(Split::Train, i, &spec).map_err(failed)? {
-                model
-                    .forward_observed(&b.inputs_bt, &ctx, &mut calib)
-                    .map_err(failed)?;
-                calib.tokens += b.inputs_bt.numel() as u64;
-            }
+    for &(i, rank) in &plan.items {
+        let spec = SamplerSpec {
+            seed: cfg.run.seed,
+            seq_len: cfg.data.seq_len,
+            batch_size: cfg.trainer.batch_size,
+            world_size: plan.world,
+            rank,
+            grad_accum: 1,
+        };
+        for b in dataset.batches(Split::Train, i, &spec).map_err(failed)? {
+            model
+                .forward_observed(&b.inputs_bt, &ctx, &mut calib)
+                .map_err(failed)?;
+            calib.tokens += b.inputs_bt.numel() as u64;
         }
     }
     Ok(calib)
@@ -386,6 +406,15 @@ mod tests {
     }
 
     /// The activation sum of squares of one expert against a loop over its tokens.
+    /// 2 batches x 3 source ranks over 2 processes: process 0 reads items 0, 2, 4 of
+    /// (0,0) (0,1) (0,2) (1,0) (1,1) (1,2), process 1 the others; together all of them once.
+    #[test]
+    fn plans_split_round_robin() {
+        assert_eq!(CalibPlan::share(2, 3, 0, 2).items, [(0, 0), (0, 2), (1, 1)]);
+        assert_eq!(CalibPlan::share(2, 3, 1, 2).items, [(0, 1), (1, 0), (1, 2)]);
+        assert_eq!(CalibPlan::share(2, 3, 0, 1).items.len(), 6);
+    }
+
     #[test]
     fn activation_sums_by_loop() {
         tch::manual_seed(1);

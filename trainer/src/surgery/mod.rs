@@ -16,6 +16,7 @@ pub mod slim;
 pub mod upcycle;
 pub mod width;
 
+pub use calib::Share;
 pub use report::{ModelSize, SlimDetails, SurgeryReport};
-pub use slim::{slim, ExpertCriterion, SlimOptions};
+pub use slim::{slim, slim_shared, ExpertCriterion, SlimOptions};
 pub use upcycle::{upcycle, UpcycleOptions};

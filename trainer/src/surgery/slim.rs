@@ -20,7 +20,7 @@
 //! so the statistics equal what the run's all-reduce over ranks would sum and do not depend
 //! on the EP size the checkpoint was written at.
 
-use super::calib::{calibrate, CalibPlan, Calibration};
+use super::calib::{calibrate, CalibPlan, Calibration, Share};
 use super::depth::{kept_layers, lowest_influence, refit_patterns, source_name};
 use super::merge::{merge_groups, merge_targets, weighted_mean};
 use super::report::{CalibSummary, LayerRouting, ModelSize, SlimDetails, SurgeryReport};
@@ -537,13 +537,32 @@ fn summarize(calib: &Calibration, src: &ExperimentConfig, batches: u64) -> Calib
     s
 }
 
-/// Slims the checkpoint `ckpt` (any EP size) into the new run directory `run_dir`.
+/// Slims the checkpoint `ckpt` (any EP size) into the new run directory `run_dir`, in one
+/// process.
 pub fn slim(
     ckpt: &Path,
     run_dir: &Path,
     opts: &SlimOptions,
     render_yaml: &dyn Fn(&ExperimentConfig) -> Result<String, String>,
 ) -> Result<SurgeryReport, HfError> {
+    slim_shared(ckpt, run_dir, opts, render_yaml, None)?
+        .ok_or_else(|| failed("a single-process slim wrote nothing"))
+}
+
+/// [`slim`] as one of several processes (`share`): each reads its round-robin share of the
+/// calibration batches, the statistics are summed over all processes, and process 0 alone
+/// stages, writes and reports (`Some`); the others return `None` after the sum. Every
+/// process holds the whole source model (loaded as one EP=1 rank), so the output does not
+/// depend on the number of processes or on the checkpoint's EP size.
+pub fn slim_shared(
+    ckpt: &Path,
+    run_dir: &Path,
+    opts: &SlimOptions,
+    render_yaml: &dyn Fn(&ExperimentConfig) -> Result<String, String>,
+    share: Option<Share>,
+) -> Result<Option<SurgeryReport>, HfError> {
+    let (rank, size) = share.as_ref().map_or((0, 1), |s| (s.rank, s.size.max(1)));
+    let writer = rank == 0;
     let reader = CheckpointReader::open(ckpt).map_err(|e| HfError::Input(e.to_string()))?;
     let src = checkpoint_config(&reader)?;
     validate_args(&src, opts, ckpt)?;
@@ -551,8 +570,18 @@ pub fn slim(
     // the calibration pass; the final config (blocks by influence) is set below.
     let explicit: Vec<i64> = opts.layers.clone().unwrap_or_default();
     let (mut prelim, _) = slim_config(&src, opts, &explicit)?;
-    let staged = StagedRun::new(run_dir, &mut prelim)?;
+    let staged = match writer {
+        true => Some(StagedRun::new(run_dir, &mut prelim)?),
+        false => None,
+    };
     let world = reader.manifest().world_size.max(1);
+    if opts.needs_calibration() && (opts.calib_batches as i64) * world < size {
+        return Err(HfError::Input(format!(
+            "--calib-batches ({}) x the checkpoint's {world} rank(s) gives fewer batches than \
+             the {size} processes: raise --calib-batches or start fewer processes",
+            opts.calib_batches
+        )));
+    }
     let mut single = src.clone();
     single.parallel.ep_size = 1;
     let data = load_val_data(&src);
@@ -572,7 +601,7 @@ pub fn slim(
             ))
         })?),
     };
-    let source_model = if data.is_ok() || calib_data.is_some() {
+    let source_model = if (writer && data.is_ok()) || calib_data.is_some() {
         Some(
             load_single(&single, ckpt, Device::Cpu)
                 .map_err(|e| HfError::Input(e.to_string()))?
@@ -581,18 +610,20 @@ pub fn slim(
     } else {
         None
     };
-    let calib = match (&calib_data, &source_model) {
+    let mut calib = match (&calib_data, &source_model) {
         (Some(ds), Some(m)) => Some(calibrate(
             m,
             &calib_cfg,
             ds,
-            &CalibPlan {
-                batches: opts.calib_batches,
-                world,
-                ranks: (0..world).collect(),
-            },
+            &CalibPlan::share(opts.calib_batches, world, rank, size),
         )?),
         _ => None,
+    };
+    if let (Some(c), Some(share)) = (calib.as_mut(), share) {
+        c.all_reduce(share.sum_f64)?;
+    }
+    let Some(staged) = staged else {
+        return Ok(None);
     };
 
     let dropped: Vec<i64> = match (&opts.layers, opts.drop_layers, &calib) {
@@ -742,7 +773,9 @@ pub fn slim(
         "seed": cfg.run.seed,
         "slimmed_from": ckpt.display().to_string(),
     });
-    staged.finish(&cfg, &model, extra, render_yaml, report)
+    staged
+        .finish(&cfg, &model, extra, render_yaml, report)
+        .map(Some)
 }
 
 #[cfg(test)]
