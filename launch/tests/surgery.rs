@@ -279,6 +279,10 @@ fn surgery_rejects_bad_arguments() {
             "--calib-batches (0)",
         ),
         (vec![], "nothing to slim"),
+        (
+            vec!["--experts", "2", "--data", "/nonexistent/calib.txt"],
+            "--data /nonexistent/calib.txt",
+        ),
     ] {
         let mut all = vec!["slim", "--checkpoint", m, "--out", o];
         all.extend(args.iter().copied());
