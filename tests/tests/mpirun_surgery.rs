@@ -142,6 +142,7 @@ fn slim_under_mpirun_equals_one_process() {
     assert_eq!(f.status.code(), Some(2), "{}", f.dump());
     assert!(f.stderr.contains("--calib-batches (1)"), "{}", f.dump());
     assert!(!bad.exists());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Upcycling and a slim without calibration need no communication: under mpirun rank 0
@@ -193,4 +194,5 @@ fn upcycle_and_plain_slim_under_mpirun_write_once() {
             );
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
 }
