@@ -47,31 +47,20 @@ pub fn print_report(r: &SurgeryReport) {
     );
 }
 
-/// The surgery commands run in one process: under mpirun every rank would write the same
-/// run directory. (One process reads a checkpoint of any EP size, and calibration evaluates
-/// every rank's batches itself.)
-pub fn refuse_mpirun(cmd: &str) -> anyhow::Result<()> {
-    match crate::world::launcher_processes() {
-        Some(n) if n > 1 => Err(crate::exit_code::BadInput(format!(
-            "moe {cmd} runs in one process (it reads checkpoints of any EP size); run it \
-             without mpirun (started with {n} processes)"
-        ))
-        .into()),
-        _ => Ok(()),
-    }
-}
-
 /// Runs `moe upcycle`.
 pub fn run_upcycle(a: &UpcycleArgs) -> anyhow::Result<()> {
-    refuse_mpirun("upcycle")?;
-    let ckpt = crate::ckpt_lookup::resolve("--checkpoint", &a.checkpoint)?;
-    let render = |cfg: &ExperimentConfig| to_yaml(cfg).map_err(|e| e.to_string());
-    let opts = UpcycleOptions {
-        experts: a.experts,
-        top_k: a.top_k,
-        granularity: a.granularity,
-    };
-    let r = surgery::upcycle(&ckpt, &a.out, &opts, &render).map_err(hf_error)?;
-    print_report(&r);
+    // Nothing to share: under mpirun rank 0 writes, the others exit.
+    crate::surgery_ranks::run_ranks("upcycle", false, |_| {
+        let ckpt = crate::ckpt_lookup::resolve("--checkpoint", &a.checkpoint)?;
+        let render = |cfg: &ExperimentConfig| to_yaml(cfg).map_err(|e| e.to_string());
+        let opts = UpcycleOptions {
+            experts: a.experts,
+            top_k: a.top_k,
+            granularity: a.granularity,
+        };
+        let r = surgery::upcycle(&ckpt, &a.out, &opts, &render).map_err(hf_error)?;
+        print_report(&r);
+        Ok(())
+    })?;
     Ok(())
 }

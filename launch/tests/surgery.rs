@@ -257,6 +257,36 @@ fn surgery_rejects_bad_arguments() {
         assert!(se.contains(want), "{se}");
         assert!(!out.exists());
     }
+    // moe_run: 2 blocks, 4 experts of the default expert_hidden; no dense FFN.
+    let hidden = stored_config(&only_checkpoint(&moe_run)).moe.expert_hidden;
+    let too_wide = (hidden + 1).to_string();
+    for (args, want) in [
+        (vec!["--drop-layers", "2"], "--drop-layers (2)"),
+        (vec!["--layers", "0,1"], "--layers names 2 of 2 blocks"),
+        (vec!["--layers", "5"], "--layers: block 5 does not exist"),
+        (
+            vec!["--expert-hidden", too_wide.as_str()],
+            "--expert-hidden (",
+        ),
+        (vec!["--ffn-hidden", "8"], "--ffn-hidden"),
+        (vec!["--merge"], "--merge needs --experts"),
+        (
+            vec!["--experts", "2", "--calib-batches", "0"],
+            "--calib-batches (0)",
+        ),
+        (vec![], "nothing to slim"),
+        (
+            vec!["--experts", "2", "--data", "/nonexistent/calib.txt"],
+            "--data /nonexistent/calib.txt",
+        ),
+    ] {
+        let mut all = vec!["slim", "--checkpoint", m, "--out", o];
+        all.extend(args.iter().copied());
+        let (code, so, se) = moe(&all);
+        assert_eq!(code, 2, "{all:?}\n{so}\n{se}");
+        assert!(se.contains(want), "{all:?}: {se}");
+        assert!(!out.exists(), "{all:?} wrote {}", out.display());
+    }
     // An existing non-empty output directory is refused and left alone.
     let (code, _, se) = moe(&["slim", "--checkpoint", m, "--experts", "2", "--out", d]);
     assert_eq!(code, 2, "{se}");
@@ -400,4 +430,396 @@ fn slim_is_ep_independent_and_trains() {
     assert!(report(&r1)["notes"]
         .to_string()
         .contains("parallel.ep_size 2"));
+}
+
+fn ids(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
+
+fn f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+/// The indices of the columns of `new [d, h']` within `old [d, h]` (each must equal one old
+/// column to `tol`), which must be increasing.
+fn column_subset(new: &Tensor, old: &Tensor, tol: f64, what: &str) -> Vec<i64> {
+    let h_new = new.size()[1];
+    let mut at = Vec::new();
+    for j in 0..h_new {
+        let col = new.select(1, j).unsqueeze(1);
+        let dist = (old - &col).abs().amax([0], false); // [h]
+        let i = dist.argmin(0, false).int64_value(&[]);
+        let d = dist.double_value(&[i]);
+        assert!(
+            d <= tol,
+            "{what}: column {j} matches no source column ({d})"
+        );
+        at.push(i);
+    }
+    assert!(at.windows(2).all(|w| w[0] < w[1]), "{what}: {at:?}");
+    at
+}
+
+/// One slim doing everything (3 blocks, the first dense; 8 -> 4 experts by routing weight
+/// with merging; 1 block dropped by Block Influence; experts 32 -> 16 and the dense FFN
+/// 64 -> 32 hidden units), on an EP=2 checkpoint and on its EP=1 twin: bit-identical outputs.
+/// Then checked against the source by an independent computation from the statistics in
+/// surgery.json: the dropped block has the lowest influence and the kept blocks are copied;
+/// the kept experts have the highest weighted frequency; each dropped expert goes to the kept
+/// expert of highest router-column cosine; each new expert equals the frequency-weighted mean
+/// of its group (1e-6 absolute: float32 sums of at most 5 terms of magnitude < 1, reassociated)
+/// restricted to a subset of hidden units that w_gate, w_up and w_down agree on. The output
+/// evaluates and trains.
+#[test]
+fn slim_merge_depth_width_match_a_reference() {
+    let s = Scratch::new("surgery-all");
+    let run = train_tiny(
+        &s,
+        "moe8",
+        "  num_experts: 8\n  top_k: 2\n  expert_hidden: 32\n  first_dense_layers: 1\n",
+        &[
+            "--debug",
+            "--set",
+            "parallel.ep_size=2",
+            "--set",
+            "model.num_layers=3",
+        ],
+    );
+    let ckpt = only_checkpoint(&run);
+    let twin = ep1_twin(&ckpt, &s.0.join("twin"));
+    let slim = |src: &Path, out: &str| {
+        let out = s.0.join(out);
+        run_ok(&[
+            "slim",
+            "--checkpoint",
+            src.to_str().unwrap(),
+            "--experts",
+            "4",
+            "--expert-criterion",
+            "weighted",
+            "--merge",
+            "--drop-layers",
+            "1",
+            "--expert-hidden",
+            "16",
+            "--ffn-hidden",
+            "32",
+            "--calib-batches",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        out
+    };
+    let a = slim(&ckpt, "all-ep2");
+    let b = slim(&twin, "all-ep1");
+    let (ra, rb) = (report(&a), report(&b));
+    for key in [
+        "kept_experts",
+        "merged_into",
+        "dropped_layers",
+        "calibration",
+    ] {
+        assert_eq!(ra[key], rb[key], "{key}");
+    }
+    let (ca, cb) = (only_checkpoint(&a), only_checkpoint(&b));
+    let (sa, sb) = (
+        CheckpointReader::open(&ca).unwrap(),
+        CheckpointReader::open(&cb).unwrap(),
+    );
+    for n in sa.model_names() {
+        assert!(sa.read(n).unwrap().equal(&sb.read(n).unwrap()), "{n}");
+    }
+
+    let src = CheckpointReader::open(&ckpt).unwrap();
+    let calib = &ra["calibration"];
+    let bi: Vec<(String, f64)> = calib["block_influence"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+        .collect();
+    assert_eq!(bi.len(), 3);
+    let lowest = bi
+        .iter()
+        .min_by(|x, y| x.1.total_cmp(&y.1))
+        .map(|(k, _)| k.trim_start_matches("layers.").parse::<i64>().unwrap())
+        .unwrap();
+    assert_eq!(ids(&ra["dropped_layers"]), [lowest]);
+    let kept_blocks: Vec<i64> = (0..3).filter(|&i| i != lowest).collect();
+    for (j, &i) in kept_blocks.iter().enumerate() {
+        for t in ["attn.wq", "attn_norm.weight", "ffn_norm.weight"] {
+            let (n, o) = (format!("layers.{j}.{t}"), format!("layers.{i}.{t}"));
+            assert!(sa.read(&n).unwrap().equal(&src.read(&o).unwrap()), "{n}");
+        }
+    }
+    let cfg = stored_config(&ca);
+    assert_eq!(
+        (
+            cfg.model.num_layers,
+            cfg.moe.num_experts,
+            cfg.moe.expert_hidden,
+            cfg.model.ffn_hidden
+        ),
+        (2, 4, 16, 32)
+    );
+
+    // The dense block 0 (never dropped: it changes the most): a consistent unit subset.
+    let o = |p: &str| src.read(&format!("layers.0.ffn.{p}")).unwrap();
+    let n = |p: &str| sa.read(&format!("layers.0.ffn.{p}")).unwrap();
+    let u = column_subset(&n("w_gate"), &o("w_gate"), 0.0, "ffn w_gate");
+    let idx = Tensor::from_slice(&u);
+    assert!(n("w_up").equal(&o("w_up").index_select(1, &idx)));
+    assert!(n("w_down").equal(&o("w_down").index_select(0, &idx)));
+
+    let kept_map = ra["kept_experts"].as_object().unwrap();
+    assert_eq!(kept_map.len(), 1, "one MoE block left: {kept_map:?}");
+    for (new_layer, keep) in kept_map {
+        let keep = ids(keep);
+        let j: usize = new_layer.split('.').nth(1).unwrap().parse().unwrap();
+        let old_layer = format!("layers.{}.moe", kept_blocks[j]);
+        let routing = &calib["routing"][&old_layer];
+        let (freq, weighted) = (
+            f64s(&routing["frequency"]),
+            f64s(&routing["weighted_frequency"]),
+        );
+        let mut order: Vec<usize> = (0..8).collect();
+        order.sort_by(|&x, &y| weighted[y].total_cmp(&weighted[x]).then(x.cmp(&y)));
+        let mut want: Vec<i64> = order[..4].iter().map(|&i| i as i64).collect();
+        want.sort_unstable();
+        assert_eq!(keep, want, "{weighted:?}");
+
+        let router = src
+            .read(&format!("{old_layer}.w_router"))
+            .unwrap()
+            .to_kind(Kind::Double);
+        let cos = |x: i64, y: i64| {
+            let (a, b) = (router.select(1, x), router.select(1, y));
+            a.dot(&b).double_value(&[]) / (a.norm().double_value(&[]) * b.norm().double_value(&[]))
+        };
+        let merged = ra["merged_into"][new_layer].as_object().unwrap();
+        assert_eq!(merged.len(), 4);
+        let mut groups: Vec<Vec<i64>> = keep.iter().map(|&g| vec![g]).collect();
+        for (dropped, into) in merged {
+            let (dropped, into) = (dropped.parse::<i64>().unwrap(), into.as_i64().unwrap());
+            let best = keep
+                .iter()
+                .copied()
+                .max_by(|&x, &y| cos(dropped, x).total_cmp(&cos(dropped, y)).then(y.cmp(&x)))
+                .unwrap();
+            assert_eq!(into, best, "expert {dropped}");
+            groups[keep.iter().position(|&g| g == into).unwrap()].push(dropped);
+        }
+        assert!(
+            sa.read(&format!("{new_layer}.w_router")).unwrap().equal(
+                &router
+                    .to_kind(Kind::Float)
+                    .index_select(1, &Tensor::from_slice(&keep))
+            ),
+            "router columns"
+        );
+        for (slot, group) in groups.iter().enumerate() {
+            let total: f64 = group.iter().map(|&x| freq[x as usize]).sum();
+            let mean = |p: &str| {
+                let name = format!("{old_layer}.experts.{p}");
+                group
+                    .iter()
+                    .map(|&x| {
+                        let w = src.read(&expert_tensor_name(&name, x, None)).unwrap();
+                        let c = if total > 0.0 {
+                            freq[x as usize] / total
+                        } else {
+                            1.0 / group.len() as f64
+                        };
+                        w.to_kind(Kind::Double) * c
+                    })
+                    .reduce(|acc, t| acc + t)
+                    .unwrap()
+            };
+            let new = |p: &str| {
+                sa.read(&expert_tensor_name(
+                    &format!("{new_layer}.experts.{p}"),
+                    slot as i64,
+                    None,
+                ))
+                .unwrap()
+                .to_kind(Kind::Double)
+            };
+            let what = format!("{new_layer} expert {slot} <- {group:?}");
+            let u = column_subset(&new("w_gate"), &mean("w_gate"), 1e-6, &what);
+            let idx = Tensor::from_slice(&u);
+            let close = |x: Tensor, y: Tensor| (x - y).abs().max().double_value(&[]) <= 1e-6;
+            assert!(
+                close(new("w_up"), mean("w_up").index_select(1, &idx)),
+                "{what}"
+            );
+            assert!(
+                close(new("w_down"), mean("w_down").index_select(0, &idx)),
+                "{what}"
+            );
+        }
+    }
+    assert!(ra["val_loss_after"].as_f64().unwrap().is_finite());
+    let o = run_ok(&["eval", "--checkpoint", a.to_str().unwrap()]);
+    assert!(o.contains("checkpoint step 0"), "{o}");
+    let losses = train_on(&a, 3);
+    assert!(
+        losses.len() == 3 && losses.iter().all(|l| l.is_finite()),
+        "{losses:?}"
+    );
+
+    // Blocks named explicitly: block 2 removed, blocks 0 and 1 copied.
+    let named = s.0.join("named");
+    run_ok(&[
+        "slim",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--layers",
+        "2",
+        "--out",
+        named.to_str().unwrap(),
+    ]);
+    let sn = CheckpointReader::open(&only_checkpoint(&named)).unwrap();
+    for n in sn.model_names() {
+        assert!(!n.starts_with("layers.2."), "{n}");
+        assert!(sn.read(n).unwrap().equal(&src.read(n).unwrap()), "{n}");
+    }
+}
+
+/// Distillation: a student (2 experts, trained 5 steps) trains a sixth step at EP=2 with
+/// `trainer.distill` (alpha 0.5, T 2) from a teacher of 4 experts. The logged `distill_loss`
+/// equals `alpha * T^2 * KL(teacher || student)` computed here, on that step's batch of each
+/// of the two ranks, from the two checkpoints' logits with plain log-softmax arithmetic in f64
+/// (tolerance 1e-5 relative: f32 logits, the student at EP=2 against one process here).
+/// `loss` includes it. A teacher with another vocabulary is refused: exit 2, naming
+/// `trainer.distill.teacher`, nothing written.
+#[test]
+fn distillation_term_matches_a_hand_kl() {
+    use moe_trainer::data::{load_dataset, sampler::SamplerSpec, Split};
+    let s = Scratch::new("surgery-distill");
+    let teacher = train_tiny(&s, "teacher", "  num_experts: 4\n  top_k: 2\n", &[]);
+    // A student of another seed and shape (2 experts, 5 steps), so that the two disagree.
+    let student = train_tiny(
+        &s,
+        "student",
+        "  num_experts: 2\n  top_k: 1\n",
+        &["--set", "run.seed=5", "--set", "trainer.max_steps=5"],
+    );
+    // Loaded now: training with checkpoint.keep 1 replaces the step-0 checkpoint.
+    let student_ckpt = only_checkpoint(&student);
+    let cfg = stored_config(&student_ckpt);
+    let (stu, _) = load_single(&cfg, &student_ckpt, Device::Cpu).unwrap();
+    let teach = format!("trainer.distill.teacher={}", teacher.display());
+    let cfg_path = student.join("config.yaml");
+    let train_args = |extra: &[&str]| {
+        let mut a = vec![
+            "train",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "--resume",
+            "auto",
+            "--debug",
+            "--set",
+            "parallel.ep_size=2",
+            "--set",
+            "trainer.max_steps=6",
+            "--set",
+            "trainer.log_every=1",
+        ];
+        a.extend_from_slice(extra);
+        a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+    };
+    let args = train_args(&[
+        "--set",
+        &teach,
+        "--set",
+        "trainer.distill.alpha=0.5",
+        "--set",
+        "trainer.distill.temperature=2.0",
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok(&args);
+    let text = std::fs::read_to_string(student.join("metrics.jsonl")).unwrap();
+    let rec: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["kind"] == "train" && v["step"] == 6)
+        .unwrap();
+    let got = rec["distill_loss"].as_f64().unwrap();
+    let parts = ["lm_loss", "aux_loss", "z_loss", "distill_loss"]
+        .map(|k| rec[k].as_f64().unwrap())
+        .iter()
+        .sum::<f64>();
+    assert!(
+        (rec["loss"].as_f64().unwrap() - parts).abs() < 1e-9,
+        "{rec}"
+    );
+
+    let tckpt = only_checkpoint(&teacher);
+    let (tea, _) = load_single(&stored_config(&tckpt), &tckpt, Device::Cpu).unwrap();
+    let data = load_dataset(&cfg.data, cfg.model.vocab_size).unwrap();
+    let ctx = LmForward {
+        train: false,
+        compute_kind: Kind::Float,
+        step: 0,
+    };
+    let (alpha, temp) = (0.5, 2.0);
+    let mut want = 0.0;
+    for rank in 0..2 {
+        let spec = SamplerSpec {
+            seed: cfg.run.seed,
+            seq_len: cfg.data.seq_len,
+            batch_size: cfg.trainer.batch_size,
+            world_size: 2,
+            rank,
+            grad_accum: 1,
+        };
+        let b = data.batches(Split::Train, 5, &spec).unwrap().remove(0);
+        let (zt, zs) = tch::no_grad(|| {
+            (
+                tea.forward(&b.inputs_bt, &ctx).unwrap().logits_btv,
+                stu.forward(&b.inputs_bt, &ctx).unwrap().logits_btv,
+            )
+        });
+        let lt = (zt.to_kind(Kind::Double) / temp).log_softmax(-1, Kind::Double);
+        let ls = (zs.to_kind(Kind::Double) / temp).log_softmax(-1, Kind::Double);
+        let kl_bt = (lt.exp() * (&lt - &ls)).sum_dim_intlist(-1, false, Kind::Double);
+        want += alpha * temp * temp * kl_bt.mean(Kind::Double).double_value(&[]) / 2.0;
+    }
+    assert!(
+        want > 1e-4,
+        "degenerate: teacher and student agree ({want})"
+    );
+    assert!(
+        (got - want).abs() <= 1e-5 * want,
+        "logged {got}, by hand {want}"
+    );
+
+    // A teacher with another vocabulary.
+    let other = train_tiny(
+        &s,
+        "other",
+        "  num_experts: 4\n  top_k: 2\n",
+        &["--set", "model.vocab_size=300"],
+    );
+    let fresh = s.0.join("never");
+    let bad_teacher = format!("trainer.distill.teacher={}", other.display());
+    let out_dir = format!("run.out_dir={}", fresh.display());
+    let args = train_args(&["--set", &bad_teacher, "--set", &out_dir]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, so, se) = moe(&args);
+    assert_eq!(code, 2, "{so}\n{se}");
+    assert!(
+        se.contains("trainer.distill.teacher") && se.contains("vocabulary"),
+        "{se}"
+    );
+    assert!(!fresh.exists(), "wrote {}", fresh.display());
 }

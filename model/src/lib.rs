@@ -25,6 +25,7 @@ pub mod mlp;
 pub mod moe_layer;
 pub mod mtp;
 pub mod norm;
+pub mod observe;
 pub mod parallel;
 pub mod param;
 pub mod rope;

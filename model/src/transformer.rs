@@ -16,6 +16,7 @@ use crate::mlp::SwiGlu;
 use crate::moe_layer::{MoeForward, MoeLayer, MoeStats};
 use crate::mtp::Mtp;
 use crate::norm::{accum_kind, RmsNorm};
+use crate::observe::{FfnView, ForwardObserver};
 use crate::parallel::ExpertParallel;
 use crate::rope::Rope;
 use crate::{init, ModelError, Param, ParamBuilder, Result};
@@ -124,6 +125,21 @@ impl Block {
         seed: u64,
         kv: Option<&mut LayerKv>,
     ) -> Result<(Tensor, Option<MoeStats>)> {
+        self.forward_observed(x_btd, rope, ctx, i, seed, kv, None)
+    }
+
+    /// [`Block::forward_kv`], showing the FFN input to `obs` when there is one.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_observed(
+        &self,
+        x_btd: &Tensor,
+        rope: &Rope,
+        ctx: &LmForward,
+        i: i64,
+        seed: u64,
+        kv: Option<&mut LayerKv>,
+        obs: Option<&mut (dyn ForwardObserver + '_)>,
+    ) -> Result<(Tensor, Option<MoeStats>)> {
         let size = x_btd.size();
         let [b, t, d] = size[..] else {
             return Err(ModelError::Invalid(format!(
@@ -139,6 +155,13 @@ impl Block {
         };
         let x_btd = x_btd.f_add(&a_btd.f_to_kind(res_kind)?)?;
         let h_btd = self.ffn_norm.forward(&x_btd)?.f_to_kind(ck)?;
+        if let Some(obs) = obs {
+            let view = match &self.ffn {
+                Ffn::Dense(mlp) => FfnView::Dense(mlp),
+                Ffn::Moe(moe) => FfnView::Moe(moe),
+            };
+            obs.ffn(i, &h_btd, view)?;
+        }
         let (f_btd, stats) = match &self.ffn {
             Ffn::Dense(mlp) => (mlp.forward(&h_btd)?, None),
             Ffn::Moe(moe) => {
@@ -290,6 +313,26 @@ impl TransformerLm {
     /// # Shapes
     /// `tokens_bt` int64 `[b, t]` with `t <= max_seq_len` -> `logits_btv [b, t, v]`
     pub fn forward(&self, tokens_bt: &Tensor, ctx: &LmForward) -> Result<LmOutput> {
+        self.forward_with(tokens_bt, ctx, None)
+    }
+
+    /// [`TransformerLm::forward`], showing every block's FFN input and its input and output
+    /// to `obs` (calibration statistics; the multi-token prediction block is not shown).
+    pub fn forward_observed(
+        &self,
+        tokens_bt: &Tensor,
+        ctx: &LmForward,
+        obs: &mut dyn ForwardObserver,
+    ) -> Result<LmOutput> {
+        self.forward_with(tokens_bt, ctx, Some(obs))
+    }
+
+    fn forward_with(
+        &self,
+        tokens_bt: &Tensor,
+        ctx: &LmForward,
+        mut obs: Option<&mut (dyn ForwardObserver + '_)>,
+    ) -> Result<LmOutput> {
         let t = match tokens_bt.size().as_slice() {
             [_, t] if *t <= self.cfg.max_seq_len && *t > 0 => *t,
             s => {
@@ -303,7 +346,18 @@ impl TransformerLm {
         let mut x_btd = self.embed(tokens_bt, ck)?;
         let mut moe = MoeSums::new(x_btd.device())?;
         for (i, block) in self.layers.iter().enumerate() {
-            let (y_btd, stats) = block.forward(&x_btd, &self.rope, ctx, i as i64, self.seed)?;
+            let (y_btd, stats) = block.forward_observed(
+                &x_btd,
+                &self.rope,
+                ctx,
+                i as i64,
+                self.seed,
+                None,
+                obs.as_deref_mut(),
+            )?;
+            if let Some(o) = obs.as_deref_mut() {
+                o.block(i as i64, &x_btd, &y_btd)?;
+            }
             x_btd = y_btd;
             moe.add(i as i64, stats)?;
         }

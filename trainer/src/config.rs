@@ -158,6 +158,39 @@ pub struct TrainerConfig {
     /// Weight of the multi-token prediction loss (`model.mtp_depth: 1`) added to the LM loss:
     /// the cross-entropy of predicting the token after next (DeepSeek-V3 uses 0.3, then 0.1).
     pub mtp_loss_weight: f64,
+    /// Knowledge distillation: `{teacher: CKPT, alpha: 1.0, temperature: 2.0}` adds
+    /// `alpha * T^2 * KL(teacher || student)` on the logits to the loss (logged as
+    /// `distill_loss`); the teacher (same vocabulary, any EP size) runs forward only. Null for
+    /// none.
+    pub distill: Option<DistillConfig>,
+}
+
+/// `trainer.distill:` adds `alpha * T^2 * KL(teacher || student)` on temperature-softened
+/// logits to the loss (Hinton et al. 2015). The teacher runs forward only, in the same
+/// process, on the same batch, whatever the student's EP size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// Teacher checkpoint (`step-N/`, any EP size), or a run directory (its newest intact
+    /// checkpoint); a relative path is relative to the working directory. Its vocabulary
+    /// must be the student's.
+    pub teacher: PathBuf,
+    /// Weight alpha of the distillation term; at least 0.
+    #[serde(default = "DistillConfig::default_alpha")]
+    pub alpha: f64,
+    /// Softmax temperature T; positive.
+    #[serde(default = "DistillConfig::default_temperature")]
+    pub temperature: f64,
+}
+
+impl DistillConfig {
+    fn default_alpha() -> f64 {
+        1.0
+    }
+
+    fn default_temperature() -> f64 {
+        2.0
+    }
 }
 
 impl Default for TrainerConfig {
@@ -182,6 +215,7 @@ impl Default for TrainerConfig {
             threads: 0,
             max_bad_steps: 5,
             mtp_loss_weight: 0.3,
+            distill: None,
         }
     }
 }
@@ -376,6 +410,20 @@ impl ExperimentConfig {
                 "trainer.weight_decay ({}) must be >= 0",
                 t.weight_decay
             ));
+        }
+        if let Some(dc) = &t.distill {
+            if !dc.alpha.is_finite() || dc.alpha < 0.0 {
+                errs.push(format!(
+                    "trainer.distill.alpha ({}) must be a finite number >= 0",
+                    dc.alpha
+                ));
+            }
+            if !dc.temperature.is_finite() || dc.temperature <= 0.0 {
+                errs.push(format!(
+                    "trainer.distill.temperature ({}) must be a finite number > 0",
+                    dc.temperature
+                ));
+            }
         }
         if !t.mtp_loss_weight.is_finite() || t.mtp_loss_weight < 0.0 {
             errs.push(format!(

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod decode;
+pub mod distill;
 pub mod error;
 pub mod fault;
 pub mod fused;

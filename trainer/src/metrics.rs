@@ -20,7 +20,7 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub struct TrainRecord {
     /// Optimizer steps completed (1 after the first step).
     pub step: u64,
-    /// `lm_loss + aux_loss + z_loss`, mean over ranks and micro-batches.
+    /// `lm_loss + aux_loss + z_loss (+ distill_loss)`, mean over ranks and micro-batches.
     #[serde(with = "json_f64")]
     pub loss: f64,
     /// Next-token cross-entropy (nats).
@@ -50,6 +50,10 @@ pub struct TrainRecord {
     /// Seconds since this invocation of the run started.
     #[serde(with = "json_f64")]
     pub elapsed_s: f64,
+    /// `trainer.distill`: `alpha * T^2 * KL(teacher || student)`, mean over ranks and
+    /// micro-batches (included in `loss`); absent without a teacher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill_loss: Option<f64>,
 }
 
 /// One evaluation on the validation split.

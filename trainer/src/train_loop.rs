@@ -115,6 +115,8 @@ struct Trainer<'a> {
     opts: &'a RunOptions,
     /// World rank 0 of a run that is not quiet.
     printing: bool,
+    /// `trainer.distill`'s teacher, if any.
+    distill: Option<crate::distill::Distiller>,
 }
 
 /// Trains one rank. Collective: every rank of `groups.world` must call it with the same
@@ -169,6 +171,7 @@ impl<'a> Trainer<'a> {
         // fixed here, once (P only in the single-process EP reference).
         let par = ExpertParallel::from_groups(&groups).with_capacity_groups(opts.capacity_groups);
         let model = TransformerLm::new(&cfg.model, &cfg.moe, &par, cfg.run.seed, device)?;
+        let distill = crate::distill::Distiller::from_config(cfg, device)?;
         let params = model.params();
         let kind = crate::inference::compute_kind(&cfg.trainer.precision);
         let optimizer = AdamW::new(&params, &cfg.trainer)?;
@@ -181,6 +184,7 @@ impl<'a> Trainer<'a> {
             optimizer,
             opts,
             printing,
+            distill,
         })
     }
 

@@ -23,6 +23,7 @@ fn awkward(step: u64) -> TrainRecord {
         lr: f64::INFINITY,
         tokens_per_s: f64::NEG_INFINITY,
         elapsed_s: 12_345.678_901_234_567,
+        distill_loss: None,
     }
 }
 

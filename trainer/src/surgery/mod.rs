@@ -7,11 +7,16 @@
 //!
 //! Errors reuse the checkpoint tools' [`crate::hf::HfError`]: `Input` (exit 2) or `Failed`.
 
+pub mod calib;
+pub mod depth;
+pub mod merge;
 pub mod report;
 pub mod run_out;
 pub mod slim;
 pub mod upcycle;
+pub mod width;
 
-pub use report::{ModelSize, SurgeryReport};
-pub use slim::{slim, ExpertCriterion, SlimOptions};
+pub use calib::Share;
+pub use report::{ModelSize, SlimDetails, SurgeryReport};
+pub use slim::{slim, slim_shared, ExpertCriterion, SlimOptions};
 pub use upcycle::{upcycle, UpcycleOptions};

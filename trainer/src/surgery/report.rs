@@ -61,10 +61,51 @@ pub struct SurgeryReport {
     pub val_loss_after: Option<f64>,
     /// Settings changed and other remarks, one line each.
     pub notes: Vec<String>,
-    /// `moe slim`: the old global ids of the experts kept, per MoE layer (`layers.3.moe`), in
-    /// their new order.
+    /// What `moe slim` chose (empty for `moe upcycle`).
+    #[serde(flatten)]
+    pub slim: SlimDetails,
+}
+
+/// `moe slim`'s choices, keyed by the new model's layer prefix (`layers.3.moe`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SlimDetails {
+    /// The old global ids of the experts kept, per MoE layer, in their new order.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub kept_experts: BTreeMap<String, Vec<i64>>,
+    /// `--merge`: each dropped expert's old id and the old id of the kept expert it was
+    /// folded into, per MoE layer.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub merged_into: BTreeMap<String, BTreeMap<i64, i64>>,
+    /// The old indices of the blocks removed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dropped_layers: Vec<i64>,
+    /// The calibration statistics the choices were made from, by the source's layer prefix.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibSummary>,
+}
+
+/// The calibration pass, summarised.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CalibSummary {
+    /// Training batches read per source rank (`--calib-batches`).
+    pub batches: u64,
+    /// Tokens seen.
+    pub tokens: u64,
+    /// Block Influence `1 - mean cos(x_in, x_out)` per block (`layers.3`).
+    pub block_influence: BTreeMap<String, f64>,
+    /// Routing statistics per MoE layer of the source (`layers.3.moe`).
+    pub routing: BTreeMap<String, LayerRouting>,
+}
+
+/// One MoE layer's routing on the calibration tokens.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LayerRouting {
+    /// Top-k assignments per expert.
+    pub frequency: Vec<f64>,
+    /// Summed routing weights per expert.
+    pub weighted_frequency: Vec<f64>,
+    /// Mean routing weight of each expert's assignments.
+    pub mean_weight: Vec<f64>,
 }
 
 fn mib(b: u64) -> String {
@@ -80,8 +121,30 @@ impl SurgeryReport {
     pub fn lines(&self) -> Vec<String> {
         let (b, a) = (&self.before, &self.after);
         let mut out: Vec<String> = self.notes.iter().map(|n| format!("note: {n}")).collect();
-        for (layer, keep) in &self.kept_experts {
+        let d = &self.slim;
+        if let Some(c) = &d.calibration {
+            out.push(format!(
+                "calibration: {} batches per source rank, {} tokens",
+                c.batches, c.tokens
+            ));
+            if !d.dropped_layers.is_empty() {
+                let bi: Vec<String> = c
+                    .block_influence
+                    .iter()
+                    .map(|(l, b)| format!("{l} {b:.4}"))
+                    .collect();
+                out.push(format!("block influence: {}", bi.join(", ")));
+            }
+        }
+        if !d.dropped_layers.is_empty() {
+            out.push(format!("dropped blocks {:?}", d.dropped_layers));
+        }
+        for (layer, keep) in &d.kept_experts {
             out.push(format!("{layer}: kept experts {keep:?}"));
+        }
+        for (layer, m) in &d.merged_into {
+            let pairs: Vec<String> = m.iter().map(|(a, b)| format!("{a}->{b}")).collect();
+            out.push(format!("{layer}: merged {}", pairs.join(" ")));
         }
         out.push(format!(
             "params total {} -> {}, active per token {} -> {}",

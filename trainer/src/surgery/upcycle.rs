@@ -294,7 +294,7 @@ pub fn upcycle(
         val_loss_before: before,
         val_loss_after: after,
         notes,
-        kept_experts: Default::default(),
+        slim: Default::default(),
     };
     let extra = serde_json::json!({
         "data_step": 0,

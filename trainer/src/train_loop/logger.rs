@@ -90,7 +90,8 @@ impl Logger {
         let g = &s.stats;
         let mut record = TrainRecord {
             step: done,
-            loss: g.lm_loss + g.aux_loss + g.z_loss,
+            loss: g.lm_loss + g.aux_loss + g.z_loss + s.distill_loss.unwrap_or(0.0),
+            distill_loss: s.distill_loss,
             lm_loss: g.lm_loss,
             aux_loss: g.aux_loss,
             z_loss: g.z_loss,

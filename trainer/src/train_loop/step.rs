@@ -37,6 +37,8 @@ pub(super) struct AppliedStep {
     pub grad_norm: f64,
     /// Per MoE layer (block index), the router statistics summed over the micro-batches.
     pub layers: Vec<(i64, MoeStats)>,
+    /// `trainer.distill`'s term, mean over ranks and micro-batches.
+    pub distill_loss: Option<f64>,
 }
 
 /// The router-jitter counter of micro-batch `micro` of optimizer step `step` (0-based): one
@@ -84,10 +86,15 @@ impl Trainer<'_> {
         self.optimizer.step(&self.params, lr)?;
         self.zero_grads()?;
         self.update_biases(&layers)?;
+        let distill_loss = match &self.distill {
+            Some(d) => Some(d.global_step_term(&self.groups)?),
+            None => None,
+        };
         Ok(StepOutcome::Applied(AppliedStep {
             stats,
             grad_norm,
             layers,
+            distill_loss,
         }))
     }
 
@@ -114,6 +121,9 @@ impl Trainer<'_> {
             let out = self.model.forward(&inputs, &ctx)?;
             let (mut loss, mut lm_loss) =
                 train_loss(&out, &targets, self.cfg.trainer.mtp_loss_weight)?;
+            if let Some(d) = self.distill.as_mut() {
+                loss = loss.f_add(&d.term(i, n_micro, &inputs, &out.logits_btv)?)?;
+            }
             if inject_nan {
                 lm_loss = lm_loss.f_mul_scalar(f64::NAN)?;
                 loss = loss.f_mul_scalar(f64::NAN)?;
