@@ -8,6 +8,7 @@
 use crate::config_load;
 use crate::device::resolve_device;
 use crate::exit_code::BadInput;
+use crate::threads::set_threads;
 use crate::tree_de::{DeError, DeErrorKind};
 use crate::yaml_tree::Origin;
 use crate::{overrides, suggest, tree_de, yaml_tree};
@@ -163,16 +164,6 @@ pub fn bad_checkpoint(e: TrainError) -> anyhow::Error {
     }
 }
 
-/// Torch intra-op threads: the configured number, else every core.
-pub fn set_threads(configured: i64) {
-    let n = if configured > 0 {
-        configured
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get()) as i64
-    };
-    tch::set_num_threads(n as i32);
-}
-
 /// Runs `moe eval`: prints `val_loss X  ppl Y  (N tokens, checkpoint step S)`, or with
 /// `json` one object with `val_loss`, `val_ppl`, `tokens`, `step`, `checkpoint`.
 ///
@@ -189,7 +180,7 @@ pub fn run_eval(
     let s = setup(checkpoint, config, sets)?;
     let cfg = &s.config;
     let device = resolve_device(&cfg.trainer.device, 0)?;
-    set_threads(cfg.trainer.threads);
+    set_threads(cfg.trainer.threads, 1);
     let (model, loaded) = load_single(cfg, &s.path, device).map_err(|e| match e {
         TrainError::Checkpoint { .. } if config.is_some() => BadInput(
             crate::ckpt_mismatch::explain(&e.to_string(), &s.manifest.config_yaml, cfg),

@@ -23,6 +23,7 @@ mod schedule_fit;
 mod signals;
 mod slim_cmd;
 mod suggest;
+mod threads;
 mod tokenizer_cmd;
 mod train_cmd;
 mod tree_de;

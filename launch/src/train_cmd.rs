@@ -5,6 +5,7 @@
 use crate::cli::Resume;
 use crate::device::{describe, resolve_device, resolve_rank_device};
 use crate::exit_code::BadInput;
+use crate::threads::set_threads;
 use anyhow::{anyhow, bail, Context};
 use moe_comm::{threads::threads_world_on, ProcessGroups};
 use moe_trainer::config::{Backend, DebugRanks, ExperimentConfig, Precision};
@@ -406,10 +407,7 @@ fn announce(cfg: &ExperimentConfig, opts: &TrainOpts, device: tch::Device) {
         opts.world_size,
         cfg.parallel.ep_size,
         describe(device),
-        match cfg.trainer.precision {
-            Precision::Fp32 => "fp32",
-            Precision::Bf16 => "bf16",
-        },
+        cfg.trainer.precision.name(),
         cfg.run.out_dir.display()
     ));
 }
@@ -427,20 +425,6 @@ fn check_precision(cfg: &ExperimentConfig, device: tch::Device) -> anyhow::Resul
         .into());
     }
     Ok(())
-}
-
-/// Torch intra-op threads per rank: the configured number, or this node's cores divided by
-/// its ranks (at least one), so ranks do not fight over cores.
-fn set_threads(configured: i64, ranks_on_node: usize) {
-    let n = if configured > 0 {
-        configured
-    } else {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        (cores / ranks_on_node.max(1)).max(1) as i64
-    };
-    tch::set_num_threads(n as i32);
 }
 
 /// SIGINT/SIGTERM set a flag; the trainer finishes its step, checkpoints and exits 0.

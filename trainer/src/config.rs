@@ -113,6 +113,16 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// The config spelling (`fp32`, `bf16`), for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
 /// `trainer:` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -90,11 +90,6 @@ pub fn children_max_rss_mib() -> Option<f64> {
     (rc == 0).then(|| ru.ru_maxrss as f64 / 1024.0)
 }
 
-/// Sets torch's intra-op thread count (and inter-op to match, once per process).
-pub fn set_threads(n: i32) {
-    tch::set_num_threads(n.max(1));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

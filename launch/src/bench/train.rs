@@ -14,9 +14,10 @@
 
 use super::eager;
 use super::report::{Report, Table};
-use super::{children_max_rss_mib, median, proc_status_mib, set_threads};
+use super::{children_max_rss_mib, median, proc_status_mib};
 use crate::cli::BenchArgs;
 use crate::config_load;
+use crate::threads::set_threads;
 use anyhow::{anyhow, bail, Context};
 use moe_comm::ProcessGroups;
 use moe_model::config::AttentionKind;
@@ -365,7 +366,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from("configs/quickstart.yaml"));
-    set_threads(1);
+    set_threads(1, 1);
     // One process, one rank, whatever the config's parallel section says (configs/debug.yaml
     // simulates 2 ranks); the user's --set still wins. Labels name the config.
     let sets: Vec<String> = ["parallel.ep_size=1", "parallel.backend=local"]
@@ -474,7 +475,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     );
     let mut notes = Vec::new();
     for &threads in &args.threads {
-        set_threads(threads);
+        set_threads(threads.into(), 1);
         let peak = matmul_peak(1024, 5)?;
         for mdl in models.iter_mut() {
             mdl.samples = Default::default();
