@@ -57,8 +57,9 @@ pub fn run_train(cfg: ExperimentConfig, opts: TrainOpts) -> anyhow::Result<()> {
     train_ranks(cfg, &opts, mode, stop, faults)
 }
 
-/// One MPI rank under mpirun: the config is checked against the world size first, and any
-/// error aborts the whole job, since peers blocked in a collective would otherwise hang.
+/// One MPI rank under mpirun (`main` validated the config for the launcher's world size,
+/// which is this world's): any error aborts the whole job, since peers blocked in a
+/// collective would otherwise hang.
 fn run_mpi(
     cfg: ExperimentConfig,
     opts: TrainOpts,
@@ -68,16 +69,6 @@ fn run_mpi(
     let runtime = moe_comm::mpi_backend::MpiRuntime::init().map_err(|e| anyhow!("{e}"))?;
     runtime.abort_on_panic();
     let (rank, size) = (runtime.world_rank(), runtime.world_size());
-    let errs = cfg.validate(size as i64);
-    if !errs.is_empty() {
-        if rank == 0 {
-            eprintln!(
-                "error: invalid config for a world of {size} ranks:\n  {}",
-                errs.join("\n  ")
-            );
-        }
-        runtime.abort(2);
-    }
     if let Err(e) = train_ranks(cfg, &opts, Mode::Mpi(&runtime), stop, faults) {
         // One write: `eprintln!` writes its pieces separately, and mpirun's --tag-output then
         // splits the line around its own abort notice.

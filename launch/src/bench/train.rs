@@ -88,11 +88,11 @@ struct Model {
 
 impl Model {
     fn new(name: &str, config: &Path, sets: Vec<String>) -> anyhow::Result<Self> {
-        let cfg = config_load::load(config, &sets)?.config;
-        let errs = cfg.validate(1);
-        if !errs.is_empty() {
-            bail!("{name}: {}", errs.join("; "));
-        }
+        let loaded = config_load::load(config, &sets)?;
+        loaded
+            .validate(1, Vec::new())
+            .with_context(|| format!("bench model {name}"))?;
+        let cfg = loaded.config;
         let info = inspect(config, &sets)?;
         let lm = TransformerLm::new(
             &cfg.model,
