@@ -14,6 +14,7 @@ mod exit_code;
 mod export_cmd;
 mod generate_cmd;
 mod gpu_driver;
+mod heap;
 mod import_cmd;
 mod inspect_cmd;
 mod launch_cmd;
@@ -37,10 +38,12 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    // Before any other thread starts: keep freed tensor memory in the heap instead of returning
-    // (and page-faulting in again) every large block each step; see the function's docs.
-    bench::keep_freed_memory();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // Before any other thread starts; `heap` says which command needs which and why.
+    if let Some(p) = heap::policy(&cli.command) {
+        heap::apply(p);
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -324,9 +324,8 @@ fn train_child_rss(
         std::env::temp_dir().join(format!("moe-bench-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out_dir);
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["train", "--config"])
-        .arg(config)
-        .envs(super::KEEP_FREED_MEMORY_ENV);
+    // The child's own `main` sets train's heap policy (crate::heap).
+    cmd.args(["train", "--config"]).arg(config);
     for s in sets {
         cmd.args(["--set", s]);
     }
