@@ -650,7 +650,7 @@ fn eager_table(
     let mut versions = String::new();
     let result = (|| -> anyhow::Result<()> {
         for &threads in &args.threads {
-            set_threads(threads);
+            set_threads(threads.into(), 1);
             // Two rounds of (moe, eager), samples pooled: a drift of the machine's speed
             // during the run then hits both sides alike.
             let (mut fb, mut opt, mut efb, mut eopt) = (vec![], vec![], vec![], vec![]);
