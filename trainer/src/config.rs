@@ -74,6 +74,7 @@ pub struct DataConfig {
     /// `synthetic` and `text` data are encoded with it; `tokens` data must have been made
     /// with it (its `tokens.json` is checked). Its vocabulary must fit `model.vocab_size`.
     /// Checkpoints keep a copy, which `moe eval`, `moe generate` and `moe export` use.
+    #[schemars(extend("format" = "path"))]
     pub tokenizer: PathBuf,
     /// Tokens per training sequence T (windows of T+1 tokens are drawn).
     pub seq_len: i64,
