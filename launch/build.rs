@@ -1,10 +1,7 @@
-//! Embeds libtorch's directory as the binary's rpath, so `moe` runs without LD_LIBRARY_PATH.
-//! torch-sys (our direct dependency, `links = "tch"`) hands its lib dir over as
-//! DEP_TCH_LIBTORCH_LIB.
+//! Embeds libtorch's directory as the binary's rpath, so `moe` runs without LD_LIBRARY_PATH
+//! (see moe-build).
 fn main() {
-    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-        println!("cargo:rustc-env=MOE_LIBTORCH_LIB={lib}");
+    if let Some(lib) = moe_build::rpath_to_libtorch() {
+        println!("cargo:rustc-env=MOE_LIBTORCH_LIB={}", lib.display());
     }
 }

@@ -291,7 +291,8 @@ pub struct BenchArgs {
     pub tokens: Vec<i64>,
     /// layer, train: torch intra-op threads (comma list; every shape runs at each);
     /// generate: the first value.
-    #[arg(long, value_delimiter = ',', default_values_t = [1i32, 2])]
+    #[arg(long, value_delimiter = ',', default_values_t = [1i32, 2],
+          value_parser = clap::value_parser!(i32).range(1..))]
     pub threads: Vec<i32>,
     /// layer: skip the per-variant peak-memory child processes.
     #[arg(long)]

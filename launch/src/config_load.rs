@@ -46,13 +46,6 @@ pub struct LoadedConfig {
 /// Reads `path`, applies the `--set` overrides `sets` (each `KEY=VALUE`), and types the result.
 pub fn load(path: &Path, sets: &[String]) -> Result<LoadedConfig, ConfigError> {
     let file = path.display().to_string();
-    let parsed: Vec<Override> = sets
-        .iter()
-        .map(|raw| {
-            overrides::parse_override(raw)
-                .map_err(|m| ConfigError::new(format!("--set {raw}: {m}")))
-        })
-        .collect::<Result<_, _>>()?;
     let bytes = std::fs::read(path)
         .map_err(|e| ConfigError::new(format!("cannot read the config file {file}: {e}")))?;
     let text = String::from_utf8(bytes).map_err(|e| {
@@ -61,7 +54,20 @@ pub fn load(path: &Path, sets: &[String]) -> Result<LoadedConfig, ConfigError> {
             e.utf8_error().valid_up_to()
         ))
     })?;
-    let mut tree = yaml_tree::parse(&text, None).map_err(|e| match e {
+    load_text(&text, path, sets)
+}
+
+/// [`load`] of config text read from `path` (a config file, or a checkpoint's manifest).
+pub fn load_text(text: &str, path: &Path, sets: &[String]) -> Result<LoadedConfig, ConfigError> {
+    let file = path.display().to_string();
+    let parsed: Vec<Override> = sets
+        .iter()
+        .map(|raw| {
+            overrides::parse_override(raw)
+                .map_err(|m| ConfigError::new(format!("--set {raw}: {m}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut tree = yaml_tree::parse(text, None).map_err(|e| match e {
         ParseError::Empty => ConfigError::new(format!(
             "{file}: the config file is empty (it holds no YAML document); a config names \
              at least one section, e.g. `run:`; see configs/quickstart.yaml"
@@ -266,6 +272,26 @@ mod tests {
         let def = ExperimentConfig::default();
         let out = write(&dir, "c.yaml", &to_yaml(&def).unwrap());
         assert_eq!(load(&out, &[]).unwrap().config, def);
+    }
+
+    #[test]
+    fn stored_json_config_loads_with_overrides() {
+        // A checkpoint stores the resolved config as JSON; the same loader reads it back.
+        let mut cfg = ExperimentConfig::default();
+        cfg.run.name = "0042".into();
+        let json = serde_json::to_string(&cfg).unwrap();
+        let where_ = Path::new("/ckpt/manifest.json");
+        assert_eq!(load_text(&json, where_, &[]).unwrap().config, cfg);
+        let loaded = load_text(&json, where_, &["moe.top_k=1".to_owned()]).unwrap();
+        assert_eq!(loaded.config.moe.top_k, 1);
+        let e = load_text(&json, where_, &["moe.top_kk=1".to_owned()]).unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "--set moe.top_kk=1 (applied to /ckpt/manifest.json): unknown key `moe.top_kk`; \
+                 did you mean `moe.top_k`?"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

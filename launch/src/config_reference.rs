@@ -1,142 +1,104 @@
 //! `moe config-reference`: the config reference (docs/config-reference.md), generated from
-//! the schema's doc comments (read from the two config sources at compile time) and the
-//! defaults of its `Default` impls. It refuses to render if a key lacks a doc comment or the
-//! sources and the serialised defaults disagree on the keys, so the page cannot drift.
+//! the schema `schemars` derives from the config types (their doc comments and types) and the
+//! defaults of their `Default` impls, in the order the fields are declared (the order serde
+//! writes them). It refuses to render if a key lacks a doc comment or the schema and the
+//! serialised defaults disagree on the keys, so the page cannot drift.
 
+use crate::yaml_tree::{self, Node, Value as Yaml};
 use anyhow::{anyhow, bail, Context};
 use moe_trainer::config::ExperimentConfig;
-use std::collections::HashMap;
+use serde_json::{Map, Value};
 use std::fmt::Write;
 
-const SOURCES: [(&str, &str); 2] = [
-    (
-        "model/src/config.rs",
-        include_str!("../../model/src/config.rs"),
-    ),
-    (
-        "trainer/src/config.rs",
-        include_str!("../../trainer/src/config.rs"),
-    ),
-];
+/// The schema's `$defs`, where every named config type lives.
+struct Defs<'a>(&'a Map<String, Value>);
 
-/// A documented item: a struct field or an enum variant.
-#[derive(Debug, Clone, PartialEq)]
-struct Item {
-    name: String,
-    ty: String,
-    doc: String,
-}
+impl<'a> Defs<'a> {
+    /// `schema`, or the definition its `$ref` names.
+    fn resolve(&self, schema: &'a Value) -> &'a Value {
+        schema
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix("#/$defs/"))
+            .and_then(|name| self.0.get(name))
+            .unwrap_or(schema)
+    }
 
-#[derive(Debug, Default)]
-struct Schema {
-    /// Struct name -> (doc, fields in source order).
-    structs: HashMap<String, (String, Vec<Item>)>,
-    /// Enum name -> variants (serde snake_case names) in source order.
-    enums: HashMap<String, Vec<Item>>,
-}
-
-/// Reads `pub struct`/`pub enum` bodies and their `///` comments from Rust source.
-fn parse_schema(sources: &[(&str, &str)]) -> Schema {
-    let mut schema = Schema::default();
-    for (_, src) in sources {
-        let mut doc: Vec<String> = Vec::new();
-        // (is_enum, name, doc, items) of the body being read.
-        let mut open: Option<(bool, String, String, Vec<Item>)> = None;
-        for line in src.lines() {
-            let t = line.trim();
-            if let Some(d) = t.strip_prefix("///") {
-                doc.push(d.trim().to_owned());
-                continue;
-            }
-            if t.starts_with("#[") {
-                continue;
-            }
-            let text = doc.join(" ");
-            doc.clear();
-            if let Some((is_enum, name, sdoc, items)) = &mut open {
-                if line.starts_with('}') {
-                    let (is_enum, name, sdoc, items) =
-                        (*is_enum, name.clone(), sdoc.clone(), std::mem::take(items));
-                    if is_enum {
-                        schema.enums.insert(name, items);
-                    } else {
-                        schema.structs.insert(name, (sdoc, items));
-                    }
-                    open = None;
-                } else if *is_enum {
-                    if let Some(v) = t.strip_suffix(',').filter(|v| is_ident(v)) {
-                        items.push(Item {
-                            name: snake_case(v),
-                            ty: String::new(),
-                            doc: text,
-                        });
-                    }
-                } else if let Some((field, ty)) = t
-                    .strip_prefix("pub ")
-                    .and_then(|f| f.strip_suffix(','))
-                    .and_then(|f| f.split_once(": "))
-                {
-                    items.push(Item {
-                        name: field.to_owned(),
-                        ty: ty.to_owned(),
-                        doc: text,
-                    });
-                }
-                continue;
-            }
-            for (prefix, is_enum) in [("pub struct ", false), ("pub enum ", true)] {
-                if let Some(name) = t.strip_prefix(prefix).and_then(|r| r.strip_suffix(" {")) {
-                    open = Some((is_enum, name.to_owned(), text.clone(), Vec::new()));
-                }
-            }
+    /// The variants (name, doc) of an enum schema, in declaration order.
+    fn variants(&self, schema: &'a Value) -> Option<Vec<(String, String)>> {
+        let s = self.resolve(schema);
+        if let Some(names) = s.get("enum").and_then(Value::as_array) {
+            let names = names.iter().filter_map(Value::as_str);
+            return Some(names.map(|n| (n.to_owned(), String::new())).collect());
         }
+        let one_of = s.get("oneOf")?.as_array()?;
+        one_of
+            .iter()
+            .map(|v| {
+                let name = v.get("const").or_else(|| v.get("enum")?.get(0))?.as_str()?;
+                Some((name.to_owned(), doc(v)))
+            })
+            .collect()
     }
-    schema
-}
 
-fn is_ident(s: &str) -> bool {
-    s.chars().next().is_some_and(|c| c.is_ascii_uppercase())
-        && s.chars().all(|c| c.is_ascii_alphanumeric())
-}
-
-/// serde's `rename_all = "snake_case"` for variant names.
-fn snake_case(s: &str) -> String {
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 {
-            out.push('_');
-        }
-        out.push(c.to_ascii_lowercase());
-    }
-    out
-}
-
-fn type_words(ty: &str, schema: &Schema) -> String {
-    if let Some(inner) = ty.strip_prefix("Option<").and_then(|t| t.strip_suffix('>')) {
-        return format!("{} or null", type_words(inner, schema));
-    }
-    match ty {
-        "i64" => "integer".to_owned(),
-        "u64" | "usize" => "integer >= 0".to_owned(),
-        "f64" => "number".to_owned(),
-        "bool" => "bool".to_owned(),
-        "String" => "string".to_owned(),
-        "PathBuf" => "path".to_owned(),
-        other => match schema.enums.get(other) {
-            Some(vs) => vs
+    /// The table's type column: `integer >= 0`, `number or null`, `` `a` \| `b` ``, ...
+    fn type_words(&self, schema: &'a Value) -> String {
+        if let Some(any_of) = schema.get("anyOf").and_then(Value::as_array) {
+            let (nulls, others): (Vec<&Value>, Vec<&Value>) = any_of
                 .iter()
-                .map(|v| format!("`{}`", v.name))
-                .collect::<Vec<_>>()
-                .join(" \\| "),
-            None => other.to_owned(),
-        },
+                .partition(|s| s.get("type").and_then(Value::as_str) == Some("null"));
+            let words: Vec<String> = others.iter().map(|s| self.type_words(s)).collect();
+            let null = if nulls.is_empty() { "" } else { " or null" };
+            return format!("{}{null}", words.join(" or "));
+        }
+        if let Some(vs) = self.variants(schema) {
+            let names: Vec<String> = vs.iter().map(|(n, _)| format!("`{n}`")).collect();
+            return names.join(" \\| ");
+        }
+        let types: Vec<&str> = match schema.get("type") {
+            Some(Value::String(t)) => vec![t.as_str()],
+            Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let format = schema.get("format").and_then(Value::as_str).unwrap_or("");
+        let words: Vec<&str> = types
+            .iter()
+            .filter(|t| **t != "null")
+            .map(|t| match *t {
+                "integer" if format.starts_with("uint") => "integer >= 0",
+                "boolean" => "bool",
+                "string" if format == "path" => "path",
+                other => other,
+            })
+            .collect();
+        let null = if types.contains(&"null") {
+            " or null"
+        } else {
+            ""
+        };
+        format!("{}{null}", words.join(" or "))
     }
 }
 
-fn default_words(v: &serde_json::Value) -> String {
+/// A doc comment as one line (schemars keeps the comment's line breaks).
+fn doc(schema: &Value) -> String {
+    let text = schema.get("description").and_then(Value::as_str);
+    let lines: Vec<&str> = text.unwrap_or("").lines().map(str::trim).collect();
+    lines.join(" ")
+}
+
+/// The keys of a mapping node, in the order they were written.
+fn keys(node: &Node) -> Vec<&str> {
+    match &node.value {
+        Yaml::Map(entries) => entries.iter().map(|(k, _)| k.name.as_str()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn default_words(v: &Value) -> String {
     match v {
-        serde_json::Value::Null => "`null`".to_owned(),
-        serde_json::Value::String(s) => format!("`{s}`"),
+        Value::Null => "`null`".to_owned(),
+        Value::String(s) => format!("`{s}`"),
         other => format!("`{other}`"),
     }
 }
@@ -145,54 +107,63 @@ fn cell(s: &str) -> String {
     s.replace('|', "\\|")
 }
 
-/// The table rows of `fields` under the dotted `prefix`, with their defaults from `sdef`; a
-/// field whose type is itself a documented struct (e.g. `model.attention`) is expanded into
-/// one row per sub-key. Enum choices are appended to `choices`.
+/// The table rows of the struct schema `def` under the dotted `prefix`, in the order of the
+/// default config's node `order`, with defaults from `sdef`; a field whose type is itself a
+/// struct (e.g. `model.attention`) is expanded into one row per sub-key. Enum choices are
+/// appended to `choices`.
 fn rows(
     out: &mut String,
     choices: &mut String,
-    schema: &Schema,
+    defs: &Defs,
     prefix: &str,
-    fields: &[Item],
-    sdef: &serde_json::Map<String, serde_json::Value>,
+    def: &Value,
+    order: &Node,
+    sdef: &Map<String, Value>,
 ) -> anyhow::Result<()> {
-    for f in fields {
-        let key = format!("{prefix}.{}", f.name);
-        if f.doc.is_empty() {
+    let props = def
+        .get("properties")
+        .and_then(Value::as_object)
+        .ok_or_else(|| anyhow!("{prefix} is not a section in the schema"))?;
+    let mut want: Vec<&str> = props.keys().map(String::as_str).collect();
+    let mut have = keys(order);
+    want.sort_unstable();
+    have.sort_unstable();
+    if want != have {
+        bail!("{prefix}: the schema declares {want:?} but the default config has {have:?}");
+    }
+    for name in keys(order) {
+        let key = format!("{prefix}.{name}");
+        let prop = &props[name];
+        let text = doc(prop);
+        if text.is_empty() {
             bail!("{key} has no doc comment");
         }
-        if let Some((_, sub)) = schema.structs.get(&f.ty) {
-            let subdef = sdef
-                .get(&f.name)
-                .and_then(|v| v.as_object())
-                .ok_or_else(|| anyhow!("{key} missing from the default config"))?;
-            let mut want: Vec<&str> = sub.iter().map(|i| i.name.as_str()).collect();
-            let mut have: Vec<&str> = subdef.keys().map(String::as_str).collect();
-            want.sort_unstable();
-            have.sort_unstable();
-            if want != have {
-                bail!("{key}: the source declares {want:?} but the default config has {have:?}");
-            }
-            rows(out, choices, schema, &key, sub, subdef)?;
+        let resolved = defs.resolve(prop);
+        if resolved.get("properties").is_some() {
+            let sub = order.lookup(name).map(|(_, n)| n);
+            let subdef = sdef.get(name).and_then(Value::as_object);
+            let (Some(sub), Some(subdef)) = (sub, subdef) else {
+                bail!("{key} missing from the default config");
+            };
+            rows(out, choices, defs, &key, resolved, sub, subdef)?;
             continue;
         }
-        let default = sdef.get(&f.name).map(default_words).unwrap_or_default();
+        let default = sdef.get(name).map(default_words).unwrap_or_default();
         // Unsigned fields whose doc says "at least 1" are validated as such.
-        let mut ty = type_words(&f.ty, schema);
-        if ty == "integer >= 0" && f.doc.to_lowercase().contains("at least 1") {
+        let mut ty = defs.type_words(prop);
+        if ty == "integer >= 0" && text.to_lowercase().contains("at least 1") {
             ty = "integer >= 1".to_owned();
         }
         writeln!(
             out,
-            "| `{key}` | {} | {} | {} |",
-            ty,
+            "| `{key}` | {ty} | {} | {} |",
             cell(&default),
-            cell(&f.doc)
+            cell(&text)
         )?;
-        if let Some(variants) = schema.enums.get(&f.ty) {
+        if let Some(variants) = defs.variants(prop) {
             writeln!(choices, "\n`{key}`:")?;
-            for v in variants {
-                writeln!(choices, "- `{}`: {}", v.name, v.doc)?;
+            for (v, vdoc) in variants {
+                writeln!(choices, "- `{v}`: {vdoc}")?;
             }
         }
     }
@@ -201,13 +172,19 @@ fn rows(
 
 /// The Markdown page.
 pub fn render() -> anyhow::Result<String> {
-    let schema = parse_schema(&SOURCES);
-    let defaults = serde_json::to_value(ExperimentConfig::default())
-        .context("serialising the default config")?;
-    let (_, sections) = schema
-        .structs
-        .get("ExperimentConfig")
-        .ok_or_else(|| anyhow!("ExperimentConfig not found in the config sources"))?;
+    let schema = serde_json::to_value(schemars::schema_for!(ExperimentConfig))?;
+    let empty = Map::new();
+    let defs = Defs(
+        schema
+            .get("$defs")
+            .and_then(Value::as_object)
+            .unwrap_or(&empty),
+    );
+    let default = ExperimentConfig::default();
+    let defaults = serde_json::to_value(&default).context("serialising the default config")?;
+    // serde writes struct fields in declaration order; the YAML tree keeps that order.
+    let order = yaml_tree::parse(&crate::config_load::to_yaml(&default)?, None)
+        .map_err(|e| anyhow!("re-reading the default config: {e:?}"))?;
     let mut out = String::new();
     out.push_str(
         "# Config reference\n\n\
@@ -220,30 +197,26 @@ pub fn render() -> anyhow::Result<String> {
          `--set moe.capacity_factor=null` (the value is read as YAML). \
          `moe check --config FILE` prints the resolved config.\n",
     );
-    for section in sections {
-        let (sdoc, fields) = schema
-            .structs
-            .get(&section.ty)
-            .ok_or_else(|| anyhow!("struct {} not found in the config sources", section.ty))?;
+    let sections = schema
+        .get("properties")
+        .and_then(Value::as_object)
+        .ok_or_else(|| anyhow!("the config schema has no sections"))?;
+    for name in keys(&order) {
+        let def = defs.resolve(
+            sections
+                .get(name)
+                .ok_or_else(|| anyhow!("section {name} missing from the schema"))?,
+        );
         let sdef = defaults
-            .get(&section.name)
-            .and_then(|v| v.as_object())
-            .ok_or_else(|| anyhow!("section {} missing from the default config", section.name))?;
-        let schema_keys: Vec<&str> = fields.iter().map(|f| f.name.as_str()).collect();
-        let serde_keys: Vec<&str> = sdef.keys().map(String::as_str).collect();
-        let mut sorted = (schema_keys.clone(), serde_keys.clone());
-        sorted.0.sort_unstable();
-        sorted.1.sort_unstable();
-        if sorted.0 != sorted.1 {
-            bail!(
-                "section {}: the source declares {schema_keys:?} but the default config has {serde_keys:?}",
-                section.name
-            );
-        }
-        write!(out, "\n## `{}`\n\n{}\n\n", section.name, sdoc)?;
+            .get(name)
+            .and_then(Value::as_object)
+            .ok_or_else(|| anyhow!("section {name} missing from the default config"))?;
+        let section = order.lookup(name).map(|(_, n)| n);
+        let section = section.ok_or_else(|| anyhow!("section {name} missing from the tree"))?;
+        write!(out, "\n## `{name}`\n\n{}\n\n", doc(def))?;
         out.push_str("| key | type | default | meaning |\n|---|---|---|---|\n");
         let mut choices = String::new();
-        rows(&mut out, &mut choices, &schema, &section.name, fields, sdef)?;
+        rows(&mut out, &mut choices, &defs, name, def, section, sdef)?;
         out.push_str(&choices);
     }
     Ok(out)
@@ -252,41 +225,6 @@ pub fn render() -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn snake_case_matches_serde() {
-        assert_eq!(snake_case("AuxLoss"), "aux_loss");
-        assert_eq!(snake_case("SeqAuxLoss"), "seq_aux_loss");
-        assert_eq!(snake_case("Fp32"), "fp32");
-        assert_eq!(snake_case("Bf16"), "bf16");
-    }
-
-    #[test]
-    fn parses_fields_docs_and_variants() {
-        let src = "/// A section.\n#[derive(Debug)]\npub struct S {\n    /// First line\n    /// second line.\n    pub a: Option<i64>,\n    pub b: Mode,\n}\n\
-                   pub enum Mode {\n    /// Go fast.\n    FastMode,\n    Slow,\n}\n";
-        let schema = parse_schema(&[("x.rs", src)]);
-        let (doc, fields) = &schema.structs["S"];
-        assert_eq!(doc, "A section.");
-        assert_eq!(
-            fields[0],
-            Item {
-                name: "a".into(),
-                ty: "Option<i64>".into(),
-                doc: "First line second line.".into()
-            }
-        );
-        assert_eq!(fields[1].doc, "");
-        let modes: Vec<_> = schema.enums["Mode"]
-            .iter()
-            .map(|v| v.name.as_str())
-            .collect();
-        assert_eq!(modes, ["fast_mode", "slow"]);
-        assert_eq!(
-            type_words("Option<Mode>", &schema),
-            "`fast_mode` \\| `slow` or null"
-        );
-    }
 
     #[test]
     fn every_key_is_documented_and_enum_defaults_are_listed_values() {
@@ -307,12 +245,12 @@ mod tests {
                 }
             }
         }
-        let schema = parse_schema(&SOURCES);
-        assert_eq!(schema.enums["AuxLossKind"].len(), 3);
-        let aux: Vec<_> = schema.enums["AuxLossKind"]
-            .iter()
-            .map(|v| v.name.clone())
-            .collect();
-        assert_eq!(aux, ["aux_loss", "seq_aux_loss", "none"]);
+        // Declaration order, an enum's choices in order, an Option, a path and a doc comment
+        // of several lines joined into one cell.
+        let run = page.find("| `run.name` |").unwrap();
+        assert!(run < page.find("| `run.out_dir` | path |").unwrap());
+        assert!(page.contains("\n`moe.aux_loss`:\n- `aux_loss`: "), "{page}");
+        assert!(page.contains("| `model.head_dim` | integer or null | `null` |"));
+        assert!(page.contains("| `trainer.precision` | `fp32` \\| `bf16` | `fp32` |"));
     }
 }

@@ -8,9 +8,7 @@
 use crate::config_load;
 use crate::device::resolve_device;
 use crate::exit_code::BadInput;
-use crate::tree_de::{DeError, DeErrorKind};
-use crate::yaml_tree::Origin;
-use crate::{overrides, suggest, tree_de, yaml_tree};
+use crate::threads::set_threads;
 use anyhow::{anyhow, Context};
 use moe_trainer::checkpoint::{read_manifest, stored_tokenizer, Manifest};
 use moe_trainer::config::{Backend, ExperimentConfig};
@@ -31,9 +29,10 @@ pub struct CheckpointSetup {
 
 /// Resolves `checkpoint` (a checkpoint directory, or a directory of them, or a run's out_dir:
 /// the newest intact checkpoint), reads its manifest and the config to use: `config` if
-/// given, else the one the run stored in the manifest; `sets` apply to either. The config is
-/// validated for one process (the parallel section does not matter: the model is built at
-/// EP size 1 and checkpoints store experts by global id).
+/// given, else the one the run stored in the manifest; `sets` apply to either, through the
+/// same loader as `moe train`'s. The config is validated for one process (the parallel
+/// section does not matter: the model is built at EP size 1 and checkpoints store experts by
+/// global id).
 pub fn setup(
     checkpoint: &Path,
     config: Option<&Path>,
@@ -41,35 +40,19 @@ pub fn setup(
 ) -> anyhow::Result<CheckpointSetup> {
     let path = crate::ckpt_lookup::resolve("--checkpoint", checkpoint)?;
     let manifest = read_manifest(&path).map_err(bad_checkpoint)?;
-    let mut cfg = match config {
-        Some(file) => {
-            let mut loaded = config_load::load(file, sets)?;
-            single_process(&mut loaded.config);
-            use_stored_tokenizer(&path, &manifest, &mut loaded.config)?;
-            loaded.validate(1, Vec::new())?;
-            return Ok(CheckpointSetup {
-                path,
-                manifest,
-                config: loaded.config,
-            });
-        }
+    let mut loaded = match config {
+        Some(file) => config_load::load(file, sets)?,
         None => stored_config(&path, &manifest, sets)?,
     };
-    single_process(&mut cfg);
-    use_stored_tokenizer(&path, &manifest, &mut cfg)?;
-    let errs = cfg.validate(1);
-    if !errs.is_empty() {
-        return Err(BadInput(format!(
-            "the config stored in {} is invalid:\n  {}",
-            path.join("manifest.json").display(),
-            errs.join("\n  ")
-        ))
-        .into());
-    }
+    // One process, one rank: the model is built at EP size 1 whatever the run used.
+    loaded.config.parallel.ep_size = 1;
+    loaded.config.parallel.backend = Backend::Local;
+    use_stored_tokenizer(&path, &manifest, &mut loaded.config)?;
+    loaded.validate(1, Vec::new())?;
     Ok(CheckpointSetup {
         path,
         manifest,
-        config: cfg,
+        config: loaded.config,
     })
 }
 
@@ -86,73 +69,29 @@ fn use_stored_tokenizer(
     Ok(())
 }
 
-/// One process, one rank: the model is built at EP size 1 whatever the run used.
-fn single_process(cfg: &mut ExperimentConfig) {
-    cfg.parallel.ep_size = 1;
-    cfg.parallel.backend = Backend::Local;
-}
-
-/// The config the run stored in the manifest (JSON text of the resolved config), with the
-/// `--set` overrides applied through the same tree as a config file's.
+/// The config the run stored in the manifest (JSON, which the YAML loader reads), with the
+/// `--set` overrides applied as to a config file. It is typed once without them first, so a
+/// stored config from another build is reported as such, not blamed on an override.
 fn stored_config(
     path: &Path,
     manifest: &Manifest,
     sets: &[String],
-) -> anyhow::Result<ExperimentConfig> {
+) -> anyhow::Result<config_load::LoadedConfig> {
     let where_ = path.join("manifest.json");
-    let cfg: ExperimentConfig = serde_json::from_str(&manifest.config_yaml).map_err(|e| {
+    let stored = config_load::load_text(&manifest.config_yaml, &where_, &[]).map_err(|e| {
         BadInput(format!(
-            "{}: the stored config (config_yaml) does not fit this build's schema: {e}; pass \
-             --config FILE",
-            where_.display()
+            "the stored config (config_yaml) does not fit this build's schema: {e}; pass \
+             --config FILE"
         ))
     })?;
     if sets.is_empty() {
-        return Ok(cfg);
+        return Ok(stored);
     }
-    let yaml = config_load::to_yaml(&cfg)?;
-    let mut tree = yaml_tree::parse(&yaml, None)
-        .map_err(|e| anyhow!("re-reading the stored config: {e:?}"))?;
-    for raw in sets {
-        let ov =
-            overrides::parse_override(raw).map_err(|m| BadInput(format!("--set {raw}: {m}")))?;
-        overrides::apply(&mut tree, &ov).map_err(|m| BadInput(format!("--set {raw}: {m}")))?;
-    }
-    tree_de::from_tree(&tree).map_err(|e| {
-        BadInput(format!(
-            "the config stored in {} with the --set overrides: {}",
-            where_.display(),
-            describe(&e)
-        ))
-        .into()
-    })
-}
-
-/// One sentence for a typing error of an override (the file's own keys typed before).
-fn describe(e: &DeError) -> String {
-    let path = e.path.clone().unwrap_or_default();
-    let origin = match &e.origin {
-        Some(Origin::Override(raw)) => format!("--set {raw}: "),
-        _ => String::new(),
-    };
-    let what = match &e.kind {
-        DeErrorKind::UnknownKey { key, expected } => format!(
-            "unknown key `{path}`{}; the keys there are {}",
-            suggest::closest(key, expected)
-                .map(|s| format!(" (did you mean `{s}`?)"))
-                .unwrap_or_default(),
-            expected.join(", ")
-        ),
-        DeErrorKind::UnknownVariant { value, expected } => format!(
-            "`{path}` must be one of {}, but it is `{value}`",
-            expected.join(", ")
-        ),
-        DeErrorKind::Mismatch { found, expected } => {
-            format!("`{path}` must be {expected}, but it is {found}")
-        }
-        DeErrorKind::Other(msg) => format!("`{path}`: {msg}"),
-    };
-    format!("{origin}{what}")
+    Ok(config_load::load_text(
+        &manifest.config_yaml,
+        &where_,
+        sets,
+    )?)
 }
 
 /// Checkpoint problems (missing, damaged, not fitting the config) are input to fix: exit 2.
@@ -161,16 +100,6 @@ pub fn bad_checkpoint(e: TrainError) -> anyhow::Error {
         TrainError::Checkpoint { .. } | TrainError::File { .. } => BadInput(e.to_string()).into(),
         other => anyhow!("{other}"),
     }
-}
-
-/// Torch intra-op threads: the configured number, else every core.
-pub fn set_threads(configured: i64) {
-    let n = if configured > 0 {
-        configured
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get()) as i64
-    };
-    tch::set_num_threads(n as i32);
 }
 
 /// Runs `moe eval`: prints `val_loss X  ppl Y  (N tokens, checkpoint step S)`, or with
@@ -189,7 +118,7 @@ pub fn run_eval(
     let s = setup(checkpoint, config, sets)?;
     let cfg = &s.config;
     let device = resolve_device(&cfg.trainer.device, 0)?;
-    set_threads(cfg.trainer.threads);
+    set_threads(cfg.trainer.threads, 1);
     let (model, loaded) = load_single(cfg, &s.path, device).map_err(|e| match e {
         TrainError::Checkpoint { .. } if config.is_some() => BadInput(
             crate::ckpt_mismatch::explain(&e.to_string(), &s.manifest.config_yaml, cfg),

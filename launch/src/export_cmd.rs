@@ -58,20 +58,8 @@ pub fn hf_error(e: HfError) -> anyhow::Error {
     }
 }
 
-/// Undoes `bench::keep_freed_memory` for the streaming tools: each tensor-sized block goes
-/// back to the system when freed, so peak memory stays one tensor above the idle process
-/// instead of growing with heap fragmentation. Called before any tensor exists.
-pub fn return_freed_memory() {
-    // SAFETY: mallopt only changes allocator parameters (glibc's default mmap threshold,
-    // 128 KiB); no allocation is in flight on another thread at this point.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-    }
-}
-
 /// Runs `moe export`.
 pub fn run_export(a: &ExportArgs) -> anyhow::Result<()> {
-    return_freed_memory();
     let ckpt = crate::ckpt_lookup::resolve("--checkpoint", &a.checkpoint)?;
     let opts = ExportOptions {
         arch: a.arch.map(|x| match x {

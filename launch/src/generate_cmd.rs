@@ -23,8 +23,9 @@
 
 use crate::cli::GenerateArgs;
 use crate::device::resolve_device;
-use crate::eval_cmd::{bad_checkpoint, set_threads, setup};
+use crate::eval_cmd::{bad_checkpoint, setup};
 use crate::exit_code::BadInput;
+use crate::threads::set_threads;
 use anyhow::anyhow;
 use moe_model::config::AttentionKind;
 use moe_trainer::data::sidecar::load_configured;
@@ -63,7 +64,7 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
     cfg.moe.capacity_factor = None;
     cfg.moe.pad_to_capacity = false;
     let device = resolve_device(&cfg.trainer.device, 0)?;
-    set_threads(a.threads);
+    set_threads(a.threads, 1);
     let (model, loaded) = load_single(cfg, &s.path, device).map_err(bad_checkpoint)?;
     let m = EvalModel {
         model: &model,

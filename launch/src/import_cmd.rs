@@ -20,7 +20,6 @@ pub struct ImportArgs {
 
 /// Runs `moe import`.
 pub fn run_import(a: &ImportArgs) -> anyhow::Result<()> {
-    crate::export_cmd::return_freed_memory();
     let render =
         |cfg: &moe_trainer::config::ExperimentConfig| to_yaml(cfg).map_err(|e| e.to_string());
     let r = hf::import(&a.hf, &a.out, &render).map_err(hf_error)?;

@@ -50,7 +50,8 @@ use crate::config_load;
 use crate::exit_code::BadInput;
 use moe_model::config::{AttentionKind, ModelConfig, MoeConfig};
 use moe_model::count::{count_params, ParamCount, Sharding};
-use moe_trainer::config::{ExperimentConfig, Precision};
+use moe_trainer::config::ExperimentConfig;
+use moe_trainer::inference::compute_kind;
 use serde_json::json;
 use std::io::Write;
 
@@ -149,10 +150,7 @@ fn analyse(cfg: &ExperimentConfig, ep_size: i64) -> anyhow::Result<Report> {
     let p = ep_size as u64;
     let (m, moe, t) = (&cfg.model, &cfg.moe, &cfg.trainer);
     let u = |v: i64| v.max(0) as u64;
-    let b: u64 = match t.precision {
-        Precision::Fp32 => 4,
-        Precision::Bf16 => 2,
-    };
+    let b = compute_kind(&t.precision).elt_size_in_bytes() as u64;
     let (d, l, v) = (u(m.d_model), u(m.num_layers), u(m.vocab_size));
     let mtp = u(m.mtp_depth);
     // Summed over the blocks, the prediction block (block num_layers) included.
@@ -405,10 +403,7 @@ fn to_table(cfg: &ExperimentConfig, file: &str, r: &Report) -> String {
         bytes(pr * ADAM_BYTES),
         bytes(pr * (WEIGHT_BYTES + GRAD_BYTES + ADAM_BYTES))
     ));
-    let kind = match t.precision {
-        Precision::Fp32 => "fp32",
-        Precision::Bf16 => "bf16",
-    };
+    let kind = t.precision.name();
     line(format!(
         "  activations (estimate, one micro-batch of {} x {} = {} tokens, {kind} matmuls): {}",
         t.batch_size,

@@ -14,6 +14,7 @@ mod exit_code;
 mod export_cmd;
 mod generate_cmd;
 mod gpu_driver;
+mod heap;
 mod import_cmd;
 mod inspect_cmd;
 mod launch_cmd;
@@ -24,6 +25,7 @@ mod signals;
 mod slim_cmd;
 mod suggest;
 mod surgery_ranks;
+mod threads;
 mod tokenizer_cmd;
 mod train_cmd;
 mod tree_de;
@@ -37,10 +39,12 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    // Before any other thread starts: keep freed tensor memory in the heap instead of returning
-    // (and page-faulting in again) every large block each step; see the function's docs.
-    bench::keep_freed_memory();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // Before any other thread starts; `heap` says which command needs which and why.
+    if let Some(p) = heap::policy(&cli.command) {
+        heap::apply(p);
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -54,12 +58,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let processes = launcher.unwrap_or(1);
     match cli.command {
         Command::Train(a) => {
-            let mut loaded = config_load::load(&a.config.config, &a.config.set)?;
-            warn_fitted_schedule(&mut loaded.config);
-            let world_size = world::world_size(&loaded.config, a.debug, processes);
-            let mut launch_errs = world::launch_errors(&loaded.config, a.debug, processes);
-            launch_errs.extend(data_check::missing_data(&loaded.config));
-            loaded.validate(world_size, launch_errs)?;
+            let (loaded, world_size) = load_for_run(&a.config, a.debug, processes, |cfg| {
+                world::world_size(cfg, a.debug, processes)
+            })?;
             // Live redraws garble log files and interleave across ranks: plain lines unless
             // asked, or on a terminal with one rank.
             let live_progress = match a.progress {
@@ -80,13 +81,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             train_cmd::run_train(loaded.config, opts)
         }
         Command::Check(a) => {
-            let mut loaded = config_load::load(&a.config.config, &a.config.set)?;
-            warn_fitted_schedule(&mut loaded.config);
-            let world_size = (a.world_size)
-                .unwrap_or_else(|| world::check_world_size(&loaded.config, a.debug, launcher));
-            let mut launch_errs = world::launch_errors(&loaded.config, a.debug, processes);
-            launch_errs.extend(data_check::missing_data(&loaded.config));
-            loaded.validate(world_size, launch_errs)?;
+            // `check` runs exactly what `train` runs before it starts anything.
+            let (loaded, _) = load_for_run(&a.config, a.debug, processes, |cfg| {
+                a.world_size
+                    .unwrap_or_else(|| world::check_world_size(cfg, a.debug, launcher))
+            })?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&loaded.config)?);
             } else {
@@ -120,6 +119,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tokenizer(a) => tokenizer_cmd::run_tokenizer(&a),
         Command::Data(a) => tokenizer_cmd::run_data(&a),
     }
+}
+
+/// What `train` and `check` do before a run: load the config, fit the schedule, and validate
+/// it for the world size `world_size` gives, with the launcher's and the data's findings.
+fn load_for_run(
+    args: &cli::ConfigArgs,
+    debug: bool,
+    processes: i64,
+    world_size: impl FnOnce(&moe_trainer::config::ExperimentConfig) -> i64,
+) -> anyhow::Result<(config_load::LoadedConfig, i64)> {
+    let mut loaded = config_load::load(&args.config, &args.set)?;
+    warn_fitted_schedule(&mut loaded.config);
+    let world_size = world_size(&loaded.config);
+    let mut launch_errs = world::launch_errors(&loaded.config, debug, processes);
+    launch_errs.extend(data_check::missing_data(&loaded.config));
+    loaded.validate(world_size, launch_errs)?;
+    Ok((loaded, world_size))
 }
 
 /// Clamps the schedule to short runs (`schedule_fit`), one warning line each, printed by rank

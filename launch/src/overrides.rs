@@ -1,3 +1,5 @@
+//! Hand-written: no crate merges a dotted `KEY=VALUE` into a YAML tree that keeps origins.
+//!
 //! `--set a.b=v` overrides: parsed into a key path and a YAML value, and applied to the
 //! untyped tree before typing, so the override obeys exactly the rules of the file
 //! (`--set moe.capacity_factor=null`, `--set trainer.lr=1e-3`, `--set run.name=x`).

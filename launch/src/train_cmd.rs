@@ -5,6 +5,7 @@
 use crate::cli::Resume;
 use crate::device::{describe, resolve_device, resolve_rank_device};
 use crate::exit_code::BadInput;
+use crate::threads::set_threads;
 use anyhow::{anyhow, bail, Context};
 use moe_comm::{threads::threads_world_on, ProcessGroups};
 use moe_trainer::config::{Backend, DebugRanks, ExperimentConfig, Precision};
@@ -56,8 +57,9 @@ pub fn run_train(cfg: ExperimentConfig, opts: TrainOpts) -> anyhow::Result<()> {
     train_ranks(cfg, &opts, mode, stop, faults)
 }
 
-/// One MPI rank under mpirun: the config is checked against the world size first, and any
-/// error aborts the whole job, since peers blocked in a collective would otherwise hang.
+/// One MPI rank under mpirun (`main` validated the config for the launcher's world size,
+/// which is this world's): any error aborts the whole job, since peers blocked in a
+/// collective would otherwise hang.
 fn run_mpi(
     cfg: ExperimentConfig,
     opts: TrainOpts,
@@ -67,16 +69,6 @@ fn run_mpi(
     let runtime = moe_comm::mpi_backend::MpiRuntime::init().map_err(|e| anyhow!("{e}"))?;
     runtime.abort_on_panic();
     let (rank, size) = (runtime.world_rank(), runtime.world_size());
-    let errs = cfg.validate(size as i64);
-    if !errs.is_empty() {
-        if rank == 0 {
-            eprintln!(
-                "error: invalid config for a world of {size} ranks:\n  {}",
-                errs.join("\n  ")
-            );
-        }
-        runtime.abort(2);
-    }
     if let Err(e) = train_ranks(cfg, &opts, Mode::Mpi(&runtime), stop, faults) {
         // One write: `eprintln!` writes its pieces separately, and mpirun's --tag-output then
         // splits the line around its own abort notice.
@@ -406,10 +398,7 @@ fn announce(cfg: &ExperimentConfig, opts: &TrainOpts, device: tch::Device) {
         opts.world_size,
         cfg.parallel.ep_size,
         describe(device),
-        match cfg.trainer.precision {
-            Precision::Fp32 => "fp32",
-            Precision::Bf16 => "bf16",
-        },
+        cfg.trainer.precision.name(),
         cfg.run.out_dir.display()
     ));
 }
@@ -427,20 +416,6 @@ fn check_precision(cfg: &ExperimentConfig, device: tch::Device) -> anyhow::Resul
         .into());
     }
     Ok(())
-}
-
-/// Torch intra-op threads per rank: the configured number, or this node's cores divided by
-/// its ranks (at least one), so ranks do not fight over cores.
-fn set_threads(configured: i64, ranks_on_node: usize) {
-    let n = if configured > 0 {
-        configured
-    } else {
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        (cores / ranks_on_node.max(1)).max(1) as i64
-    };
-    tch::set_num_threads(n as i32);
 }
 
 /// SIGINT/SIGTERM set a flag; the trainer finishes its step, checkpoints and exits 0.

@@ -1,3 +1,5 @@
+//! Hand-written: serde-saphyr's typing errors lack the found value and it rejects `moe:` (empty).
+//!
 //! A serde `Deserializer` over the untyped YAML tree. It types the tree into the config
 //! structs (whose `deny_unknown_fields` and enums do the checking) and attaches to every
 //! error the dotted key path and the origin (file position or `--set`) of the node at fault.

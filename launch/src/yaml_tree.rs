@@ -1,3 +1,5 @@
+//! Hand-written: serde-saphyr has spans (`Spanned`) but no YAML tree to merge `--set` into.
+//!
 //! An untyped YAML tree that remembers where every key and value came from: a line and
 //! column of the config file, or a `--set` override. Overrides are applied to this tree
 //! before it is typed (see `tree_de`), so a typing error can point at either source.

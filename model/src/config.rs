@@ -3,10 +3,11 @@
 //! Every field has a default, so a config names only what it changes. The doc comment of
 //! each field is its entry in README's config reference.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Transformer shape (`model:` section).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// Vocabulary size; the byte-level data sources use 256.
@@ -71,7 +72,7 @@ impl Default for ModelConfig {
 }
 
 /// Which attention the blocks use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AttentionKind {
     /// Multi-head attention with grouped key/value heads and RoPE (Llama, Mixtral).
@@ -87,7 +88,7 @@ pub enum AttentionKind {
 /// Attention kind and shape (`model.attention:` section). The `mha` kind reads the head
 /// counts and `head_dim` of `model`; the other keys are MLA's (DeepSeek-V2 section 2.1,
 /// DeepSeek-V3's `config.json` names in parentheses).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AttentionConfig {
     /// `mha` (default) or `mla`.
@@ -278,7 +279,7 @@ impl ModelConfig {
 }
 
 /// Score function of the router.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ScoreFunction {
     /// Softmax over experts (Mixtral, Switch, Qwen-MoE, DBRX).
@@ -288,7 +289,7 @@ pub enum ScoreFunction {
 }
 
 /// Which auxiliary load-balancing loss the router adds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AuxLossKind {
     /// Switch/GShard loss over all tokens of the global batch (Megatron-Core `aux_loss`).
@@ -300,7 +301,7 @@ pub enum AuxLossKind {
 }
 
 /// Which assignments an expert over capacity keeps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DropPolicy {
     /// Keep the assignments with the highest routing weights.
@@ -310,7 +311,7 @@ pub enum DropPolicy {
 }
 
 /// Implementation of the routed experts' SwiGLU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ExpertImpl {
     /// One `_grouped_mm` per projection over all local experts.
@@ -320,7 +321,7 @@ pub enum ExpertImpl {
 }
 
 /// Mixture-of-Experts FFN (`moe:` section).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct MoeConfig {
     /// Routed experts E. `num_experts: 1, top_k: 1` with no shared experts is the dense baseline.

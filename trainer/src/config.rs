@@ -2,11 +2,12 @@
 //! positions) lives in the binary; this module owns the schema and the cross-field rules.
 
 use moe_model::config::{ModelConfig, MoeConfig};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// A whole experiment: the root of the YAML file.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExperimentConfig {
     pub run: RunConfig,
@@ -19,7 +20,7 @@ pub struct ExperimentConfig {
 }
 
 /// `run:` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
     /// Run name: printed at start-up, and the run directory `runs/<name>` (the run TensorBoard
@@ -27,6 +28,7 @@ pub struct RunConfig {
     pub name: String,
     /// Directory for `metrics.jsonl`, TensorBoard events, checkpoints and `config.yaml`; when
     /// not set, `runs/<run.name>`. Relative to the working directory.
+    #[schemars(extend("format" = "path"))]
     pub out_dir: PathBuf,
     /// Seed of everything random: init, data order, jitter. Same seed, same run.
     pub seed: u64,
@@ -43,7 +45,7 @@ impl Default for RunConfig {
 }
 
 /// Where training text comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DataSource {
     /// A deterministic generated multi-domain ASCII corpus, built in; nothing is downloaded.
@@ -57,7 +59,7 @@ pub enum DataSource {
 }
 
 /// `data:` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// `synthetic`, `text` or `tokens`.
@@ -65,12 +67,14 @@ pub struct DataConfig {
     /// File (`text`) or directory (`tokens`). A relative path in a config file is relative to
     /// that file's directory (one given with `--set`, to the working directory); the saved
     /// config stores it absolute.
+    #[schemars(extend("format" = "path"))]
     pub path: Option<PathBuf>,
     /// `bytes` (one token per byte, ids 0..255) or the path of a Hugging Face
     /// `tokenizer.json` (`moe tokenizer train` makes one), relative like `data.path`.
     /// `synthetic` and `text` data are encoded with it; `tokens` data must have been made
     /// with it (its `tokens.json` is checked). Its vocabulary must fit `model.vocab_size`.
     /// Checkpoints keep a copy, which `moe eval`, `moe generate` and `moe export` use.
+    #[schemars(extend("format" = "path"))]
     pub tokenizer: PathBuf,
     /// Tokens per training sequence T (windows of T+1 tokens are drawn).
     pub seq_len: i64,
@@ -104,7 +108,7 @@ impl Default for DataConfig {
 }
 
 /// Compute device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
     /// float32 everywhere.
@@ -113,8 +117,18 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// The config spelling (`fp32`, `bf16`), for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
 /// `trainer:` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainerConfig {
     /// Optimizer steps to run; at least 1.
@@ -168,12 +182,13 @@ pub struct TrainerConfig {
 /// `trainer.distill:` adds `alpha * T^2 * KL(teacher || student)` on temperature-softened
 /// logits to the loss (Hinton et al. 2015). The teacher runs forward only, in the same
 /// process, on the same batch, whatever the student's EP size.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DistillConfig {
     /// Teacher checkpoint (`step-N/`, any EP size), or a run directory (its newest intact
     /// checkpoint); a relative path is relative to the working directory. Its vocabulary
     /// must be the student's.
+    #[schemars(extend("format" = "path"))]
     pub teacher: PathBuf,
     /// Weight alpha of the distillation term; at least 0.
     #[serde(default = "DistillConfig::default_alpha")]
@@ -221,7 +236,7 @@ impl Default for TrainerConfig {
 }
 
 /// Communication backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
     /// nccl for CUDA tensors when libnccl loads, else mpi under mpirun, else local.
@@ -237,7 +252,7 @@ pub enum Backend {
 }
 
 /// How debug mode (and `backend: threads`) simulates `ep_size` ranks in one process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DebugRanks {
     /// `threads` on a CPU, `virtual` on a GPU.
@@ -254,7 +269,7 @@ pub enum DebugRanks {
 }
 
 /// `parallel:` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ParallelConfig {
     /// Expert-parallel group size P: each rank holds `num_experts / P` experts. The world
@@ -282,7 +297,7 @@ impl Default for ParallelConfig {
 }
 
 /// `checkpoint:` section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
     /// Write a checkpoint every this many steps (and at the end); 0 writes only at the end.
@@ -290,6 +305,7 @@ pub struct CheckpointConfig {
     /// Checkpoints kept (oldest deleted first); at least 1.
     pub keep: usize,
     /// Directory; `null` means `<run.out_dir>/checkpoints`.
+    #[schemars(extend("format" = "path"))]
     pub dir: Option<PathBuf>,
 }
 

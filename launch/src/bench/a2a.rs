@@ -10,9 +10,10 @@
 //! the project's MPI communicator, and then, on rank 0 alone while the other ranks wait in a
 //! sleeping poll, the threads backend with the same number of ranks.
 
+use super::median;
 use super::report::{Report, Table};
-use super::{median, set_threads};
 use crate::cli::{BenchArgs, BenchBackend};
+use crate::threads::set_threads;
 use anyhow::{anyhow, bail};
 use moe_comm::mpi_backend::{is_under_mpirun, MpiRuntime};
 use moe_comm::threads::threads_world;
@@ -125,7 +126,7 @@ fn time_threads(p: usize, sizes: &[u64], args: &BenchArgs) -> anyhow::Result<Vec
 
 /// `moe bench a2a`; `None` on MPI ranks other than 0.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Option<Report>> {
-    set_threads(1);
+    set_threads(1, 1);
     let sizes = sizes(args)?;
     match args.backend {
         BenchBackend::Threads => {

@@ -4,10 +4,11 @@
 //! interleaved iteration by iteration, so a loaded machine slows all of them alike. Each run
 //! also checks that both modes produced the same tokens.
 
+use super::median;
 use super::report::{Report, Table};
-use super::{median, set_threads};
 use crate::cli::BenchArgs;
 use crate::config_load;
+use crate::threads::set_threads;
 use anyhow::{anyhow, bail};
 use moe_model::transformer::TransformerLm;
 use moe_model::ExpertParallel;
@@ -56,7 +57,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     cfg.moe.capacity_factor = None;
     cfg.moe.pad_to_capacity = false;
     let threads = args.threads.first().copied().unwrap_or(1);
-    set_threads(threads);
+    set_threads(threads.into(), 1);
     let model = TransformerLm::new(
         &cfg.model,
         &cfg.moe,

@@ -11,8 +11,9 @@
 //!   the local dispatcher, experts as a matmul loop or `_grouped_mm`).
 
 use super::report::{Report, Table};
-use super::{median, proc_status_mib, set_threads};
+use super::{median, proc_status_mib};
 use crate::cli::BenchArgs;
+use crate::threads::set_threads;
 use anyhow::{anyhow, bail, Context};
 use moe_model::config::{ExpertImpl, ModelConfig, MoeConfig};
 use moe_model::moe_layer::{MoeForward, MoeLayer};
@@ -459,7 +460,7 @@ pub fn memory_child(args: &BenchArgs, variant: &str) -> anyhow::Result<()> {
     let shape = *shapes(args)?
         .first()
         .ok_or_else(|| anyhow!("no shape given"))?;
-    set_threads(args.threads.first().copied().unwrap_or(1));
+    set_threads(args.threads.first().copied().unwrap_or(1).into(), 1);
     // Peak RSS is a host figure: the memory children run on the CPU.
     let setup = Setup::new(shape, Some(v), Device::Cpu)?;
     let setup_rss_mib = proc_status_mib("VmRSS").unwrap_or(f64::NAN);
@@ -553,7 +554,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     for shape in &shapes {
         let setup = Setup::new(*shape, None, device)?;
         for &threads in &args.threads {
-            set_threads(threads);
+            set_threads(threads.into(), 1);
             let t = time_shape(&setup, args.warmup, args.iters)?;
             let (dense, textbook) = (t.ms[0], t.ms[1]);
             let fastest = t.ms[2].min(t.ms[3]);

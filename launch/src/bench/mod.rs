@@ -14,7 +14,6 @@ use crate::cli::{BenchArgs, BenchKind};
 
 /// Runs `moe bench <what>`.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    keep_freed_memory();
     let report = match args.what {
         BenchKind::Layer => match &args.memory_child {
             Some(variant) => return layer::memory_child(&args, variant),
@@ -30,26 +29,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     report.emit(args.json, args.markdown.as_deref())
 }
-
-/// glibc's malloc returns every large block (>= 128 KiB, rising to 32 MiB) to the kernel on
-/// free, so each large tensor of every iteration is page-faulted in again: measured 5x slower
-/// on a 32 MiB `index_select` / elementwise op on this machine. The bench keeps freed memory
-/// in the heap instead (as a caching allocator would); `moe train` children get the same
-/// setting through glibc's environment variables. Peak RSS is unchanged (freed blocks are
-/// reused, not added).
-pub fn keep_freed_memory() {
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread runs.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-/// The environment that gives a child process [`keep_freed_memory`]'s allocator setting.
-pub const KEEP_FREED_MEMORY_ENV: [(&str, &str); 2] = [
-    ("MALLOC_MMAP_THRESHOLD_", "1073741824"),
-    ("MALLOC_TRIM_THRESHOLD_", "2147483647"),
-];
 
 /// Median of `xs` (the mean of the two middle values for an even count); NaN when empty.
 pub fn median(xs: &[f64]) -> f64 {
@@ -88,11 +67,6 @@ pub fn children_max_rss_mib() -> Option<f64> {
     // SAFETY: RUSAGE_CHILDREN is a valid `who`, `ru` is a valid, writable rusage.
     let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     (rc == 0).then(|| ru.ru_maxrss as f64 / 1024.0)
-}
-
-/// Sets torch's intra-op thread count (and inter-op to match, once per process).
-pub fn set_threads(n: i32) {
-    tch::set_num_threads(n.max(1));
 }
 
 #[cfg(test)]

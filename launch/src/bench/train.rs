@@ -14,9 +14,10 @@
 
 use super::eager;
 use super::report::{Report, Table};
-use super::{children_max_rss_mib, median, proc_status_mib, set_threads};
+use super::{children_max_rss_mib, median, proc_status_mib};
 use crate::cli::BenchArgs;
 use crate::config_load;
+use crate::threads::set_threads;
 use anyhow::{anyhow, bail, Context};
 use moe_comm::ProcessGroups;
 use moe_model::config::AttentionKind;
@@ -87,11 +88,11 @@ struct Model {
 
 impl Model {
     fn new(name: &str, config: &Path, sets: Vec<String>) -> anyhow::Result<Self> {
-        let cfg = config_load::load(config, &sets)?.config;
-        let errs = cfg.validate(1);
-        if !errs.is_empty() {
-            bail!("{name}: {}", errs.join("; "));
-        }
+        let loaded = config_load::load(config, &sets)?;
+        loaded
+            .validate(1, Vec::new())
+            .with_context(|| format!("bench model {name}"))?;
+        let cfg = loaded.config;
         let info = inspect(config, &sets)?;
         let lm = TransformerLm::new(
             &cfg.model,
@@ -323,9 +324,8 @@ fn train_child_rss(
         std::env::temp_dir().join(format!("moe-bench-train-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out_dir);
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["train", "--config"])
-        .arg(config)
-        .envs(super::KEEP_FREED_MEMORY_ENV);
+    // The child's own `main` sets train's heap policy (crate::heap).
+    cmd.args(["train", "--config"]).arg(config);
     for s in sets {
         cmd.args(["--set", s]);
     }
@@ -365,7 +365,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from("configs/quickstart.yaml"));
-    set_threads(1);
+    set_threads(1, 1);
     // One process, one rank, whatever the config's parallel section says (configs/debug.yaml
     // simulates 2 ranks); the user's --set still wins. Labels name the config.
     let sets: Vec<String> = ["parallel.ep_size=1", "parallel.backend=local"]
@@ -474,7 +474,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     );
     let mut notes = Vec::new();
     for &threads in &args.threads {
-        set_threads(threads);
+        set_threads(threads.into(), 1);
         let peak = matmul_peak(1024, 5)?;
         for mdl in models.iter_mut() {
             mdl.samples = Default::default();
@@ -650,7 +650,7 @@ fn eager_table(
     let mut versions = String::new();
     let result = (|| -> anyhow::Result<()> {
         for &threads in &args.threads {
-            set_threads(threads);
+            set_threads(threads.into(), 1);
             // Two rounds of (moe, eager), samples pooled: a drift of the machine's speed
             // during the run then hits both sides alike.
             let (mut fb, mut opt, mut efb, mut eopt) = (vec![], vec![], vec![], vec![]);
