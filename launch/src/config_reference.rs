@@ -55,6 +55,10 @@ impl<'a> Defs<'a> {
             let names: Vec<String> = vs.iter().map(|(n, _)| format!("`{n}`")).collect();
             return names.join(" \\| ");
         }
+        if self.resolve(schema).get("type").and_then(Value::as_str) == Some("object") {
+            // A nested section given as one value (e.g. `trainer.distill`).
+            return "mapping".into();
+        }
         let types: Vec<&str> = match schema.get("type") {
             Some(Value::String(t)) => vec![t.as_str()],
             Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
