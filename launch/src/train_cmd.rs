@@ -240,7 +240,7 @@ impl Ranks<'_> {
         run: RunOptions,
     ) -> anyhow::Result<TrainSummary> {
         let train_one = |cfg: &ExperimentConfig, groups, run: &RunOptions| {
-            train(cfg, groups, device, run).map_err(crate::exit_code::from_train)
+            train(cfg, groups, device, run).map_err(|e| crate::ckpt_mismatch::from_train(e, cfg))
         };
         match *self {
             Ranks::Single => train_one(cfg, ProcessGroups::single(device), &run),
@@ -289,7 +289,8 @@ fn train_threads(
                 .name(format!("rank{rank}"))
                 .spawn(move || -> anyhow::Result<TrainSummary> {
                     let groups = ProcessGroups::new(comm, p).map_err(|e| anyhow!("{e}"))?;
-                    train(&cfg, groups, device, &run).map_err(crate::exit_code::from_train)
+                    train(&cfg, groups, device, &run)
+                        .map_err(|e| crate::ckpt_mismatch::from_train(e, &cfg))
                 })
                 .map_err(|e| anyhow!("spawning rank {rank}: {e}"))
         })
