@@ -148,14 +148,30 @@ fn overwrite_starts_over_and_keeps_nothing_of_the_old_run() {
 fn progress_is_plain_unless_one_rank_on_a_terminal() {
     const CLEAR: &str = "\r\x1b[2K";
     let out = moe_tests::temp_dir("e2e-progress");
-    let s = sets(&["trainer.max_steps=4", "trainer.log_every=1"]);
+    // An eval every 2 steps: its line must not bring the step line back a second time.
+    let s = sets(&[
+        "trainer.max_steps=4",
+        "trainer.log_every=1",
+        "trainer.eval_every=2",
+        "trainer.eval_iters=1",
+    ]);
     let piped = run(&mut train_cmd(DEBUG, &out, &s), T).ok();
     let step_lines: Vec<&str> = piped
         .stdout
         .lines()
-        .filter(|l| l.starts_with("step "))
+        .filter(|l| l.starts_with("step ") && l.contains(" | loss "))
         .collect();
     assert_eq!(step_lines.len(), 4, "{}", piped.dump());
+    assert_eq!(
+        piped
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("step ") && l.contains(": val_loss"))
+            .count(),
+        2,
+        "{}",
+        piped.dump()
+    );
     assert!(!piped.stdout.contains('\r') && !piped.stdout.contains('\x1b'));
     let live = run(
         train_cmd(DEBUG, &out, &s).args(["--overwrite", "--progress", "live"]),
@@ -188,7 +204,7 @@ fn progress_is_plain_unless_one_rank_on_a_terminal() {
     assert_eq!(
         two.stdout
             .lines()
-            .filter(|l| l.starts_with("step "))
+            .filter(|l| l.starts_with("step ") && l.contains(" | loss "))
             .count(),
         4,
         "{}",
