@@ -414,7 +414,7 @@ fn train_log_keeps_rank_0_output_run_after_run() {
     let headers = |log: &str| log.lines().filter(|l| l.starts_with("==== ")).count();
     assert_eq!(headers(&log), 1, "{log}");
     assert!(
-        log.lines().nth(0).unwrap().contains("train --config"),
+        log.lines().next().unwrap().contains("train --config"),
         "{log}"
     );
     assert!(!log.contains('\r') && !log.contains('\x1b'), "{log:?}");
