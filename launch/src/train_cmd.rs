@@ -80,8 +80,7 @@ fn run_mpi(
     if let Err(e) = train_ranks(cfg, &opts, Mode::Mpi(&runtime), stop, faults) {
         // One write: `eprintln!` writes its pieces separately, and mpirun's --tag-output then
         // splits the line around its own abort notice.
-        let line = format!("rank {rank} of {size}: error: {e:#}\n");
-        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+        crate::error_line::print_rank(&e, rank as i64, size as i64);
         runtime.abort(i32::from(crate::exit_code::exit_code(&e)));
     }
     Ok(())
