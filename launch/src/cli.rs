@@ -35,9 +35,13 @@ pub enum Command {
     /// Train a model from a YAML config.
     #[command(long_about = "Train a model from a YAML config.\n\n\
         The resolved config (overrides applied) is written to <run.out_dir>/config.yaml when \
-        training starts, with metrics.jsonl, TensorBoard events and checkpoints beside it.\n\n\
+        training starts, with metrics.jsonl, TensorBoard events, checkpoints and train.log \
+        (rank 0's stdout and stderr, appended run after run) beside it.\n\n\
         run.out_dir defaults to runs/<run.name>, so a new run.name is a new run directory; \
         --overwrite starts over in a directory that holds a run.\n\n\
+        Paths: a relative path the run reads (data.path) is relative to the config file; one \
+        it writes (run.out_dir, checkpoint.dir) is relative to the working directory, like \
+        Megatron-LM's --save; a path given with --set is relative to the working directory.\n\n\
         Examples (each runs as printed, also again):\n  \
         moe train --config configs/quickstart.yaml --resume auto   # what `make train` runs: starts or continues\n  \
         moe train --config configs/quickstart.yaml --set trainer.max_steps=50 --set run.name=short --overwrite\n  \
@@ -127,7 +131,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "resume")]
     pub init_from: Option<PathBuf>,
     /// Start over: delete what an earlier run left in run.out_dir (metrics, TensorBoard
-    /// events, checkpoints, config.yaml) before training.
+    /// events, checkpoints, config.yaml, train.log) before training.
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
     /// Progress output: `live` redraws one line in place, `plain` prints a line per log

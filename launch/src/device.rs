@@ -156,6 +156,13 @@ pub fn resolve_device(spec: &str, local_rank: usize) -> anyhow::Result<Device> {
     resolve_rank_device(spec, local_rank, local_rank + 1)
 }
 
+/// Resolves a device that a command-line flag names (`moe bench layer --device`) by the
+/// rules of `trainer.device`; errors name the flag, not the config key.
+pub fn resolve_flag_device(flag: &str, spec: &str) -> anyhow::Result<Device> {
+    resolve_device(spec, 0)
+        .map_err(|e| BadInput(e.to_string().replace("trainer.device", flag)).into())
+}
+
 /// The device for humans: `cpu`, or `cuda:0 (NVIDIA H200, driver 580.159.04)`.
 pub fn describe(device: Device) -> String {
     match device {

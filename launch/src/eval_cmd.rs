@@ -120,10 +120,15 @@ pub fn run_eval(
     let device = resolve_device(&cfg.trainer.device, 0)?;
     set_threads(cfg.trainer.threads, 1);
     let (model, loaded) = load_single(cfg, &s.path, device).map_err(|e| match e {
-        TrainError::Checkpoint { .. } if config.is_some() => BadInput(
-            crate::ckpt_mismatch::explain(&e.to_string(), &s.manifest.config_yaml, cfg),
-        )
-        .into(),
+        TrainError::Checkpoint { .. } if config.is_some() => {
+            BadInput(crate::ckpt_mismatch::explain(
+                &e.to_string(),
+                &s.manifest.config_yaml,
+                cfg,
+                crate::ckpt_mismatch::EVAL_HINT,
+            ))
+            .into()
+        }
         other => bad_checkpoint(other),
     })?;
     let dataset = load_dataset(&cfg.data, cfg.model.vocab_size)

@@ -9,6 +9,7 @@ mod config_load;
 mod config_reference;
 mod data_check;
 mod device;
+mod error_line;
 mod eval_cmd;
 mod exit_code;
 mod export_cmd;
@@ -20,6 +21,7 @@ mod inspect_cmd;
 mod launch_cmd;
 mod overrides;
 mod run_dir;
+mod run_log;
 mod schedule_fit;
 mod signals;
 mod slim_cmd;
@@ -35,7 +37,6 @@ mod yaml_tree;
 
 use clap::Parser;
 use cli::{Cli, Command};
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -44,13 +45,20 @@ fn main() -> ExitCode {
     if let Some(p) = heap::policy(&cli.command) {
         heap::apply(p);
     }
-    match run(cli) {
+    if matches!(cli.command, Command::Train(_)) && world::launcher_rank() == 0 {
+        // Rank 0's output also goes to <run.out_dir>/train.log; started while this process
+        // has one thread and no MPI, see run_log.
+        run_log::start(&run_log::command_line());
+    }
+    let code = match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            error_line::print(&e);
             ExitCode::from(exit_code::exit_code(&e))
         }
-    }
+    };
+    run_log::finish();
+    code
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -65,7 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // asked, or on a terminal with one rank.
             let live_progress = match a.progress {
                 Some(p) => p == cli::ProgressArg::Live,
-                None => std::io::stdout().is_terminal() && world_size == 1 && processes == 1,
+                None => run_log::stdout_is_terminal() && world_size == 1 && processes == 1,
             };
             let opts = train_cmd::TrainOpts {
                 debug: a.debug,

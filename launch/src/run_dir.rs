@@ -4,7 +4,8 @@
 //! starts fresh if there is none), `--resume PATH` the checkpoint `PATH` names
 //! (`crate::ckpt_lookup`). Otherwise nothing is written here: the trainer writes
 //! `config.yaml` once the data and checkpoint have loaded, so a run that fails on them leaves
-//! `out_dir` as it was.
+//! `out_dir` as it was. Once this check passes, rank 0's output also goes to
+//! `<out_dir>/train.log` as soon as the directory exists (`crate::run_log`).
 
 use crate::cli::Resume;
 use crate::exit_code::BadInput;
@@ -33,7 +34,7 @@ pub fn prepare(
                     remove_run(out, &ckpt_dir)?;
                     eprintln!(
                         "--overwrite: removed the earlier run in {} (metrics, TensorBoard \
-                         events, checkpoints, config.yaml)",
+                         events, checkpoints, config.yaml, train.log)",
                         out.display()
                     );
                 }
@@ -83,6 +84,9 @@ pub fn prepare(
             eprintln!("warning: {w}");
         }
     }
+    if is_rank0 {
+        crate::run_log::log_to(out);
+    }
     Ok(found)
 }
 
@@ -94,8 +98,8 @@ pub fn checkpoint_dir(cfg: &ExperimentConfig) -> PathBuf {
         .unwrap_or_else(|| cfg.run.out_dir.join("checkpoints"))
 }
 
-/// Deletes what a run writes: `metrics.jsonl`, `config.yaml`, TensorBoard event files and the
-/// checkpoint directory. Other files in `out` are the user's and stay.
+/// Deletes what a run writes: `metrics.jsonl`, `config.yaml`, `train.log`, TensorBoard event
+/// files and the checkpoint directory. Other files in `out` are the user's and stay.
 fn remove_run(out: &Path, ckpt_dir: &Path) -> anyhow::Result<()> {
     let rm_file = |p: &Path| match std::fs::remove_file(p) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -105,6 +109,7 @@ fn remove_run(out: &Path, ckpt_dir: &Path) -> anyhow::Result<()> {
     };
     rm_file(&out.join("metrics.jsonl"))?;
     rm_file(&out.join("config.yaml"))?;
+    rm_file(&out.join(crate::run_log::LOG_FILE))?;
     if let Ok(entries) = std::fs::read_dir(out) {
         for e in entries.flatten() {
             let name = e.file_name();

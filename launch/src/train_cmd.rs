@@ -72,8 +72,7 @@ fn run_mpi(
     if let Err(e) = train_ranks(cfg, &opts, Mode::Mpi(&runtime), stop, faults) {
         // One write: `eprintln!` writes its pieces separately, and mpirun's --tag-output then
         // splits the line around its own abort notice.
-        let line = format!("rank {rank} of {size}: error: {e:#}\n");
-        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+        crate::error_line::print_rank(&e, rank as i64, size as i64);
         runtime.abort(i32::from(crate::exit_code::exit_code(&e)));
     }
     Ok(())
@@ -232,7 +231,7 @@ impl Ranks<'_> {
         run: RunOptions,
     ) -> anyhow::Result<TrainSummary> {
         let train_one = |cfg: &ExperimentConfig, groups, run: &RunOptions| {
-            train(cfg, groups, device, run).map_err(crate::exit_code::from_train)
+            train(cfg, groups, device, run).map_err(|e| crate::ckpt_mismatch::from_train(e, cfg))
         };
         match *self {
             Ranks::Single => train_one(cfg, ProcessGroups::single(device), &run),
@@ -281,7 +280,8 @@ fn train_threads(
                 .name(format!("rank{rank}"))
                 .spawn(move || -> anyhow::Result<TrainSummary> {
                     let groups = ProcessGroups::new(comm, p).map_err(|e| anyhow!("{e}"))?;
-                    train(&cfg, groups, device, &run).map_err(crate::exit_code::from_train)
+                    train(&cfg, groups, device, &run)
+                        .map_err(|e| crate::ckpt_mismatch::from_train(e, &cfg))
                 })
                 .map_err(|e| anyhow!("spawning rank {rank}: {e}"))
         })

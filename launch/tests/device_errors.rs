@@ -42,3 +42,23 @@ fn cuda_without_a_usable_gpu_exits_2_naming_why() {
         }
     }
 }
+
+/// `moe bench layer --device` errors name the flag the user typed, not a config key.
+#[test]
+fn bench_device_errors_name_the_flag() {
+    let (code, _, stderr) = moe(&["bench", "layer", "--device", "gpu", "--iters", "1"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.starts_with("error: --device (\"gpu\") must be auto, cpu, cuda or cuda:N"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("trainer.device"), "{stderr}");
+    if moe_comm::cuda::device_count().is_err() {
+        let (code, _, stderr) = moe(&["bench", "layer", "--device", "cuda", "--iters", "1"]);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(
+            stderr.starts_with("error: --device is cuda but CUDA cannot be used: "),
+            "{stderr}"
+        );
+    }
+}

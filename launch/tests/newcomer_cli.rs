@@ -289,3 +289,53 @@ fn help_and_reference_say_what_runs() {
         assert!(row.contains("integer >= 1"), "{row}");
     }
 }
+
+/// A smoke run as the issue types it: `moe train --config configs/quickstart.yaml --set
+/// trainer.max_steps=5 --set trainer.lr=1e-4` trains 5 steps after one warning line for each
+/// clamped value (the run directory moved to a scratch one, the torch threads to one).
+#[test]
+fn a_smoke_run_needs_one_flag() {
+    let s = Scratch::new("newcomer-smoke");
+    let out = format!("run.out_dir={}", s.out_dir().display());
+    let (code, stdout, err) = moe(&[
+        "train",
+        "--config",
+        "configs/quickstart.yaml",
+        "--set",
+        "trainer.max_steps=5",
+        "--set",
+        "trainer.lr=1e-4",
+        "--set",
+        &out,
+        "--set",
+        "trainer.threads=1",
+        "--set",
+        "trainer.device=cpu",
+    ]);
+    assert_eq!(code, 0, "{stdout}\n{err}");
+    let warnings = err.lines().filter(|l| l.starts_with("warning: ")).count();
+    assert_eq!(warnings, 2, "{err}");
+    assert!(stdout.contains("done: 5 steps"), "{stdout}");
+}
+
+/// `moe bench train --config configs/debug.yaml` measures the debug model under its own name
+/// (not "quickstart") and runs although debug.yaml asks for two expert-parallel ranks.
+#[test]
+fn bench_train_takes_the_debug_config() {
+    let (code, out, err) = moe(&[
+        "bench",
+        "train",
+        "--config",
+        "configs/debug.yaml",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--no-rss",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("| debug MoE |"), "{out}");
+    assert!(!out.contains("quickstart"), "{out}");
+}

@@ -148,14 +148,30 @@ fn overwrite_starts_over_and_keeps_nothing_of_the_old_run() {
 fn progress_is_plain_unless_one_rank_on_a_terminal() {
     const CLEAR: &str = "\r\x1b[2K";
     let out = moe_tests::temp_dir("e2e-progress");
-    let s = sets(&["trainer.max_steps=4", "trainer.log_every=1"]);
+    // An eval every 2 steps: its line must not bring the step line back a second time.
+    let s = sets(&[
+        "trainer.max_steps=4",
+        "trainer.log_every=1",
+        "trainer.eval_every=2",
+        "trainer.eval_iters=1",
+    ]);
     let piped = run(&mut train_cmd(DEBUG, &out, &s), T).ok();
     let step_lines: Vec<&str> = piped
         .stdout
         .lines()
-        .filter(|l| l.starts_with("step "))
+        .filter(|l| l.starts_with("step ") && l.contains(" | loss "))
         .collect();
     assert_eq!(step_lines.len(), 4, "{}", piped.dump());
+    assert_eq!(
+        piped
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("step ") && l.contains(": val_loss"))
+            .count(),
+        2,
+        "{}",
+        piped.dump()
+    );
     assert!(!piped.stdout.contains('\r') && !piped.stdout.contains('\x1b'));
     let live = run(
         train_cmd(DEBUG, &out, &s).args(["--overwrite", "--progress", "live"]),
@@ -188,7 +204,7 @@ fn progress_is_plain_unless_one_rank_on_a_terminal() {
     assert_eq!(
         two.stdout
             .lines()
-            .filter(|l| l.starts_with("step "))
+            .filter(|l| l.starts_with("step ") && l.contains(" | loss "))
             .count(),
         4,
         "{}",
@@ -369,4 +385,173 @@ fn init_from_starts_a_fresh_run_from_trained_weights() {
     for d in [a, b, c] {
         let _ = std::fs::remove_dir_all(d);
     }
+}
+
+/// `<run.out_dir>/train.log` holds rank 0's stdout and stderr: the start-up line, a warning
+/// printed before training started, one plain line per logged step even when the terminal
+/// side was live (redraws and eval messages in between), the final lines. A run refused
+/// before it starts adds nothing; a resume appends below its own header; a resume that
+/// fails adds its error.
+#[test]
+fn train_log_keeps_rank_0_output_run_after_run() {
+    const CLEAR: &str = "\r\x1b[2K";
+    let out = moe_tests::temp_dir("e2e-train-log");
+    let log_path = out.join("train.log");
+    // warmup_steps 5 > max_steps 3: a warning on stderr before anything runs.
+    let first = sets(&[
+        "trainer.max_steps=3",
+        "trainer.log_every=1",
+        "trainer.eval_every=2",
+        "trainer.eval_iters=1",
+    ]);
+    let f = run(
+        train_cmd(DEBUG, &out, &first).args(["--progress", "live"]),
+        T,
+    )
+    .ok();
+    assert!(f.stdout.contains(CLEAR), "{}", f.dump());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let headers = |log: &str| log.lines().filter(|l| l.starts_with("==== ")).count();
+    assert_eq!(headers(&log), 1, "{log}");
+    assert!(
+        log.lines().next().unwrap().contains("train --config"),
+        "{log}"
+    );
+    assert!(!log.contains('\r') && !log.contains('\x1b'), "{log:?}");
+    for want in [
+        "warning: trainer.warmup_steps (5) > trainer.max_steps (3)",
+        "moe train: debug (",
+        "done: 3 steps",
+        "checkpoint: ",
+    ] {
+        assert!(log.contains(want), "train.log lacks {want:?}\n{log}");
+    }
+    for step in 1..=3 {
+        let lines = log
+            .lines()
+            .filter(|l| l.starts_with(&format!("step {step}/3 ")))
+            .count();
+        assert_eq!(lines, 1, "step {step} in train.log\n{log}");
+    }
+    assert!(log.lines().any(|l| l.contains("val_loss")), "{log}");
+
+    // Refused (the directory holds a run): nothing added.
+    let refused = run(&mut train_cmd(DEBUG, &out, &first), T);
+    assert_eq!(refused.status.code(), Some(2), "{}", refused.dump());
+    assert_eq!(std::fs::read_to_string(&log_path).unwrap(), log);
+
+    // A resume appends.
+    let longer = sets(&["trainer.max_steps=4", "trainer.log_every=1"]);
+    run(
+        train_cmd(DEBUG, &out, &longer).args(["--resume", "auto"]),
+        T,
+    )
+    .ok();
+    let log2 = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log2.starts_with(&log), "{log2}");
+    let added = &log2[log.len()..];
+    assert_eq!(headers(added), 1, "{added}");
+    assert!(
+        added.contains("resumed from ") && added.contains("step 4/4 "),
+        "{added}"
+    );
+
+    // A resume into another model fails; its error is in the log too.
+    let other = sets(&["trainer.max_steps=5", "model.d_model=32"]);
+    let bad = run(train_cmd(DEBUG, &out, &other).args(["--resume", "auto"]), T);
+    assert_eq!(bad.status.code(), Some(2), "{}", bad.dump());
+    let log3 = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log3[log2.len()..].contains("model.d_model: checkpoint 64, config 32"),
+        "{log3}"
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// `--resume` and `--init-from` of a checkpoint of another shape: the config keys that differ
+/// first, then at most three tensors, as `moe eval --config` says it; exit 2.
+#[test]
+fn resume_and_init_from_mismatch_lead_with_the_config_keys() {
+    let a = moe_tests::temp_dir("e2e-mismatch-a");
+    let b = moe_tests::temp_dir("e2e-mismatch-b");
+    run(
+        &mut train_cmd(DEBUG, &a, &sets(&["trainer.max_steps=1"])),
+        T,
+    )
+    .ok();
+    let other = sets(&["trainer.max_steps=2", "model.d_model=32"]);
+    let resume = run(train_cmd(DEBUG, &a, &other).args(["--resume", "auto"]), T);
+    let init = run(train_cmd(DEBUG, &b, &other).arg("--init-from").arg(&a), T);
+    for (flag, f) in [("--resume", resume), ("--init-from", init)] {
+        assert_eq!(f.status.code(), Some(2), "{flag}\n{}", f.dump());
+        let lines: Vec<&str> = f.stderr.lines().collect();
+        let at = lines
+            .iter()
+            .position(|l| l.contains("does not fit the model of the config"))
+            .unwrap_or_else(|| panic!("{flag}\n{}", f.dump()));
+        assert_eq!(
+            lines[at + 1],
+            "  model.d_model: checkpoint 64, config 32",
+            "{flag}\n{}",
+            f.dump()
+        );
+        let tensors = lines.iter().filter(|l| l.contains(".safetensors")).count();
+        assert_eq!(tensors, 3, "{flag}\n{}", f.dump());
+        assert!(
+            lines.iter().any(|l| l.starts_with("  ... and ")),
+            "{flag}\n{}",
+            f.dump()
+        );
+        assert!(
+            f.stderr.contains("--init-from need the model"),
+            "{}",
+            f.dump()
+        );
+    }
+    for d in [a, b] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
+/// One rule for paths: what a run reads (`data.path`) is relative to the config file, what
+/// it writes (`run.out_dir`, `checkpoint.dir`) is relative to the working directory, as
+/// `moe train --help` and the README say.
+#[test]
+fn outputs_are_relative_to_the_working_directory() {
+    let base = moe_tests::temp_dir("e2e-paths");
+    let (cfg_dir, work) = (base.join("cfg"), base.join("work"));
+    std::fs::create_dir_all(&cfg_dir).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(
+        cfg_dir.join("corpus.txt"),
+        "to be or not to be, that is the question. ".repeat(500),
+    )
+    .unwrap();
+    std::fs::write(
+        cfg_dir.join("c.yaml"),
+        "run:\n  out_dir: myrun\ndata:\n  source: text\n  path: corpus.txt\n  seq_len: 16\n\
+         checkpoint:\n  dir: ckpts\ntrainer:\n  max_steps: 2\n  warmup_steps: 1\n  \
+         batch_size: 2\n  eval_every: 0\n  device: cpu\n  threads: 1\nmodel:\n  num_layers: 1\n  \
+         d_model: 32\n",
+    )
+    .unwrap();
+    let help = run(Command::new(moe_bin()).args(["train", "--help"]), T).ok();
+    assert!(
+        help.stdout
+            .contains("(run.out_dir, checkpoint.dir) is relative to the working directory"),
+        "{}",
+        help.stdout
+    );
+    run(&mut shell(&work, "moe train --config ../cfg/c.yaml"), T).ok();
+    assert!(work.join("myrun/metrics.jsonl").is_file());
+    assert!(work.join("myrun/train.log").is_file());
+    assert!(work.join("ckpts/step-00000002/manifest.json").is_file());
+    assert!(!cfg_dir.join("myrun").exists() && !cfg_dir.join("ckpts").exists());
+    let saved = std::fs::read_to_string(work.join("myrun/config.yaml")).unwrap();
+    let corpus = cfg_dir.join("corpus.txt").canonicalize().unwrap();
+    assert!(
+        saved.contains(&format!("path: {}\n", corpus.display())),
+        "{saved}"
+    );
+    let _ = std::fs::remove_dir_all(&base);
 }

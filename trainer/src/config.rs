@@ -26,8 +26,10 @@ pub struct RunConfig {
     /// Run name: printed at start-up, and the run directory `runs/<name>` (the run TensorBoard
     /// shows under `--logdir runs`) unless `run.out_dir` is set.
     pub name: String,
-    /// Directory for `metrics.jsonl`, TensorBoard events, checkpoints and `config.yaml`; when
-    /// not set, `runs/<run.name>`. Relative to the working directory.
+    /// Directory for `metrics.jsonl`, TensorBoard events, checkpoints, `config.yaml` and
+    /// `train.log` (rank 0's stdout and stderr); when not set, `runs/<run.name>`. Relative to
+    /// the working directory, like every path a run writes (paths it reads, like `data.path`,
+    /// are relative to the config file).
     #[schemars(extend("format" = "path"))]
     pub out_dir: PathBuf,
     /// Seed of everything random: init, data order, jitter. Same seed, same run.
@@ -304,7 +306,8 @@ pub struct CheckpointConfig {
     pub every: u64,
     /// Checkpoints kept (oldest deleted first); at least 1.
     pub keep: usize,
-    /// Directory; `null` means `<run.out_dir>/checkpoints`.
+    /// Directory; `null` means `<run.out_dir>/checkpoints`. Relative to the working
+    /// directory, like `run.out_dir`.
     #[schemars(extend("format" = "path"))]
     pub dir: Option<PathBuf>,
 }

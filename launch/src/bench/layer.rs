@@ -514,7 +514,7 @@ fn f2(x: f64) -> String {
 /// Runs `moe bench layer`.
 pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let shapes = shapes(args)?;
-    let device = crate::device::resolve_device(&args.device, 0)?;
+    let device = crate::device::resolve_flag_device("--device", &args.device)?;
     let measure_memory = !args.no_memory && device == Device::Cpu;
     let mut report = Report::new(&format!(
         "moe bench layer: one MoE layer, forward + backward ({}, float32)",

@@ -8,6 +8,7 @@ mod eager;
 mod generate;
 mod layer;
 mod report;
+pub(crate) use report::date_utc;
 mod train;
 
 use crate::cli::{BenchArgs, BenchKind};

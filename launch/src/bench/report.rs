@@ -154,7 +154,7 @@ pub fn load_average() -> String {
 }
 
 /// Now, `YYYY-MM-DD HH:MM`, from the Unix clock (civil-from-days, Howard Hinnant's algorithm).
-fn date_utc() -> String {
+pub(crate) fn date_utc() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
