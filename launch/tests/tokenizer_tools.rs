@@ -226,6 +226,37 @@ fn tokenizer_train_prepare_train_and_use_the_stored_tokenizer() {
     assert_eq!(v["prompt_ids"], serde_json::json!(want_ids));
     assert_eq!(o, format!("{prompt}{}", v["text"].as_str().unwrap()), "{e}");
     assert!(e.contains("[12 tokens"), "{e}");
+
+    // A slimmed run carries its own copy of the tokenizer (its config names it, its
+    // checkpoint stores it): it evaluates after the source run is gone too.
+    let slim = s.0.join("slim");
+    ok(&[
+        "slim",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--experts",
+        "2",
+        "--expert-criterion",
+        "random",
+        "--out",
+        slim.to_str().unwrap(),
+    ]);
+    let slim_tok = slim.join("tokenizer.json");
+    assert_eq!(
+        std::fs::read(&slim_tok).unwrap(),
+        std::fs::read(moved.join("tokenizer.json")).unwrap()
+    );
+    let slim_cfg = std::fs::read_to_string(slim.join("config.yaml")).unwrap();
+    assert!(
+        slim_cfg.contains(slim_tok.to_str().unwrap()),
+        "config.yaml should name {}:\n{slim_cfg}",
+        slim_tok.display()
+    );
+    let run_moved = s.0.join("run-moved");
+    std::fs::rename(&run, &run_moved).unwrap();
+    let o = ok(&["eval", "--checkpoint", slim.to_str().unwrap()]);
+    assert!(o.contains("val_loss"), "{o}");
+    std::fs::rename(&run_moved, &run).unwrap();
     std::fs::rename(&moved, s.0.join("tok")).unwrap();
 
     // A model whose vocabulary is smaller than the tokenizer's is refused at config check,

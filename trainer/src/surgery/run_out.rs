@@ -3,7 +3,7 @@
 //! [`Checkpointer`], and `surgery.json`; plus the before/after validation loss.
 
 use super::report::SurgeryReport;
-use crate::checkpoint::{Checkpointer, Snapshot};
+use crate::checkpoint::{Checkpointer, Snapshot, TOKENIZER_FILE};
 use crate::config::ExperimentConfig;
 use crate::data::{load_dataset, Dataset};
 use crate::hf::outdir::Staging;
@@ -67,6 +67,9 @@ impl StagedRun {
 
     /// Writes `config.yaml`, the model as a step-0 checkpoint with zero AdamW moments (so it
     /// resumes like a new run), and `surgery.json`, then moves the directory into place.
+    /// A tokenizer (`data.tokenizer`, usually the source checkpoint's copy) is copied into
+    /// the new run (`tokenizer.json`, which its config then names) and into its checkpoint,
+    /// so the result does not depend on the source checkpoint staying on disk.
     /// Returns `report` with its checkpoint path filled in.
     pub fn finish(
         self,
@@ -76,6 +79,21 @@ impl StagedRun {
         render_yaml: &dyn Fn(&ExperimentConfig) -> Result<String, String>,
         mut report: SurgeryReport,
     ) -> Result<SurgeryReport, HfError> {
+        let dir = self.staging.dir().to_path_buf();
+        let mut cfg = cfg.clone();
+        let tokenizer = cfg.data.tokenizer_file().map(Path::to_path_buf);
+        if let Some(src) = &tokenizer {
+            let to = dir.join(TOKENIZER_FILE);
+            std::fs::copy(src, &to).map_err(|e| {
+                failed(format!(
+                    "copying {} to {}: {e}",
+                    src.display(),
+                    to.display()
+                ))
+            })?;
+            cfg.data.tokenizer = self.run_dir.join(TOKENIZER_FILE);
+        }
+        let cfg = &cfg;
         let params = model.params();
         let mut optim = Vec::with_capacity(2 * params.len());
         for p in &params {
@@ -94,12 +112,13 @@ impl StagedRun {
                 .map_err(|e| failed(format!("serialising the config: {e}")))?,
             ..Snapshot::from_params(&params, &model.buffers(), optim).map_err(failed)?
         };
-        let dir = self.staging.dir().to_path_buf();
         let yaml = render_yaml(cfg).map_err(HfError::Failed)?;
         let yaml_path = dir.join("config.yaml");
         std::fs::write(&yaml_path, yaml)
             .map_err(|e| failed(format!("{}: {e}", yaml_path.display())))?;
-        let mut ckpt = Checkpointer::new(dir.join("checkpoints"), 1, 0, 0, 1, 1).map_err(failed)?;
+        let mut ckpt = Checkpointer::new(dir.join("checkpoints"), 1, 0, 0, 1, 1)
+            .and_then(|c| c.with_tokenizer(tokenizer.as_deref()))
+            .map_err(failed)?;
         let written = ckpt.save(snapshot).map_err(failed)?;
         ckpt.wait().map_err(failed)?;
         let step_dir = written.file_name().map(PathBuf::from).unwrap_or_default();
