@@ -28,6 +28,7 @@ const HOT_PATHS: &[&str] = &[
     "trainer/src/train_loop.rs",
     "trainer/src/train_loop",
     "trainer/src/loss.rs",
+    "trainer/src/distill.rs",
     "trainer/src/grad_sync.rs",
     "trainer/src/optim.rs",
     "trainer/src/inference.rs",
