@@ -374,10 +374,10 @@ fn nccl_backend_without_cuda_is_a_clear_error() {
         "{}",
         f.dump()
     );
-    assert!(
-        all.contains("MPI_ABORT was invoked on rank"),
-        "{}",
-        f.dump()
-    );
+    // The ranks abort the job with exit code 1 (not a hang: the limit above). mpirun's own
+    // "MPI_ABORT was invoked" banner is not asserted: OpenMPI 4.1 sometimes loses it when
+    // ranks abort at once (`ORTE_ERROR_LOG ... show_help.c`, seen in CI), as faults_mpi.rs
+    // explains.
+    assert_eq!(f.status.code(), Some(1), "{}", f.dump());
     let _ = std::fs::remove_dir_all(&dir);
 }
