@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{moe, repo_root, Scratch};
+use common::{moe, only_checkpoint, repo_root, Scratch};
 use moe_model::transformer::LmForward;
 use moe_trainer::checkpoint::{read_manifest, Checkpointer, Snapshot, StFile};
 use moe_trainer::config::ExperimentConfig;
@@ -171,17 +171,6 @@ fn train_tiny(s: &Scratch, name: &str, model: &str, moe_extra: &str) -> PathBuf 
     let (code, o, e) = moe(&["train", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "train failed:\n{o}\n{e}");
     out
-}
-
-fn only_checkpoint(run: &Path) -> PathBuf {
-    let dir = run.join("checkpoints");
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("manifest.json").is_file())
-        .collect();
-    assert_eq!(steps.len(), 1, "{steps:?}");
-    steps.pop().unwrap()
 }
 
 fn export(ckpt: &Path, out: &Path, extra: &[&str]) -> String {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{moe, Scratch};
+use common::{moe, only_checkpoint, Scratch};
 use moe_model::transformer::LmForward;
 use moe_trainer::checkpoint::{
     expert_tensor_name, read_manifest, CheckpointReader, Checkpointer, Snapshot,
@@ -37,16 +37,6 @@ fn train_tiny(s: &Scratch, name: &str, moe_lines: &str, extra: &[&str]) -> PathB
     let (code, o, e) = moe(&args);
     assert_eq!(code, 0, "train failed:\n{o}\n{e}");
     out
-}
-
-fn only_checkpoint(run: &Path) -> PathBuf {
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(run.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("manifest.json").is_file())
-        .collect();
-    assert_eq!(steps.len(), 1, "{steps:?}");
-    steps.pop().unwrap()
 }
 
 fn stored_config(ckpt: &Path) -> ExperimentConfig {

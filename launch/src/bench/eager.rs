@@ -25,15 +25,19 @@ pub fn script() -> Option<PathBuf> {
     .find(|p| p.exists())
 }
 
-/// The Python that runs the script: `$MOE_PYTHON`, else the project's `.venv/bin/python`.
+/// The Python that runs the script: `$MOE_PYTHON`, else the project's `.venv/bin/python`
+/// (found like [`script`]).
 pub fn python() -> Option<PathBuf> {
-    match std::env::var_os("MOE_PYTHON") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            let venv = PathBuf::from(".venv/bin/python");
-            venv.exists().then_some(venv)
-        }
+    if let Some(p) = std::env::var_os("MOE_PYTHON") {
+        return Some(PathBuf::from(p));
     }
+    // Like `script`: under the working directory, else in the source tree.
+    [
+        PathBuf::from(".venv/bin/python"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
 }
 
 /// What the eager run reports: per-step losses and the seconds of each timed step.
