@@ -9,6 +9,7 @@
 #include <ATen/ops/_fused_adamw.h>
 
 #include <cstring>
+#include <optional>
 #include <exception>
 #include <vector>
 
@@ -47,17 +48,31 @@ int guarded(char* err, size_t err_len, F&& f) {
 extern "C" {
 
 // torch.optim.AdamW(fused=True)'s update of n parameters, in place: `step` (a float scalar
-// on the parameters' device, already incremented) serves every parameter.
+// on the parameters' device, already incremented) serves every parameter. `grad_scale`, when
+// not null (a float scalar there), divides every gradient inside the kernel (torch's AMP
+// unscale, used here for the clipping coefficient); the kernel leaves the divided values in
+// the gradients.
 int moe_shim_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads,
                          at::Tensor* const* exp_avgs, at::Tensor* const* exp_avg_sqs,
-                         const at::Tensor* step, size_t n, double lr, double beta1,
-                         double beta2, double weight_decay, double eps, char* err,
-                         size_t err_len) {
+                         const at::Tensor* step, const at::Tensor* grad_scale, size_t n,
+                         double lr, double beta1, double beta2, double weight_decay, double eps,
+                         char* err, size_t err_len) {
   return guarded(err, err_len, [&] {
     std::vector<at::Tensor> steps(n, *step);
+    std::optional<at::Tensor> scale;
+    if (grad_scale != nullptr) scale = *grad_scale;
     at::_fused_adamw_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n),
                       /*max_exp_avg_sqs=*/{}, steps, lr, beta1, beta2, weight_decay, eps,
-                      /*amsgrad=*/false, /*maximize=*/false);
+                      /*amsgrad=*/false, /*maximize=*/false, scale, /*found_inf=*/std::nullopt);
+  });
+}
+
+// Drops the gradient of n tensors (`param.grad = None`): the next backward writes fresh
+// gradients instead of adding into zeroed ones, which saves a pass over memory to zero them
+// and another to accumulate.
+int moe_shim_set_grads_to_none(at::Tensor* const* ts, size_t n, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    for (size_t i = 0; i < n; ++i) ts[i]->mutable_grad().reset();
   });
 }
 

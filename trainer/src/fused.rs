@@ -15,6 +15,7 @@ extern "C" {
         exp_avgs: *const *mut C_tensor,
         exp_avg_sqs: *const *mut C_tensor,
         step: *const C_tensor,
+        grad_scale: *const C_tensor,
         n: usize,
         lr: f64,
         beta1: f64,
@@ -28,6 +29,12 @@ extern "C" {
         ts: *const *mut C_tensor,
         n: usize,
         out: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn moe_shim_set_grads_to_none(
+        ts: *const *mut C_tensor,
+        n: usize,
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
@@ -66,13 +73,15 @@ pub struct AdamWStep {
 
 /// `torch._fused_adamw_`: updates `params` and their moments in place from `grads`. All
 /// tensors float32 on one device; `step` a float32 scalar there holding the step count
-/// (already incremented), shared by every parameter.
+/// (already incremented), shared by every parameter. `grad_scale` (a float32 scalar there)
+/// divides every gradient inside the kernel, which leaves the divided values in `grads`.
 pub fn fused_adamw(
     params: &[&Tensor],
     grads: &[&Tensor],
     exp_avgs: &[&Tensor],
     exp_avg_sqs: &[&Tensor],
     step: &Tensor,
+    grad_scale: Option<&Tensor>,
     h: AdamWStep,
 ) -> Result<()> {
     let n = params.len();
@@ -90,7 +99,7 @@ pub fn fused_adamw(
     let (p, g, m, v) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs));
     let mut err = [0u8; 1024];
     // SAFETY: the four arrays hold `n` pointers to live tensors (borrowed for the call), `step`
-    // is live, and the shim writes at most `err.len()` bytes, NUL-terminated, catching every
+    // and `grad_scale` (or null) are live, and the shim writes at most `err.len()` bytes, NUL-terminated, catching every
     // C++ exception.
     let rc = unsafe {
         moe_shim_fused_adamw(
@@ -99,6 +108,7 @@ pub fn fused_adamw(
             m.as_ptr(),
             v.as_ptr(),
             step.as_ptr(),
+            grad_scale.map_or(std::ptr::null(), Tensor::as_ptr),
             n,
             h.lr,
             h.beta1,
@@ -135,6 +145,20 @@ pub fn foreach_sq_norm(ts: &[&Tensor]) -> Result<Tensor> {
     }
     // SAFETY: a new heap at::Tensor from the shim, owned from here on.
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// `t.grad = None` for every tensor (the next backward writes its gradient afresh).
+pub fn set_grads_to_none(ts: &[&Tensor]) -> Result<()> {
+    if ts.is_empty() {
+        return Ok(());
+    }
+    let p = ptrs(ts);
+    let mut err = [0u8; 1024];
+    // SAFETY: `p` holds `ts.len()` live tensor pointers; the shim only resets their gradients.
+    let rc = unsafe {
+        moe_shim_set_grads_to_none(p.as_ptr(), p.len(), err.as_mut_ptr().cast(), err.len())
+    };
+    check("set gradients to none", rc, &err)
 }
 
 /// `t_i *= c` in place for every tensor (one `_foreach_mul_`).

@@ -112,11 +112,10 @@ fn reduce_bucket(bucket: &[Tensor], comm: &SharedComm, scale: f64) -> Result<()>
 
 /// The global L2 norm of all gradients, dense counted once and expert gradients summed
 /// over the EP group (which holds every expert once); call after [`sync_gradients`], when
-/// replicas agree. Returns the norm before clipping. When `max_norm > 0` and the norm is
-/// finite and above it, every gradient is scaled by `max_norm / (norm + 1e-6)` (the
-/// coefficient of `torch.nn.utils.clip_grad_norm_`). A non-finite norm is returned
-/// unclipped, for the caller to skip the step.
-pub fn clip_grad_norm(params: &[Param], groups: &ProcessGroups, max_norm: f64) -> Result<f64> {
+/// replicas agree. One foreach norm kernel per kind of parameter, as
+/// `clip_grad_norm_(foreach=True)`, and the step's second host read (clipping and the
+/// skip decision need the value).
+pub fn global_grad_norm(params: &[Param], groups: &ProcessGroups) -> Result<f64> {
     // host: no parameters at all, nothing lives on a device.
     let device = params.first().map_or(Device::Cpu, |p| p.tensor.device());
     let grads: Vec<(Tensor, bool)> = params
@@ -128,8 +127,7 @@ pub fn clip_grad_norm(params: &[Param], groups: &ProcessGroups, max_norm: f64) -
             ))
         })
         .collect::<Result<_>>()?;
-    let total = tch::no_grad(|| -> Result<f64> {
-        // One foreach norm kernel per group, as clip_grad_norm_(foreach=True).
+    tch::no_grad(|| -> Result<f64> {
         let sum_sq = |expert: bool| -> Result<Tensor> {
             let gs: Vec<&Tensor> = grads
                 .iter()
@@ -146,17 +144,30 @@ pub fn clip_grad_norm(params: &[Param], groups: &ProcessGroups, max_norm: f64) -
         if groups.ep_size > 1 {
             expert_sq = lock(&groups.ep)?.all_reduce_sum(&expert_sq)?;
         }
-        // The step's second host read: clipping and the skip decision need the norm.
         let total_sq = dense_sq.f_add(&expert_sq)?;
         Ok(moe_comm::host_read::<f64>(&total_sq)?[0].sqrt())
-    })?;
-    if max_norm > 0.0 && total.is_finite() && total > max_norm {
-        let coef = max_norm / (total + 1e-6);
-        let defined: Vec<&Tensor> = grads
+    })
+}
+
+/// The factor gradients are scaled by when their global norm is `norm`: `max_norm / (norm +
+/// 1e-6)` (the coefficient of `torch.nn.utils.clip_grad_norm_`) when `max_norm > 0` and the
+/// norm is finite and above it, else `None` (no clipping).
+pub fn clip_coef(norm: f64, max_norm: f64) -> Option<f64> {
+    (max_norm > 0.0 && norm.is_finite() && norm > max_norm).then(|| max_norm / (norm + 1e-6))
+}
+
+/// [`global_grad_norm`], then every gradient scaled in place by [`clip_coef`] (one foreach
+/// kernel). Returns the norm before clipping; a non-finite norm is returned unclipped, for
+/// the caller to skip the step. The trainer does not call this: it hands the coefficient to
+/// [`crate::optim::AdamW::step_clipped`], which applies it inside the update.
+pub fn clip_grad_norm(params: &[Param], groups: &ProcessGroups, max_norm: f64) -> Result<f64> {
+    let total = global_grad_norm(params, groups)?;
+    if let Some(coef) = clip_coef(total, max_norm) {
+        let grads = params
             .iter()
-            .filter(|(g, _)| g.defined())
-            .map(|(g, _)| g)
-            .collect();
+            .map(|p| Ok(p.tensor.f_grad()?))
+            .collect::<Result<Vec<_>>>()?;
+        let defined: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
         tch::no_grad(|| crate::fused::foreach_mul_(&defined, coef))?;
     }
     Ok(total)

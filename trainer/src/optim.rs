@@ -23,6 +23,16 @@ use moe_model::Param;
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
+/// Drops every parameter's gradient (`zero_grad(set_to_none=True)`, torch's default): the
+/// next backward writes each gradient afresh where `zero_` would cost a pass over every
+/// gradient and the backward another to add into it. Bit-identical updates (`0 + g == g`);
+/// a parameter that gets no gradient on a step is then left alone by [`AdamW::step`] on that
+/// step, as in torch.
+pub fn release_grads(params: &[Param]) -> Result<()> {
+    let ts: Vec<&Tensor> = params.iter().map(|p| &p.tensor).collect();
+    crate::fused::set_grads_to_none(&ts)
+}
+
 /// Moments of one parameter.
 #[derive(Debug)]
 struct Slot {
@@ -72,6 +82,21 @@ impl AdamW {
     /// the others; parameters of another kind take [`AdamW::step_reference`]'s per-tensor
     /// update. Parameters whose gradient is undefined are left untouched.
     pub fn step(&mut self, params: &[Param], lr: f64) -> Result<()> {
+        self.step_clipped(params, lr, None)
+    }
+
+    /// [`AdamW::step`] on the gradients times `clip_coef` (gradient-norm clipping, see
+    /// [`crate::grad_sync::clip_coef`]) without a pass of its own: the fused kernel divides
+    /// each gradient by `1 / clip_coef` as it reads it (torch's AMP unscale), so clipping
+    /// costs no extra read and write of every gradient. The gradients are left scaled. The
+    /// division by the float32 reciprocal may differ from a multiply by `clip_coef` in the
+    /// last bit of a gradient.
+    pub fn step_clipped(
+        &mut self,
+        params: &[Param],
+        lr: f64,
+        clip_coef: Option<f64>,
+    ) -> Result<()> {
         self.check_params(params)?;
         self.step += 1;
         let mut groups: [(Vec<Tensor>, Vec<Tensor>, Vec<usize>); 2] = Default::default();
@@ -94,6 +119,9 @@ impl AdamW {
             for (decay, (ps, gs, idx)) in groups.iter().enumerate() {
                 let Some(first) = ps.first() else { continue };
                 let step = Tensor::f_full([], self.step as f64, (Kind::Float, first.device()))?;
+                let scale = clip_coef
+                    .map(|c| Tensor::f_full([], 1.0 / c, (Kind::Float, first.device())))
+                    .transpose()?;
                 let m: Vec<&Tensor> = idx.iter().map(|&i| &self.slots[i].exp_avg).collect();
                 let v: Vec<&Tensor> = idx.iter().map(|&i| &self.slots[i].exp_avg_sq).collect();
                 crate::fused::fused_adamw(
@@ -102,6 +130,7 @@ impl AdamW {
                     &m,
                     &v,
                     &step,
+                    scale.as_ref(),
                     crate::fused::AdamWStep {
                         lr,
                         beta1: self.beta1,
@@ -112,6 +141,9 @@ impl AdamW {
                 )?;
             }
             for i in others {
+                if let Some(c) = clip_coef {
+                    let _ = params[i].tensor.f_grad()?.f_mul_scalar_(c)?;
+                }
                 self.update_one(&params[i], i, lr)?;
             }
             Ok(())
@@ -331,6 +363,81 @@ mod tests {
             assert!(diff <= 1e-6 * scale, "{n}: {diff} vs scale {scale}");
         }
         assert_eq!(opt_f.step_count(), 20);
+    }
+
+    /// Clipping inside the fused update equals a step on gradients multiplied by the
+    /// coefficient first (the old separate pass), for float32 parameters (fused kernel, which
+    /// divides by the float32 reciprocal) and a float64 one (per-tensor path): 1e-6 relative
+    /// over 5 steps, the rounding of `g / (1 / c)` against `g * c`. The coefficient changes
+    /// from step to step (Adam is invariant to a constant one), so a kernel that ignored it
+    /// would fail by far.
+    #[test]
+    fn clipped_step_equals_a_step_on_scaled_gradients() {
+        // Fixed values, not the global RNG, which other tests running in parallel reseed.
+        let vals = |seed: i64, kind: Kind| {
+            (Tensor::arange(12, (kind, Device::Cpu)) * 0.7 + seed as f64)
+                .sin()
+                .reshape([4, 3])
+        };
+        let make = || -> Vec<Param> {
+            [Kind::Float, Kind::Float, Kind::Double]
+                .iter()
+                .enumerate()
+                .map(|(i, &kind)| Param {
+                    name: format!("p{i}"),
+                    tensor: vals(i as i64, kind).set_requires_grad(true),
+                    kind: ParamKind::Dense,
+                    weight_decay: i == 0,
+                })
+                .collect()
+        };
+        let (clipped, scaled) = (make(), make());
+        let (mut oc, mut os) = (
+            AdamW::new(&clipped, &cfg()).unwrap(),
+            AdamW::new(&scaled, &cfg()).unwrap(),
+        );
+        // Varying per step: Adam's update is invariant to one constant gradient scale.
+        for (step, coef) in [Some(0.3), None, Some(0.05), Some(0.6), Some(0.2)]
+            .into_iter()
+            .enumerate()
+        {
+            let step = step as i64;
+            for (i, (pc, ps)) in clipped.iter().zip(&scaled).enumerate() {
+                let g = vals(10 * step + i as i64 + 3, pc.tensor.kind());
+                (&pc.tensor * &g).sum(pc.tensor.kind()).backward();
+                (&ps.tensor * (&g * coef.unwrap_or(1.0)))
+                    .sum(ps.tensor.kind())
+                    .backward();
+            }
+            oc.step_clipped(&clipped, 0.05, coef).unwrap();
+            os.step(&scaled, 0.05).unwrap();
+            release_grads(&clipped).unwrap();
+            release_grads(&scaled).unwrap();
+        }
+        for (pc, ps) in clipped.iter().zip(&scaled) {
+            let scale = ps.tensor.abs().max().double_value(&[]);
+            let diff = (&pc.tensor - &ps.tensor).abs().max().double_value(&[]);
+            assert!(diff <= 1e-6 * scale, "{}: {diff} vs {scale}", pc.name);
+        }
+    }
+
+    /// `release_grads` leaves no gradient, and the next backward's gradient is exactly the
+    /// one a zeroed gradient would have accumulated.
+    #[test]
+    fn released_gradients_are_rewritten_exactly() {
+        let a = [param("w", &[1.0, -2.0, 3.0], true)];
+        let b = [param("w", &[1.0, -2.0, 3.0], true)];
+        let g = Tensor::from_slice(&[0.1f32, -0.7, 1e-30]);
+        for p in [&a[0], &b[0]] {
+            (&p.tensor * &g).sum(Kind::Float).backward();
+        }
+        release_grads(&a).unwrap();
+        assert!(!a[0].tensor.grad().defined());
+        let _ = b[0].tensor.grad().zero_();
+        for p in [&a[0], &b[0]] {
+            (&p.tensor * &g * 3.0).sum(Kind::Float).backward();
+        }
+        assert!(a[0].tensor.grad().equal(&b[0].tensor.grad()));
     }
 
     /// Two steps of a scalar worked by hand (lr 0.1, wd 0.1, g1 = 2, g2 = -1):

@@ -28,9 +28,9 @@ use moe_model::{mlp::SwiGlu, rope::Rope};
 use moe_model::{ExpertParallel, ParamBuilder};
 use moe_trainer::config::ExperimentConfig;
 use moe_trainer::data::{load_dataset, Dataset, SamplerSpec, Split};
-use moe_trainer::grad_sync::clip_grad_norm;
+use moe_trainer::grad_sync::{clip_coef, global_grad_norm};
 use moe_trainer::loss::train_loss;
-use moe_trainer::optim::AdamW;
+use moe_trainer::optim::{release_grads, AdamW};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -149,19 +149,13 @@ impl Model {
         let (loss, _) = train_loss(&out, &batch.targets_bt, t.mtp_loss_weight)?;
         loss.f_backward()?;
         let t2 = Instant::now();
+        // The trainer's update (train_loop/step.rs): the norm, clipping inside the fused
+        // AdamW, gradients dropped.
         let params = self.lm.params();
-        clip_grad_norm(
-            &params,
-            &ProcessGroups::single(tch::Device::Cpu),
-            t.grad_clip,
-        )?;
-        self.opt.step(&params, t.lr)?;
-        for p in &params {
-            let mut g = p.tensor.grad();
-            if g.defined() {
-                let _ = g.f_zero_()?;
-            }
-        }
+        let norm = global_grad_norm(&params, &ProcessGroups::single(tch::Device::Cpu))?;
+        self.opt
+            .step_clipped(&params, t.lr, clip_coef(norm, t.grad_clip))?;
+        release_grads(&params)?;
         let t3 = Instant::now();
         Ok((
             [
@@ -176,6 +170,17 @@ impl Model {
     /// The AdamW update alone on this model's parameters (their current gradients), fused
     /// kernel and per-tensor reference interleaved: `(fused s, reference s)` medians.
     fn optimizer_compare(&mut self, reps: u64) -> anyhow::Result<(f64, f64)> {
+        // `step` dropped its gradients: one more forward and backward makes fresh ones.
+        let batch = self.batch(0)?;
+        let ctx = LmForward {
+            train: true,
+            compute_kind: Kind::Float,
+            step: 0,
+        };
+        let out = self.lm.forward(&batch.inputs_bt, &ctx)?;
+        train_loss(&out, &batch.targets_bt, self.cfg.trainer.mtp_loss_weight)?
+            .0
+            .f_backward()?;
         let params = self.lm.params();
         let lr = self.cfg.trainer.lr;
         let (mut fused, mut reference) = (Vec::new(), Vec::new());

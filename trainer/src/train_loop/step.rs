@@ -6,8 +6,9 @@
 use super::stats::{LocalStats, StepStats};
 use super::Trainer;
 use crate::data::Batch;
-use crate::grad_sync::{clip_grad_norm, sync_gradients};
+use crate::grad_sync::{clip_coef, global_grad_norm, sync_gradients};
 use crate::loss::train_loss;
+use crate::optim::release_grads;
 use crate::Result;
 use moe_comm::host_read;
 use moe_model::moe_layer::MoeStats;
@@ -71,7 +72,7 @@ impl Trainer<'_> {
         let bad = stats.non_finite > 0.0;
         if !bad {
             sync_gradients(&self.params, &self.groups)?;
-            grad_norm = clip_grad_norm(&self.params, &self.groups, self.cfg.trainer.grad_clip)?;
+            grad_norm = global_grad_norm(&self.params, &self.groups)?;
         }
         if bad || !grad_norm.is_finite() {
             let diagnostic = if self.printing {
@@ -79,12 +80,14 @@ impl Trainer<'_> {
             } else {
                 String::new()
             };
-            self.zero_grads()?;
+            release_grads(&self.params)?;
             let what = if bad { "loss" } else { "gradient norm" };
             return Ok(StepOutcome::Skipped { what, diagnostic });
         }
-        self.optimizer.step(&self.params, lr)?;
-        self.zero_grads()?;
+        // Clipping happens inside the fused update (no pass of its own over the gradients).
+        let clip = clip_coef(grad_norm, self.cfg.trainer.grad_clip);
+        self.optimizer.step_clipped(&self.params, lr, clip)?;
+        release_grads(&self.params)?;
         self.update_biases(&layers)?;
         let distill_loss = match &self.distill {
             Some(d) => Some(d.global_step_term(&self.groups)?),
@@ -144,16 +147,6 @@ impl Trainer<'_> {
             }
         }
         Ok((stats, layers))
-    }
-
-    fn zero_grads(&self) -> Result<()> {
-        for p in &self.params {
-            let mut g = p.tensor.f_grad()?;
-            if g.defined() {
-                let _ = g.f_zero_()?;
-            }
-        }
-        Ok(())
     }
 
     /// Aux-loss-free balancing: each MoE layer's bias moves towards the mean load, from the
