@@ -164,6 +164,7 @@ fn train_bench_runs_two_tiny_steps() {
         "MFU",
         "Peak RSS",
         "PyTorch eager",
+        "Activations autograd keeps",
     ] {
         assert!(out.contains(col), "no {col:?} in:\n{out}");
     }

@@ -84,6 +84,8 @@ struct Model {
     opt: AdamW,
     data: Arc<Dataset>,
     samples: [Vec<f64>; 3],
+    /// Heap bytes in use after the forward minus before, per step: what autograd keeps.
+    saved_bytes: Vec<f64>,
 }
 
 impl Model {
@@ -112,6 +114,7 @@ impl Model {
             opt,
             data,
             samples: Default::default(),
+            saved_bytes: Vec::new(),
         })
     }
 
@@ -145,8 +148,10 @@ impl Model {
             compute_kind: Kind::Float,
             step,
         };
+        let heap_before = heap_in_use();
         let out = self.lm.forward(&batch.inputs_bt, &ctx)?;
         let (loss, _) = train_loss(&out, &batch.targets_bt, t.mtp_loss_weight)?;
+        self.saved_bytes.push(heap_in_use() - heap_before);
         loss.f_backward()?;
         let t2 = Instant::now();
         // The trainer's update (train_loop/step.rs): the norm, clipping inside the fused
@@ -300,6 +305,15 @@ impl Model {
             med(&sf) * moe_layers + med(&sd) * dense_layers,
         ))
     }
+}
+
+/// Bytes the process's malloc heap has handed out and not taken back (glibc `mallinfo2`:
+/// the main arena, which every thread uses under the bench's heap policy). The bench runs its
+/// steps on this thread, so the difference across a forward is what the forward kept.
+fn heap_in_use() -> f64 {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let info = unsafe { libc::mallinfo2() };
+    (info.uordblks + info.hblkhd) as f64
 }
 
 /// Median float32 matmul throughput (FLOP/s) of an n x n x n product at the current threads.
@@ -541,6 +555,33 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     }
     report.tables.push(table);
     report.tables.push(optim);
+    let mut saved = Table::new(
+        "Activations autograd keeps: measured against `moe inspect`'s estimate (one micro-batch)",
+        &[
+            "model",
+            "tokens",
+            "measured MiB",
+            "estimate MiB",
+            "estimate / measured",
+        ],
+    );
+    for mdl in &models {
+        let measured = median(&mdl.saved_bytes) / (1 << 20) as f64;
+        let estimate = mdl.info.activation_bytes / (1 << 20) as f64;
+        saved.row(vec![
+            mdl.name.clone(),
+            mdl.tokens_per_step().to_string(),
+            format!("{measured:.1}"),
+            format!("{estimate:.1}"),
+            format!("{:.2}", estimate / measured),
+        ]);
+    }
+    report.tables.push(saved);
+    notes.push(
+        "measured activations = malloc heap in use after the forward and loss minus before (glibc mallinfo2), \
+         median over all steps and thread counts"
+            .into(),
+    );
     if !args.no_eager {
         let (t, n) = eager_table(args, &config, &dense_sets)?;
         report.tables.push(t);
