@@ -7,8 +7,11 @@
 //! this machine. Commands that run the same tensor shapes iteration after iteration (train,
 //! eval, generate, bench, and slim's calibration and evaluation passes) keep freed memory in
 //! the heap instead, as a caching allocator would; their peak RSS is unchanged (freed blocks
-//! are reused, not added). They also share one arena between threads, so that blocks above
-//! the 64 MiB of a thread arena's heap are kept too (see [`apply`]). The streaming checkpoint tools (export, import, upcycle) touch each
+//! are reused, not added). Blocks of 64 MiB and more that a thread other than the main one
+//! allocates are still mapped and unmapped each time (a thread arena's heaps are at most 64
+//! MiB); one arena for all threads (`M_ARENA_MAX` 1) would keep them, but was measured to
+//! triple the latency of the `threads` all-to-all at 1 KiB (2 us to 6 us: every rank thread's
+//! malloc behind one lock), so it is not set. The streaming checkpoint tools (export, import, upcycle) touch each
 //! tensor once: a kept block would only raise their peak, so they return every tensor-sized
 //! block to the system, the threshold pinned at glibc's initial 128 KiB so it does not rise.
 //! Commands that hold no tensors keep glibc's defaults.
@@ -54,14 +57,6 @@ pub fn apply(policy: HeapPolicy) {
             HeapPolicy::KeepFreed => {
                 libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
                 libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-                // One arena for every thread. glibc gives each new thread an arena of
-                // heaps of at most 64 MiB, so a block that large (a 64 MiB all-to-all
-                // output of a `threads`-backend rank, a big logits tensor in a rank thread)
-                // cannot be kept there: it is mapped and page-faulted again on every call
-                // (measured: the threads all-to-all at 64 MiB ran at 0.42x the MPI backend,
-                // 1.5x with one arena). The main arena grows without that limit. The cost,
-                // one lock for every thread's malloc, is small next to tensor ops.
-                libc::mallopt(libc::M_ARENA_MAX, 1);
             }
             HeapPolicy::ReturnFreed => {
                 libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
