@@ -307,9 +307,9 @@ impl Model {
     }
 }
 
-/// Bytes the process's malloc heap has handed out and not taken back (glibc `mallinfo2`:
-/// the main arena, which every thread uses under the bench's heap policy). The bench runs its
-/// steps on this thread, so the difference across a forward is what the forward kept.
+/// Bytes the process's malloc has handed out and not taken back (glibc `mallinfo2`, summed
+/// over every arena, plus mapped blocks). The bench runs its steps on this thread and nothing
+/// else allocates meanwhile, so the difference across a forward is what the forward kept.
 fn heap_in_use() -> f64 {
     // SAFETY: mallinfo2 only reads the allocator's statistics.
     let info = unsafe { libc::mallinfo2() };
