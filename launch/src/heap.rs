@@ -12,8 +12,9 @@
 //! MiB); one arena for all threads (`M_ARENA_MAX` 1) would keep them, but was measured to
 //! triple the latency of the `threads` all-to-all at 1 KiB (2 us to 6 us: every rank
 //! thread's malloc behind one lock), so it is not set. The streaming checkpoint tools
-//! (export, import, upcycle) touch each tensor once: a kept block would only raise their peak, so they return every tensor-sized
-//! block to the system, the threshold pinned at glibc's initial 128 KiB so it does not rise.
+//! (export, import, upcycle) touch each tensor once: a kept block would only raise their
+//! peak, so they return every tensor-sized block to the system, the threshold pinned at
+//! glibc's initial 128 KiB so it does not rise.
 //! Commands that hold no tensors keep glibc's defaults.
 
 use crate::cli::Command;
