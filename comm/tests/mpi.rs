@@ -10,7 +10,9 @@ use std::process::Command;
 /// An unfiltered `cargo test` builds the examples before running tests; with a filter
 /// (`--test mpi`) run `cargo build --release --examples -p moe-comm` first. (Building it
 /// from here would nest cargo inside cargo test and wait on its locks.) A binary older than
-/// the library it links is refused rather than silently tested.
+/// a source file of this crate is refused rather than silently tested. (Sources, not the
+/// `libmoe_comm-*.rlib`s in deps: a `cargo test -p <crate>` builds another, newer rlib of the
+/// same sources with other features, which made a fresh example look stale.)
 fn example_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let deps = exe.parent().unwrap();
@@ -23,20 +25,33 @@ fn example_binary() -> PathBuf {
     let built = std::fs::metadata(&bin)
         .and_then(|m| m.modified())
         .unwrap_or_else(|e| panic!("{} is missing ({e}): {hint}", bin.display()));
-    let newest_lib = std::fs::read_dir(deps)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with("libmoe_comm-") && name.ends_with(".rlib")
-        })
-        .filter_map(|e| e.metadata().and_then(|m| m.modified()).ok())
-        .max();
-    if let Some(lib) = newest_lib {
+    let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    let mut dirs = vec![crate_dir.join("src"), crate_dir.join("examples")];
+    dirs.push(crate_dir.join("Cargo.toml"));
+    while let Some(path) = dirs.pop() {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            dirs.extend(
+                std::fs::read_dir(&path)
+                    .unwrap()
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path()),
+            );
+        } else if let Ok(t) = meta.modified() {
+            if newest.as_ref().is_none_or(|(n, _)| t > *n) {
+                newest = Some((t, path));
+            }
+        }
+    }
+    if let Some((t, src)) = newest {
         assert!(
-            built >= lib,
-            "{} is older than libmoe_comm: {hint}",
-            bin.display()
+            built >= t,
+            "{} is older than {}: {hint}",
+            bin.display(),
+            src.display()
         );
     }
     bin
