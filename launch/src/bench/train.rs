@@ -429,10 +429,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
             "data.seq_len=8".into(),
         ]);
         // Some configs have no valid tiny twin (e.g. MLA's latent widths): then the idle
-        // process is the baseline.
+        // process is the baseline, and the report says why.
         let tiny_peak = train_child_rss(&config, &tiny, steps.max(2), threads_max)
-            .ok()
-            .map(|(peak, _)| peak);
+            .map(|(peak, _)| peak)
+            .map_err(|e| {
+                let first = format!("{e:#}");
+                first.lines().next().unwrap_or("").to_string()
+            });
         let (peak, tok_s) = train_child_rss(&config, &with(&[]), steps.max(2), threads_max)?;
         Some((tiny_peak, peak, tok_s))
     };
@@ -588,7 +591,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<Report> {
         notes.push(n);
     }
 
-    if let Some((tiny_rss, peak_rss, child_tok_s)) = rss {
+    if let Some((tiny, peak_rss, child_tok_s)) = rss {
+        let tiny_rss = match tiny {
+            Ok(peak) => Some(peak),
+            Err(why) => {
+                notes.push(format!(
+                    "the tiny-shape training run failed ({why}); the idle process is the RSS baseline"
+                ));
+                None
+            }
+        };
         let q = &models[0].info;
         let estimate = (q.state_bytes + q.activation_bytes) / (1 << 20) as f64;
         let mut t = Table::new(
