@@ -9,8 +9,8 @@
 #include <ATen/ops/_fused_adamw.h>
 
 #include <cstring>
-#include <optional>
 #include <exception>
+#include <optional>
 #include <vector>
 
 namespace {

@@ -99,8 +99,8 @@ pub fn fused_adamw(
     let (p, g, m, v) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs));
     let mut err = [0u8; 1024];
     // SAFETY: the four arrays hold `n` pointers to live tensors (borrowed for the call), `step`
-    // and `grad_scale` (or null) are live, and the shim writes at most `err.len()` bytes, NUL-terminated, catching every
-    // C++ exception.
+    // and `grad_scale` (or null) are live, and the shim writes at most `err.len()` bytes,
+    // NUL-terminated, catching every C++ exception.
     let rc = unsafe {
         moe_shim_fused_adamw(
             p.as_ptr(),
