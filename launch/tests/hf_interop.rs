@@ -6,8 +6,9 @@
 
 mod common;
 
-use common::{moe, only_checkpoint, repo_root, Scratch};
+use common::{moe, repo_root, Scratch};
 use moe_model::transformer::LmForward;
+use moe_testutil::only_checkpoint;
 use moe_trainer::checkpoint::{read_manifest, Checkpointer, Snapshot, StFile};
 use moe_trainer::config::ExperimentConfig;
 use moe_trainer::hf::shards::{write_file, ExportDtype, OutTensor};

@@ -5,8 +5,9 @@
 
 mod common;
 
-use common::{moe, only_checkpoint, Scratch};
+use common::{moe, Scratch};
 use moe_model::transformer::LmForward;
+use moe_testutil::only_checkpoint;
 use moe_trainer::checkpoint::{
     expert_tensor_name, read_manifest, CheckpointReader, Checkpointer, Snapshot,
 };

@@ -6,6 +6,7 @@
 
 mod mpi_support;
 
+use moe_testutil::only_checkpoint;
 use moe_trainer::checkpoint::CheckpointReader;
 use mpi_support::*;
 use std::path::{Path, PathBuf};
@@ -13,16 +14,6 @@ use std::process::Command;
 use std::time::Duration;
 
 const RUN_LIMIT: Duration = Duration::from_secs(180);
-
-fn only_checkpoint(run: &Path) -> PathBuf {
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(run.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("manifest.json").is_file())
-        .collect();
-    assert_eq!(steps.len(), 1, "{steps:?}");
-    steps.pop().unwrap()
-}
 
 fn report(run: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(run.join("surgery.json")).unwrap()).unwrap()

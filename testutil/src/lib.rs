@@ -1,10 +1,24 @@
 //! moe-testutil: the one closeness check every crate's tests use, so a tolerance means the
-//! same thing everywhere and a failure message always names what differed and by how much.
+//! same thing everywhere and a failure message always names what differed and by how much;
+//! and [`only_checkpoint`], which the binary's and the workspace's run-directory tests share.
 //!
 //! Dev-dependency only; it depends on tch alone, so any crate of the workspace can use it
 //! without a dependency cycle.
 
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
+
+/// The one intact checkpoint (`step-N/` with a manifest) under `run/checkpoints`; panics
+/// naming what it found when there is not exactly one.
+pub fn only_checkpoint(run: &Path) -> PathBuf {
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap_or_else(|e| panic!("{}: {e}", run.join("checkpoints").display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("manifest.json").is_file())
+        .collect();
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    steps.pop().unwrap()
+}
 
 /// How close is close enough. Tests state the value and why in a comment at the call site.
 #[derive(Debug, Clone, Copy, PartialEq)]

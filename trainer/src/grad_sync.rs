@@ -158,8 +158,10 @@ pub fn clip_coef(norm: f64, max_norm: f64) -> Option<f64> {
 
 /// [`global_grad_norm`], then every gradient scaled in place by [`clip_coef`] (one foreach
 /// kernel). Returns the norm before clipping; a non-finite norm is returned unclipped, for
-/// the caller to skip the step. The trainer does not call this: it hands the coefficient to
-/// [`crate::optim::AdamW::step_clipped`], which applies it inside the update.
+/// the caller to skip the step. The tests' reference for clipping over ranks: the trainer
+/// hands the coefficient to [`crate::optim::AdamW::step_clipped`] instead, which applies it
+/// inside the update.
+#[cfg(test)]
 pub fn clip_grad_norm(params: &[Param], groups: &ProcessGroups, max_norm: f64) -> Result<f64> {
     let total = global_grad_norm(params, groups)?;
     if let Some(coef) = clip_coef(total, max_norm) {

@@ -63,14 +63,3 @@ pub fn moe(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
-
-/// The one intact checkpoint (`step-N/` with a manifest) under `run/checkpoints`.
-pub fn only_checkpoint(run: &Path) -> PathBuf {
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(run.join("checkpoints"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("manifest.json").is_file())
-        .collect();
-    assert_eq!(steps.len(), 1, "{steps:?}");
-    steps.pop().unwrap()
-}
