@@ -12,6 +12,7 @@
 #include <ATen/core/ivalue.h>
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <cstring>
@@ -198,6 +199,21 @@ int moe_shim_pin_memory(const at::Tensor* t, at::Tensor** out, char* err, size_t
   try {
     at::Tensor pinned = t->is_pinned() ? *t : t->pin_memory();
     *out = new at::Tensor(std::move(pinned));
+    return 0;
+  } catch (const c10::Error& e) {
+    write_err(err, err_len, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    write_err(err, err_len, e.what());
+  }
+  return 1;
+}
+
+// Backpropagates from the non-scalar `t` with the incoming gradient `grad` (Python's
+// `t.backward(grad)`; tch only backpropagates from scalars).
+int moe_shim_backward_with(const at::Tensor* t, const at::Tensor* grad, char* err,
+                           size_t err_len) {
+  try {
+    torch::autograd::backward({*t}, {*grad});
     return 0;
   } catch (const c10::Error& e) {
     write_err(err, err_len, e.what_without_backtrace());

@@ -45,6 +45,37 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
     fn moe_shim_tensor_assign(dst: *mut C_tensor, src: *const C_tensor);
+    fn moe_shim_backward_with(
+        t: *const C_tensor,
+        grad: *const C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// Backpropagates from `t` with the incoming gradient `grad` of `t`'s shape (PyTorch's
+/// `t.backward(grad)`): the gradient of `sum(t * grad)` without computing that product.
+pub fn backward_with(t: &Tensor, grad: &Tensor) -> Result<()> {
+    let mut err = [0u8; 4096];
+    // SAFETY: both tensors are live for the call; `err` is writable for `err.len()` bytes.
+    let rc = unsafe {
+        moe_shim_backward_with(
+            t.as_ptr(),
+            grad.as_ptr(),
+            err.as_mut_ptr().cast(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        let msg = CStr::from_bytes_until_nul(&err)
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return Err(CommError::InvalidArgument {
+            op: "autograd::backward_with",
+            msg,
+        });
+    }
+    Ok(())
 }
 
 /// Differentiable all-to-all over `comm`: like [`crate::Communicator::all_to_all`], and
@@ -153,4 +184,24 @@ unsafe extern "C" fn drop_state(state: *mut c_void) {
     let state = unsafe { Box::from_raw(state as *mut State) };
     // Dropping a SharedComm cannot panic in practice, but never unwind into C++.
     let _ = catch_unwind(AssertUnwindSafe(move || drop(state)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn backward_with_passes_the_incoming_gradient() {
+        let x = Tensor::from_slice(&[1.0f64, -2.0, 3.0]).set_requires_grad(true);
+        let g = Tensor::from_slice(&[0.5f64, 4.0, -1.0]);
+        backward_with(&(&x * &x), &g).unwrap();
+        // d/dx sum(x^2 * g) = 2 x g, exact in f64.
+        let got = Vec::<f64>::try_from(&x.grad()).unwrap();
+        assert_eq!(got, [1.0, -16.0, -6.0]);
+        // A gradient of the wrong shape is an error, not a crash.
+        let y = &x * 2.0;
+        let err = backward_with(&y, &Tensor::ones([2], (Kind::Double, tch::Device::Cpu)));
+        assert!(err.is_err());
+    }
 }

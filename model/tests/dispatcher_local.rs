@@ -2,7 +2,7 @@
 //! empty experts and empty batches. Identity "experts" (y_md = x_md) make the expected output
 //! `y_n = sum_k probs_{n,e} * x_n` computable by hand.
 
-use moe_model::dispatcher::Dispatcher;
+use moe_model::dispatcher::{permute, permute_topk, unpermute, Dispatcher};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
@@ -211,5 +211,68 @@ fn combine_keeps_the_input_dtype_and_checks_row_count() {
     assert!(
         disp.dispatch_map(&x_nd, &probs_ne, &map_ne, 3).is_err(),
         "num_experts must match the map"
+    );
+}
+
+#[test]
+fn permuting_from_the_topk_indices_equals_permuting_from_the_map() {
+    // A routing that keeps every token's k experts reaches the dispatcher in both forms: the
+    // `[N, k]` one must give the same rows, order, weights and gradients, bit for bit.
+    let (n, e, k, d) = (37i64, 9i64, 3i64, 5i64);
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut idx = Vec::new();
+    let mut w = Vec::new();
+    for _ in 0..n {
+        let mut experts: Vec<i64> = (0..e).collect();
+        for j in 0..k as usize {
+            let pick = rng.random_range(j..e as usize);
+            experts.swap(j, pick);
+            idx.push(experts[j]);
+            w.push(rng.random_range(0.05f32..1.0));
+        }
+    }
+    let idx_nk = Tensor::from_slice(&idx).reshape([n, k]);
+    let counts: Vec<i64> = (0..e)
+        .map(|x| idx.iter().filter(|&&i| i == x).count() as i64)
+        .collect();
+    let dy_nd = x_values(n, d).detach() * 0.3 - 1.0;
+    let run = |from_topk: bool| {
+        let x_nd = x_values(n, d);
+        let w_nk = Tensor::from_slice(&w)
+            .reshape([n, k])
+            .set_requires_grad(true);
+        let probs_ne =
+            Tensor::zeros([n, e], (Kind::Float, tch::Device::Cpu)).scatter(1, &idx_nk, &w_nk);
+        let map_ne =
+            Tensor::zeros([n, e], (Kind::Bool, tch::Device::Cpu)).scatter_value(1, &idx_nk, 1);
+        let (x_md, perm) = if from_topk {
+            permute_topk(&x_nd, &idx_nk, &w_nk, &counts).unwrap()
+        } else {
+            permute(&x_nd, &probs_ne, &map_ne, &counts).unwrap()
+        };
+        // A per-row nonlinearity stands in for the experts.
+        let y_md = (&x_md * 1.7).sin();
+        let y_nd = unpermute(&y_md, &perm, Kind::Float).unwrap();
+        (&y_nd * &dy_nd).sum(Kind::Float).backward();
+        (x_md.detach(), perm, y_nd.detach(), x_nd.grad(), w_nk.grad())
+    };
+    let (xa, pa, ya, gxa, gwa) = run(true);
+    let (xb, pb, yb, gxb, gwb) = run(false);
+    assert!(pa.token_idx_m.equal(&pb.token_idx_m));
+    assert!(pa.probs_m.detach().equal(&pb.probs_m.detach()));
+    assert_eq!(pa.counts_e, pb.counts_e);
+    assert!(xa.equal(&xb));
+    assert!(ya.equal(&yb));
+    assert!(gxa.equal(&gxb));
+    assert!(gwa.equal(&gwb));
+    assert!(
+        permute_topk(
+            &x_values(n, d),
+            &idx_nk,
+            &idx_nk.to_kind(Kind::Float),
+            &counts[1..]
+        )
+        .is_err(),
+        "counts must cover the N k assignments"
     );
 }

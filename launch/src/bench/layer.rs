@@ -15,9 +15,10 @@ use super::{median, proc_status_mib};
 use crate::cli::BenchArgs;
 use crate::threads::set_threads;
 use anyhow::{anyhow, bail, Context};
+use moe_comm::autograd::backward_with;
 use moe_model::config::{ExpertImpl, ModelConfig, MoeConfig};
 use moe_model::moe_layer::{MoeForward, MoeLayer};
-use moe_model::router::{self, RouterInput};
+use moe_model::router::{self, RouterInput, TopK};
 use moe_model::{init, Result};
 use moe_model::{ExpertParallel, ParamBuilder};
 use std::time::Instant;
@@ -338,7 +339,9 @@ impl Setup {
     /// The project's layer cut into routing, permute, experts and combine: each segment's
     /// output is detached into a leaf, and backward runs segment by segment in reverse with
     /// the gradient of the next one, so each phase's forward + backward is timed alone.
-    /// Returns seconds per phase.
+    /// Combine and routing end in small scalar products (`[N, d]` with the loss gradient, as
+    /// the unsegmented layer does; the `[N, k]` or `[N, E]` weights with theirs, plus the
+    /// router losses). Returns seconds per phase.
     fn segmented(&self, v: Variant) -> Result<[f64; 4]> {
         self.clear_grads();
         let layer = match v {
@@ -369,16 +372,33 @@ impl Setup {
         )?;
         let counts_e = dispatcher.all_reduce_stats(&routing.aux_stats.counts_e)?;
         let aux = router::aux_loss(cfg, &routing.aux_stats, &counts_e, self.shape.n)?;
-        let probs_leaf = detached_leaf(&routing.probs_ne)?;
+        // The weights leaf is in the form the layer dispatches from: `[N, k]` when every
+        // assignment is kept (no capacity limit), the `[N, E]` map's weights otherwise.
+        let weights = match &routing.topk {
+            Some(topk) => &topk.weights_nk,
+            None => &routing.probs_ne,
+        };
+        let weights_leaf = detached_leaf(weights)?;
         f[0] = self.lap(t);
 
         let t = Instant::now();
-        let (x_md, rows, meta) = dispatcher.dispatch_map(
-            &self.x_nd,
-            &probs_leaf,
-            &routing.routing_map_ne,
-            cfg.num_experts,
-        )?;
+        let (x_md, rows, meta) = match &routing.topk {
+            Some(topk) => dispatcher.dispatch_topk(
+                &self.x_nd,
+                &TopK {
+                    idx_nk: topk.idx_nk.shallow_clone(),
+                    weights_nk: weights_leaf.shallow_clone(),
+                },
+                &routing.tokens_per_expert_e,
+                cfg.num_experts,
+            )?,
+            None => dispatcher.dispatch_map(
+                &self.x_nd,
+                &weights_leaf,
+                &routing.routing_map_ne,
+                cfg.num_experts,
+            )?,
+        };
         let x_md_leaf = detached_leaf(&x_md)?;
         f[1] = self.lap(t);
 
@@ -394,14 +414,16 @@ impl Setup {
         let t = Instant::now();
         grad_dot(&y_nd, &self.dy_nd)?.f_backward()?;
         b[3] = self.lap(t);
+        // The middle segments backpropagate the next one's gradient as it is (a `sum(y * g)`
+        // would add three passes over the `[M, d]` rows that the layer does not run).
         let t = Instant::now();
-        grad_dot(&y_md, &y_md_leaf.grad())?.f_backward()?;
+        backward_with(&y_md, &y_md_leaf.grad())?;
         b[2] = self.lap(t);
         let t = Instant::now();
-        grad_dot(&x_md, &x_md_leaf.grad())?.f_backward()?;
+        backward_with(&x_md, &x_md_leaf.grad())?;
         b[1] = self.lap(t);
         let t = Instant::now();
-        grad_dot(&routing.probs_ne, &probs_leaf.grad())?
+        grad_dot(weights, &weights_leaf.grad())?
             .f_add(&aux)?
             .f_add(&routing.z_loss)?
             .f_backward()?;

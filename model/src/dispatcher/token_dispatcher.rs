@@ -5,8 +5,8 @@
 //! [`super::alltoall`]).
 
 use super::alltoall::{exchange, exchange_back, exchange_counts, Exchange};
-use super::permute::{permute, unpermute, Permutation};
-use crate::router::Routing;
+use super::permute::{permute, permute_topk, unpermute, Permutation};
+use crate::router::{Routing, TopK};
 use crate::{ModelError, Result};
 use moe_comm::{lock, ProcessGroups, SharedComm};
 use tch::{Kind, Tensor};
@@ -55,6 +55,18 @@ impl std::fmt::Debug for Dispatcher {
             .field("world_size", &self.world_size)
             .finish()
     }
+}
+
+/// The assignments to dispatch, in one of the routing's two forms.
+#[derive(Clone, Copy)]
+enum Assigned<'a> {
+    /// `probs_ne` f32 `[N, E]` and the bool `[N, E]` map of the rows to send.
+    Map {
+        probs_ne: &'a Tensor,
+        routing_map_ne: &'a Tensor,
+    },
+    /// Each token's k experts, all sent.
+    TopK(&'a TopK),
 }
 
 /// What [`Dispatcher::combine`] needs to undo a [`Dispatcher::dispatch`].
@@ -149,13 +161,14 @@ impl Dispatcher {
         routing: &Routing,
         num_experts: i64,
     ) -> Result<(Tensor, Vec<i64>, DispatchMeta)> {
-        self.dispatch_counted(
-            x_nd,
-            &routing.probs_ne,
-            &routing.routing_map_ne,
-            &routing.tokens_per_expert_e,
-            num_experts,
-        )
+        let assigned = match &routing.topk {
+            Some(topk) => Assigned::TopK(topk),
+            None => Assigned::Map {
+                probs_ne: &routing.probs_ne,
+                routing_map_ne: &routing.routing_map_ne,
+            },
+        };
+        self.dispatch_counted(x_nd, assigned, &routing.tokens_per_expert_e, num_experts)
     }
 
     /// [`Dispatcher::dispatch`] from the two routing tensors alone (tests build them by hand).
@@ -170,7 +183,26 @@ impl Dispatcher {
         num_experts: i64,
     ) -> Result<(Tensor, Vec<i64>, DispatchMeta)> {
         let counts_e = routing_map_ne.f_sum_dim_intlist(0, false, Kind::Int64)?;
-        self.dispatch_counted(x_nd, probs_ne, routing_map_ne, &counts_e, num_experts)
+        let assigned = Assigned::Map {
+            probs_ne,
+            routing_map_ne,
+        };
+        self.dispatch_counted(x_nd, assigned, &counts_e, num_experts)
+    }
+
+    /// [`Dispatcher::dispatch`] from the `[N, k]` form of a routing that keeps every token's k
+    /// experts, and its rows per expert `tokens_per_expert_e` (i64 `[E]`, on the device).
+    ///
+    /// # Shapes
+    /// `x_nd [N, d]`, `topk` `[N, k]`, `tokens_per_expert_e [E]` -> as `dispatch`.
+    pub fn dispatch_topk(
+        &self,
+        x_nd: &Tensor,
+        topk: &TopK,
+        tokens_per_expert_e: &Tensor,
+        num_experts: i64,
+    ) -> Result<(Tensor, Vec<i64>, DispatchMeta)> {
+        self.dispatch_counted(x_nd, Assigned::TopK(topk), tokens_per_expert_e, num_experts)
     }
 
     /// The dispatch, given the map's column sums `counts_e` (i64 `[E]`, on the device).
@@ -182,25 +214,37 @@ impl Dispatcher {
     fn dispatch_counted(
         &self,
         x_nd: &Tensor,
-        probs_ne: &Tensor,
-        routing_map_ne: &Tensor,
+        assigned: Assigned,
         counts_e: &Tensor,
         num_experts: i64,
     ) -> Result<(Tensor, Vec<i64>, DispatchMeta)> {
-        let map_e = routing_map_ne.size().get(1).copied().unwrap_or(-1);
+        const OP: &str = "Dispatcher::dispatch";
+        let device = x_nd.device();
+        let map_e = match assigned {
+            Assigned::Map {
+                probs_ne,
+                routing_map_ne,
+            } => {
+                moe_comm::check_device(OP, "probs_ne", probs_ne, device)?;
+                moe_comm::check_kind(OP, "probs_ne", probs_ne, Kind::Float)?;
+                moe_comm::check_device(OP, "routing_map_ne", routing_map_ne, device)?;
+                moe_comm::check_kind(OP, "routing_map_ne", routing_map_ne, Kind::Bool)?;
+                routing_map_ne.size().get(1).copied().unwrap_or(-1)
+            }
+            Assigned::TopK(topk) => {
+                moe_comm::check_device(OP, "topk.idx_nk", &topk.idx_nk, device)?;
+                moe_comm::check_kind(OP, "topk.idx_nk", &topk.idx_nk, Kind::Int64)?;
+                moe_comm::check_device(OP, "topk.weights_nk", &topk.weights_nk, device)?;
+                counts_e.size().first().copied().unwrap_or(-1)
+            }
+        };
         if map_e != num_experts || num_experts % self.ep_size() != 0 {
             return Err(ModelError::Invalid(format!(
-                "dispatch: routing_map_ne has {map_e} experts, num_experts is {num_experts}, EP size {} \
+                "dispatch: the routing has {map_e} experts, num_experts is {num_experts}, EP size {} \
                  (num_experts must match and be divisible by the EP size)",
                 self.ep_size()
             )));
         }
-        const OP: &str = "Dispatcher::dispatch";
-        let device = x_nd.device();
-        moe_comm::check_device(OP, "probs_ne", probs_ne, device)?;
-        moe_comm::check_kind(OP, "probs_ne", probs_ne, Kind::Float)?;
-        moe_comm::check_device(OP, "routing_map_ne", routing_map_ne, device)?;
-        moe_comm::check_kind(OP, "routing_map_ne", routing_map_ne, Kind::Bool)?;
         moe_comm::check_device(OP, "counts_e", counts_e, device)?;
         let e = num_experts as usize;
         let (counts_host, recv_host) = match &self.route {
@@ -215,7 +259,13 @@ impl Dispatcher {
                 (both[..e].to_vec(), both[e..].to_vec())
             }
         };
-        let (x_md, perm) = permute(x_nd, probs_ne, routing_map_ne, &counts_host)?;
+        let (x_md, perm) = match assigned {
+            Assigned::TopK(t) => permute_topk(x_nd, &t.idx_nk, &t.weights_nk, &counts_host)?,
+            Assigned::Map {
+                probs_ne,
+                routing_map_ne,
+            } => permute(x_nd, probs_ne, routing_map_ne, &counts_host)?,
+        };
         let out_kind = x_nd.kind();
         match &self.route {
             Route::Local | Route::Detached { .. } => {

@@ -2,6 +2,7 @@
 //! its per-sequence variant (DeepSeek-V2 `seq_aux_loss`) and the z-loss (ST-MoE, eq. 5).
 
 use super::select::{topk_mask, topk_mask_at};
+use super::topk_cpu;
 use crate::config::{AuxLossKind, MoeConfig, ScoreFunction};
 use crate::Result;
 use tch::Tensor;
@@ -37,8 +38,9 @@ const NORM_EPS: f64 = 1e-20;
 /// `topk_nk`, when given, holds the indices of the top-k entries of each row of a score that
 /// `s` is a non-decreasing function of (the logits, or the unbiased sigmoid scores: the
 /// router's own selection when it selects on them). The k-th largest `s` is then the
-/// smallest `s` at those indices, and the map follows without a second top-k (which costs as
-/// much as the rest of the router at E=256).
+/// smallest `s` at those indices, and the map follows without a second top-k (which, as
+/// tensor ops, costs as much as the rest of the router at E=256). Where the one-pass CPU top-k
+/// applies, it is cheaper than that trick and runs instead (same map).
 ///
 /// # Shapes
 /// `logits_ne` `[N, E]`, `topk_nk` i64 `[N, k]` -> `s_ne` `[N, E]`, `map_ne` bool `[N, E]`.
@@ -59,14 +61,15 @@ pub(crate) fn aux_scores(
         }
     };
     let map_ne = match logits_topk_nk {
-        Some(idx_nk) => {
+        // The CPU's top-k is one pass: cheaper than the k-th value trick's elementwise passes.
+        Some(idx_nk) if !topk_cpu::handles(&s_ne) => {
             let kth_n1 = s_ne
                 .f_detach()?
                 .f_gather(1, idx_nk, false)?
                 .f_amin([1].as_slice(), true)?;
             topk_mask_at(&s_ne, &kth_n1, top_k)?
         }
-        None => topk_mask(&s_ne, top_k)?,
+        _ => topk_mask(&s_ne, top_k)?,
     };
     Ok((s_ne, map_ne))
 }

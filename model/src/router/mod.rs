@@ -20,10 +20,11 @@ mod capacity;
 mod losses;
 mod route;
 mod select;
+mod topk_cpu;
 mod traffic;
 
 pub use bias::update_expert_bias;
 pub use capacity::capacity;
 pub use losses::{aux_loss, AuxStats};
-pub use route::{route, RouterInput, Routing};
+pub use route::{route, RouterInput, Routing, TopK};
 pub use traffic::{dispatch_traffic, DispatchTraffic};

@@ -50,6 +50,20 @@ pub struct Routing {
     /// `[E]` assignments per expert before capacity dropping (with the bias, i.e. the actual
     /// selection), no grad: the load signal of aux-loss-free balancing and of statistics.
     pub topk_counts_e: Tensor,
+    /// The k experts of every token and their weights, when the routing map holds exactly
+    /// those (no capacity limit): the dispatcher permutes from these `[N, k]` tensors instead
+    /// of scanning the `[N, E]` map.
+    pub topk: Option<TopK>,
+}
+
+/// Each token's k selected experts, all kept.
+#[derive(Debug)]
+pub struct TopK {
+    /// i64 `[N, k]`: the experts of each token (distinct within a row), by descending score.
+    pub idx_nk: Tensor,
+    /// `[N, k]`: their routing weights, `probs_ne` at `idx_nk` (differentiable wrt the
+    /// logits).
+    pub weights_nk: Tensor,
 }
 
 impl Routing {
@@ -145,12 +159,32 @@ pub fn route(cfg: &MoeConfig, input: &RouterInput) -> Result<Routing> {
         logits_ne
             .f_zeros_like()?
             .f_scatter(1, &selection.idx_nk, &selection.weights_nk)?;
-    let capped = apply_capacity(cfg, &selected_ne, &weights_ne, input.capacity_groups)?;
-    // `where`, not a multiply by the mask, so a non-finite dropped weight cannot leak a NaN.
-    let probs_ne = weights_ne.f_where_scalarother(&capped.kept_ne, 0.0)?;
+    // Assignments per expert before dropping, counted from the `[N, k]` indices (a scatter of
+    // N k ones, exact in any kind: no atomics race on integers below 2^24).
+    let flat_idx = selection.idx_nk.f_reshape([-1])?;
+    let ones = Tensor::f_ones([n * cfg.top_k], (Kind::Int64, logits_ne.device()))?;
+    let topk_counts_e = Tensor::f_zeros([e], (Kind::Int64, logits_ne.device()))?
+        .f_scatter_add(0, &flat_idx, &ones)?;
 
-    let tokens_per_expert_e = capped.map_ne.f_sum_dim_intlist(0, false, Kind::Int64)?;
-    let kept_e = capped.kept_ne.f_sum_dim_intlist(0, false, Kind::Int64)?;
+    let capped = apply_capacity(cfg, &selected_ne, &weights_ne, input.capacity_groups)?;
+    let no_limit = cfg.capacity_factor.is_none();
+    let (probs_ne, tokens_per_expert_e, kept_e) = if no_limit {
+        // Everything is kept and nothing padded: the map is the selection, and `weights_ne`
+        // is already zero off it.
+        (
+            weights_ne,
+            topk_counts_e.shallow_clone(),
+            topk_counts_e.shallow_clone(),
+        )
+    } else {
+        // `where`, not a multiply by the mask, so a non-finite dropped weight cannot leak a
+        // NaN.
+        (
+            weights_ne.f_where_scalarother(&capped.kept_ne, 0.0)?,
+            capped.map_ne.f_sum_dim_intlist(0, false, Kind::Int64)?,
+            capped.kept_ne.f_sum_dim_intlist(0, false, Kind::Int64)?,
+        )
+    };
     let num_kept = kept_e.f_sum(Kind::Int64)?;
 
     // Without a bias the router selects on the logits, softmax(logits) or sigmoid(logits),
@@ -177,6 +211,10 @@ pub fn route(cfg: &MoeConfig, input: &RouterInput) -> Result<Routing> {
         aux_stats: aux_stats(&s_ne, &aux_map_ne)?,
         seq_aux_loss: seq_aux,
         z_loss: z_loss(cfg.z_loss_coeff, logits_ne)?,
-        topk_counts_e: selected_ne.f_sum_dim_intlist(0, false, kind)?,
+        topk_counts_e: topk_counts_e.f_to_kind(kind)?,
+        topk: no_limit.then(|| TopK {
+            idx_nk: selection.idx_nk,
+            weights_nk: selection.weights_nk,
+        }),
     })
 }

@@ -1,5 +1,6 @@
 //! Score function, deterministic top-k and the k routing weights of each token.
 
+use super::topk_cpu;
 use crate::config::{MoeConfig, ScoreFunction};
 use crate::Result;
 use tch::{Kind, Tensor};
@@ -10,11 +11,20 @@ const RENORM_EPS: f64 = 1e-20;
 
 /// Bool `[N, E]`: the k largest entries of each row, ties to the lower column index.
 ///
+/// On the CPU (f32, f64) [`topk_cpu`] scans each row once. Elsewhere, as tensor ops:
 /// `torch.topk` leaves the order of ties unspecified (and CPU and CUDA differ), so only its
 /// k-th value is used: every entry above it is selected, and of the entries equal to it the
 /// lowest-indexed ones fill the remaining places. A full stable sort gives the same set but
 /// costs 4x more at E=256 (measured with `moe bench layer`). No host synchronisation.
 pub(crate) fn topk_mask(scores_ne: &Tensor, k: i64) -> Result<Tensor> {
+    match topk_cpu::topk_indices(scores_ne, k)? {
+        Some(idx_nk) => indices_to_map(&idx_nk, scores_ne.size()[1]),
+        None => topk_mask_ops(scores_ne, k),
+    }
+}
+
+/// [`topk_mask`] as tensor ops, on any device.
+fn topk_mask_ops(scores_ne: &Tensor, k: i64) -> Result<Tensor> {
     let s_ne = scores_ne.f_detach()?;
     let (top_nk, _) = s_ne.f_topk(k, 1, true, false)?;
     topk_mask_at(&s_ne, &top_nk.f_amin([1].as_slice(), true)?, k)
@@ -39,11 +49,20 @@ pub(crate) fn topk_mask_at(scores_ne: &Tensor, kth_n1: &Tensor, k: i64) -> Resul
 /// Rows holding NaN may select fewer than k entries; their indices are then meaningless (the
 /// step's loss is NaN and the trainer skips it), but always in range.
 pub(crate) fn topk_indices(scores_ne: &Tensor, k: i64) -> Result<Tensor> {
+    match topk_cpu::topk_indices(scores_ne, k)? {
+        Some(idx_nk) => Ok(idx_nk),
+        None => topk_indices_ops(scores_ne, k),
+    }
+}
+
+/// [`topk_indices`] as tensor ops, on any device (on the CPU, [`topk_cpu`] does it in one pass
+/// per row; the tests hold the two equal).
+pub(crate) fn topk_indices_ops(scores_ne: &Tensor, k: i64) -> Result<Tensor> {
     let s_ne = scores_ne.f_detach()?;
     let n = s_ne.size().first().copied().unwrap_or(0);
     // Row-major `nonzero` lists each row's k columns in ascending order; the static size keeps
     // it free of a host synchronisation on GPUs.
-    let cols_nk = topk_mask(&s_ne, k)?
+    let cols_nk = topk_mask_ops(&s_ne, k)?
         .f_nonzero_static(n * k, 0)?
         .f_select(1, 1)?
         .f_reshape([n, k])?;
@@ -153,16 +172,62 @@ mod tests {
         s_ne.sort_stable(true, 1, true).1.narrow(1, 0, k)
     }
 
+    /// Deterministic `[n, e]` scores of `kind` (no global RNG: unit tests run in parallel):
+    /// `levels` distinct values when given (ties at nearly every k-th value), else all
+    /// distinct; with `neg_inf`, every third entry is -inf (as group limiting leaves them).
+    fn scores(n: i64, e: i64, levels: Option<i64>, neg_inf: bool, kind: Kind) -> Tensor {
+        let x = Tensor::arange(n * e, (Kind::Double, tch::Device::Cpu));
+        let s = match levels {
+            Some(l) => (x.sin() * 1000.0).floor().remainder(l as f64),
+            None => (x * 0.7).sin() * 3.0,
+        };
+        let s = if neg_inf {
+            let third = Tensor::arange(n * e, (Kind::Int64, tch::Device::Cpu))
+                .remainder(3)
+                .eq(0);
+            s.masked_fill(&third, f64::NEG_INFINITY)
+        } else {
+            s
+        };
+        s.view([n, e]).to_kind(kind)
+    }
+
     #[test]
     fn topk_matches_a_stable_sort_with_many_ties() {
         // Scores from {0, 1, 2, 3}: nearly every row has ties at the k-th value.
-        tch::manual_seed(3);
-        let s_ne = Tensor::randint(4, [64, 16], (Kind::Float, tch::Device::Cpu));
-        for k in [1, 2, 5, 16] {
-            let want = sorted_topk(&s_ne, k);
-            assert!(topk_indices(&s_ne, k).unwrap().equal(&want), "k={k}");
-            let map = indices_to_map(&want, 16).unwrap();
-            assert!(topk_mask(&s_ne, k).unwrap().equal(&map), "k={k}");
+        for kind in [Kind::Float, Kind::Double] {
+            let s_ne = scores(64, 16, Some(4), false, kind);
+            for k in [1, 2, 5, 16] {
+                let want = sorted_topk(&s_ne, k);
+                assert!(topk_indices(&s_ne, k).unwrap().equal(&want), "k={k}");
+                assert!(topk_indices_ops(&s_ne, k).unwrap().equal(&want), "k={k}");
+                let map = indices_to_map(&want, 16).unwrap();
+                assert!(topk_mask(&s_ne, k).unwrap().equal(&map), "k={k}");
+                assert!(topk_mask_ops(&s_ne, k).unwrap().equal(&map), "k={k}");
+            }
+        }
+    }
+
+    #[test]
+    fn cpu_kernel_equals_the_tensor_ops() {
+        // The kernel is what the CPU runs; the ops are what a GPU runs: one selection.
+        for kind in [Kind::Float, Kind::Double] {
+            for (e, levels, neg_inf) in [
+                (256, None, false),
+                (256, Some(7), false),
+                (64, Some(2), true),
+                (8, None, true),
+            ] {
+                let s_ne = scores(97, e, levels, neg_inf, kind);
+                for k in [1, 2, 8, e / 2] {
+                    let fast = topk_cpu::topk_indices(&s_ne, k).unwrap().unwrap();
+                    let ops = topk_indices_ops(&s_ne, k).unwrap();
+                    assert!(
+                        fast.equal(&ops),
+                        "{kind:?} e={e} levels={levels:?} -inf={neg_inf} k={k}"
+                    );
+                }
+            }
         }
     }
 
