@@ -9,9 +9,11 @@
 // reports to tch's f_backward (Err), and which the C entry points catch and return as
 // non-zero + message. No C++ exception ever crosses into Rust.
 
+#include <ATen/ATen.h>
 #include <ATen/core/ivalue.h>
 #include <c10/core/Stream.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/strides.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -199,6 +201,32 @@ int moe_shim_pin_memory(const at::Tensor* t, at::Tensor** out, char* err, size_t
   try {
     at::Tensor pinned = t->is_pinned() ? *t : t->pin_memory();
     *out = new at::Tensor(std::move(pinned));
+    return 0;
+  } catch (const c10::Error& e) {
+    write_err(err, err_len, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    write_err(err, err_len, e.what());
+  }
+  return 1;
+}
+
+// A new contiguous tensor of `sizes` (ndim of them) over the start of `pool`'s storage, when
+// nothing but `pool` references that storage and it holds enough bytes; *out stays null
+// otherwise. The result has its own TensorImpl (no autograd history of `pool`'s, not a view),
+// so once it and every tensor made from it are gone, the storage is `pool`'s alone again.
+int moe_shim_reuse_storage(const at::Tensor* pool, const int64_t* sizes, size_t ndim,
+                           at::Tensor** out, char* err, size_t err_len) {
+  try {
+    *out = nullptr;
+    const c10::Storage& storage = pool->storage();
+    if (pool->use_count() != 1 || storage.use_count() != 1) return 0;
+    c10::IntArrayRef shape(sizes, ndim);
+    const int64_t numel = c10::multiply_integers(shape);
+    const size_t need = static_cast<size_t>(numel) * pool->element_size();
+    if (need > storage.nbytes()) return 0;
+    at::Tensor t = at::empty({0}, pool->options());
+    t.set_(storage, 0, shape, c10::contiguous_strides(shape));
+    *out = new at::Tensor(std::move(t));
     return 0;
   } catch (const c10::Error& e) {
     write_err(err, err_len, e.what_without_backtrace());

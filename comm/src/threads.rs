@@ -27,10 +27,12 @@
 use crate::args::{check_all_to_all, invalid};
 use crate::{check_device, CommError, Communicator, Result};
 use std::collections::HashMap;
+use std::ffi::{c_char, c_int, CStr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
 
 /// How long a waiting rank busy-waits before it starts yielding its core.
 const SPIN_FOR: Duration = Duration::from_micros(20);
@@ -177,6 +179,56 @@ pub struct ThreadComm {
     seq: u64,
     /// Splits issued so far (identifies the split in the registry).
     splits: u64,
+    /// The block `all_to_all` receives large outputs into (see [`RECV_POOL_MIN_BYTES`]).
+    recv_pool: Option<Tensor>,
+}
+
+/// CPU `all_to_all` outputs of at least this many bytes are received into the rank's pool
+/// block rather than a fresh allocation. glibc serves a block of 64 MiB or more that a thread
+/// other than the main one allocates with a fresh `mmap` (a thread arena's heaps are at most
+/// 64 MiB) and unmaps it on free, so every such output was page-faulted in again on every call:
+/// 0.4x the MPI backend's bandwidth at 64 MiB in `moe bench a2a`. The pool keeps the last
+/// block and hands it out again once nothing references it any more (a caching allocator of
+/// one block per rank, as torch's CUDA allocator keeps blocks); smaller outputs stay in
+/// glibc's heaps, which `moe` keeps freed blocks in (launch/src/heap.rs).
+pub const RECV_POOL_MIN_BYTES: usize = 32 << 20;
+
+extern "C" {
+    fn moe_shim_reuse_storage(
+        pool: *const C_tensor,
+        sizes: *const i64,
+        ndim: usize,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+}
+
+/// A fresh tensor of `shape` over `pool`'s storage, when nothing else references that storage
+/// and it is large enough (see the shim's `moe_shim_reuse_storage`).
+fn reuse_storage(pool: &Tensor, shape: &[i64]) -> Result<Option<Tensor>> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut err = [0u8; 1024];
+    // SAFETY: `pool` is live for the call, `shape` holds `shape.len()` sizes, `out` and `err`
+    // are writable and `err.len()` bounds the message.
+    let rc = unsafe {
+        moe_shim_reuse_storage(
+            pool.as_ptr(),
+            shape.as_ptr(),
+            shape.len(),
+            &mut out,
+            err.as_mut_ptr().cast(),
+            err.len(),
+        )
+    };
+    if rc != 0 {
+        let msg = CStr::from_bytes_until_nul(&err)
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        return Err(invalid("all_to_all", format!("receive pool: {msg}")));
+    }
+    // SAFETY: a non-null result is a new heap `at::Tensor` that we now own.
+    Ok((!out.is_null()).then(|| unsafe { Tensor::from_ptr(out) }))
 }
 
 /// Creates `size` in-process ranks on the CPU; element r is rank r's world communicator.
@@ -209,6 +261,7 @@ pub fn threads_world_on(
                 registry: registry.clone(),
                 seq: 0,
                 splits: 0,
+                recv_pool: None,
             }) as Box<dyn Communicator>
         })
         .collect()
@@ -331,6 +384,31 @@ fn copy_rows(dst: &Tensor, to: i64, src: &Tensor, from: i64, n: i64) -> Result<(
     Ok(())
 }
 
+impl ThreadComm {
+    /// An uninitialised `all_to_all` output of `shape`: from the receive pool when it is a
+    /// large CPU one (see [`RECV_POOL_MIN_BYTES`]), freshly allocated otherwise.
+    fn recv_buffer(&mut self, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        let numel = shape.iter().product::<i64>().max(0);
+        let bytes = numel as usize * kind.elt_size_in_bytes();
+        // host: only CPU ranks page-fault fresh blocks in; other devices allocate as usual.
+        if device != Device::Cpu || bytes < RECV_POOL_MIN_BYTES {
+            return Ok(Tensor::f_empty(shape, (kind, device))?);
+        }
+        if let Some(pool) = self.recv_pool.as_ref().filter(|p| p.kind() == kind) {
+            if let Some(t) = reuse_storage(pool, shape)? {
+                return Ok(t);
+            }
+        }
+        // Too small, of another kind, or still referenced by an earlier output: a new block
+        // becomes the pool (the old one is freed with its last user).
+        let block = Tensor::f_empty([numel], (kind, device))?;
+        let out = reuse_storage(&block, shape)?
+            .ok_or_else(|| invalid("all_to_all", "a fresh receive block is in use".into()))?;
+        self.recv_pool = Some(block);
+        Ok(out)
+    }
+}
+
 impl Drop for ThreadComm {
     fn drop(&mut self) {
         self.board.dead[self.rank].store(true, Ordering::SeqCst);
@@ -360,10 +438,10 @@ impl Communicator for ThreadComm {
         check_device(OP, "input", input, self.device)?;
         let x = input.f_detach()?.f_contiguous()?;
         let recv = recv.to_vec();
+        let mut out_shape = shape.clone();
+        out_shape[0] = recv_total;
+        let out = self.recv_buffer(&out_shape, input.kind(), input.device())?;
         self.collective(OP, Some(x), send.to_vec(), (0, 0), move |me, seen| {
-            let mut out_shape = shape.clone();
-            out_shape[0] = recv_total;
-            let out = Tensor::f_empty(&out_shape, (input.kind(), input.device()))?;
             let mut off = 0;
             for (peer, s) in seen.iter().enumerate() {
                 let t = posted(OP, peer, s)?;
@@ -493,6 +571,7 @@ impl Communicator for ThreadComm {
             registry: self.registry.clone(),
             seq: 0,
             splits: 0,
+            recv_pool: None,
         }))
     }
 }
