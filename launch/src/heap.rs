@@ -11,10 +11,12 @@
 //! allocates are still mapped and unmapped each time (a thread arena's heaps are at most 64
 //! MiB); one arena for all threads (`M_ARENA_MAX` 1) would keep them, but was measured to
 //! triple the latency of the `threads` all-to-all at 1 KiB (2 us to 6 us: every rank
-//! thread's malloc behind one lock), so it is not set. The streaming checkpoint tools
-//! (export, import, upcycle) touch each tensor once: a kept block would only raise their
-//! peak, so they return every tensor-sized block to the system, the threshold pinned at
-//! glibc's initial 128 KiB so it does not rise.
+//! thread's malloc behind one lock), so it is not set; the `threads` all-to-all, whose rank
+//! threads receive such blocks on every call, keeps its own (see
+//! `moe_comm::threads::RECV_POOL_MIN_BYTES`). The streaming checkpoint tools (export, import,
+//! upcycle) touch each tensor once: a kept block would only raise their peak, so they return
+//! every tensor-sized block to the system, the threshold pinned at glibc's initial 128 KiB so
+//! it does not rise.
 //! Commands that hold no tensors keep glibc's defaults.
 
 use crate::cli::Command;
