@@ -369,7 +369,8 @@ fn copy_rows(dst: &Tensor, to: i64, src: &Tensor, from: i64, n: i64) -> Result<(
         // SAFETY: both tensors are contiguous CPU tensors of the same kind and trailing
         // shape (checked by the caller), `[from, from + n)` lies within `src`'s rows and
         // `[to, to + n)` within `dst`'s (split sizes checked against both shapes), and they
-        // do not overlap (`dst` was allocated by this collective). `src` belongs to a peer
+        // do not overlap (`dst` was allocated for this collective, or is the rank's receive
+        // pool block, handed out only when nothing else, a posted input included, holds it). `src` belongs to a peer
         // that cannot return, hence cannot modify or free it, before every rank has passed
         // the collective's "read" point; our own reference also keeps its storage alive.
         unsafe {

@@ -3,7 +3,10 @@
 //! Follows Megatron-Core's `moe_utils.permute` / `unpermute` (routing-map variant): kept
 //! token-expert assignments are gathered into expert-major rows, and the expert outputs are
 //! scattered back with `index_add`, weighted by the routing probabilities. Everything is a
-//! tensor op, so autograd differentiates through both directions (wrt `x_nd` and `probs_ne`).
+//! tensor op, so autograd differentiates through both directions (wrt `x_nd` and `probs_ne`),
+//! except the CPU's f32 combine, a C++ autograd function of its own ([`super::combine_cpu`]).
+//! A routing that keeps every token's k experts is permuted from its `[N, k]` indices
+//! ([`permute_topk`]) rather than from the `[N, E]` map.
 
 use super::combine_cpu;
 use crate::{ModelError, Result};

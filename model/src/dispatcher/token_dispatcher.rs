@@ -235,6 +235,7 @@ impl Dispatcher {
                 moe_comm::check_device(OP, "topk.idx_nk", &topk.idx_nk, device)?;
                 moe_comm::check_kind(OP, "topk.idx_nk", &topk.idx_nk, Kind::Int64)?;
                 moe_comm::check_device(OP, "topk.weights_nk", &topk.weights_nk, device)?;
+                moe_comm::check_kind(OP, "topk.weights_nk", &topk.weights_nk, Kind::Float)?;
                 counts_e.size().first().copied().unwrap_or(-1)
             }
         };

@@ -159,8 +159,8 @@ pub fn route(cfg: &MoeConfig, input: &RouterInput) -> Result<Routing> {
         logits_ne
             .f_zeros_like()?
             .f_scatter(1, &selection.idx_nk, &selection.weights_nk)?;
-    // Assignments per expert before dropping, counted from the `[N, k]` indices (a scatter of
-    // N k ones, exact in any kind: no atomics race on integers below 2^24).
+    // Assignments per expert before dropping, counted from the `[N, k]` indices: a scatter-add
+    // of N k int64 ones, exact and deterministic on every device (no `[N, E]` pass).
     let flat_idx = selection.idx_nk.f_reshape([-1])?;
     let ones = Tensor::f_ones([n * cfg.top_k], (Kind::Int64, logits_ne.device()))?;
     let topk_counts_e = Tensor::f_zeros([e], (Kind::Int64, logits_ne.device()))?
