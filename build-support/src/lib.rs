@@ -39,14 +39,22 @@ pub fn rpath_to_libtorch() -> Option<PathBuf> {
 }
 
 /// Compiles the C++ file `source` (relative to the crate) against the libtorch in `lib` into
-/// the static library `name`, linked into the crate.
+/// the static library `name`, linked into the crate; `#include "moe_shim_guard.h"` finds the
+/// shared exception guard (build-support/include).
 pub fn compile_shim(lib: &Path, source: &str, name: &str) {
     println!("cargo:rerun-if-changed={source}");
+    // include/moe_shim_guard.h: the exception guard every shim's entry points share.
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("include");
+    println!(
+        "cargo:rerun-if-changed={}",
+        shared.join("moe_shim_guard.h").display()
+    );
     let include = lib.join("..").join("include");
     cc::Build::new()
         .cpp(true)
         .pic(true)
         .warnings(false)
+        .include(&shared)
         .include(&include)
         .include(
             include

@@ -17,9 +17,9 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <cstring>
-#include <exception>
 #include <string>
+
+#include "moe_shim_guard.h"
 
 extern "C" {
 // Runs the all-to-all. `direction` 0: forward splits, 1: reversed (backward). Takes
@@ -33,13 +33,10 @@ typedef void (*moe_drop_callback)(void* state);
 
 namespace {
 
-constexpr size_t kErrLen = 4096;
+using moe_shim::guarded;
+using moe_shim::write_err;
 
-void write_err(char* err, size_t err_len, const char* msg) {
-  if (err == nullptr || err_len == 0) return;
-  std::strncpy(err, msg, err_len - 1);
-  err[err_len - 1] = '\0';
-}
+constexpr size_t kErrLen = 4096;
 
 struct RustState : torch::CustomClassHolder {
   RustState(void* s, moe_a2a_callback cb, moe_drop_callback drop)
@@ -95,55 +92,32 @@ int moe_shim_all_to_all(const at::Tensor* x, void* state, moe_a2a_callback callb
                         moe_drop_callback drop, at::Tensor** out, char* err,
                         size_t err_len) {
   c10::intrusive_ptr<RustState> st;
-  try {
-    st = c10::make_intrusive<RustState>(state, callback, drop);
-  } catch (const std::exception& e) {
+  if (guarded(err, err_len, [&] { st = c10::make_intrusive<RustState>(state, callback, drop); })) {
     drop(state);
-    write_err(err, err_len, e.what());
     return 1;
   }
-  try {
-    at::Tensor y = AllToAll::apply(*x, st);
-    *out = new at::Tensor(std::move(y));
-    return 0;
-  } catch (const c10::Error& e) {
-    write_err(err, err_len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    write_err(err, err_len, e.what());
-  } catch (...) {
-    write_err(err, err_len, "unknown C++ exception");
-  }
-  return 1;
+  return guarded(err, err_len, [&] { *out = new at::Tensor(AllToAll::apply(*x, st)); });
 }
 
 // Makes `index` the current CUDA device of this thread (for NCCL's communicator init).
 int moe_shim_cuda_set_device(int index, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
     impl->setDevice(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index)));
-    return 0;
-  } catch (const c10::Error& e) {
-    write_err(err, err_len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    write_err(err, err_len, e.what());
-  }
-  return 1;
+  });
 }
 
 // The current CUDA stream (cudaStream_t) of device `index`, as torch uses it; null with
 // a message when CUDA is not usable.
 void* moe_shim_cuda_current_stream(int index, char* err, size_t err_len) {
-  try {
+  void* stream = nullptr;
+  guarded(err, err_len, [&] {
     const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
     c10::Stream s =
         impl->getStream(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index)));
-    return s.native_handle();
-  } catch (const c10::Error& e) {
-    write_err(err, err_len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    write_err(err, err_len, e.what());
-  }
-  return nullptr;
+    stream = s.native_handle();
+  });
+  return stream;
 }
 
 }  // extern "C"
@@ -154,35 +128,27 @@ extern "C" {
 // torch's current stream of device `index`, after the collective just enqueued there. Returns
 // the event (a cudaEvent_t), or null with a message.
 void* moe_shim_cuda_event_record(int index, char* err, size_t err_len) {
-  try {
+  void* event = nullptr;
+  const int rc = guarded(err, err_len, [&] {
     const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
     const c10::Device dev(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index));
-    void* event = nullptr;
     impl->record(&event, impl->getStream(dev), dev.index(), c10::EventFlag::PYTORCH_DEFAULT);
-    if (event == nullptr) write_err(err, err_len, "no CUDA event was created");
-    return event;
-  } catch (const c10::Error& e) {
-    write_err(err, err_len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    write_err(err, err_len, e.what());
-  }
-  return nullptr;
+  });
+  if (rc == 0 && event == nullptr) write_err(err, err_len, "no CUDA event was created");
+  return rc == 0 ? event : nullptr;
 }
 
 // 1 when everything before `event` on its stream has run, 0 while it is pending, -1 with a
 // message on a CUDA error. Called from the watchdog thread: makes device `index` current
 // first, so the query does not create a context on device 0.
 int moe_shim_cuda_event_query(void* event, int index, char* err, size_t err_len) {
-  try {
+  int done = -1;
+  guarded(err, err_len, [&] {
     const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
     impl->setDevice(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index)));
-    return impl->queryEvent(event) ? 1 : 0;
-  } catch (const c10::Error& e) {
-    write_err(err, err_len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    write_err(err, err_len, e.what());
-  }
-  return -1;
+    done = impl->queryEvent(event) ? 1 : 0;
+  });
+  return done;
 }
 
 // Destroys an event from moe_shim_cuda_event_record (never throws).
@@ -198,16 +164,8 @@ void moe_shim_cuda_event_destroy(void* event, int index) {
 // (owned by the caller). `Tensor::pin_memory()` without a device: passing one, as tch's
 // binding must, is deprecated and warns on every call.
 int moe_shim_pin_memory(const at::Tensor* t, at::Tensor** out, char* err, size_t err_len) {
-  try {
-    at::Tensor pinned = t->is_pinned() ? *t : t->pin_memory();
-    *out = new at::Tensor(std::move(pinned));
-    return 0;
-  } catch (const c10::Error& e) {
-    write_err(err, err_len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    write_err(err, err_len, e.what());
-  }
-  return 1;
+  return guarded(err, err_len,
+                 [&] { *out = new at::Tensor(t->is_pinned() ? *t : t->pin_memory()); });
 }
 
 // A new contiguous tensor of `sizes` (ndim of them) over the start of `pool`'s storage, when
@@ -216,39 +174,24 @@ int moe_shim_pin_memory(const at::Tensor* t, at::Tensor** out, char* err, size_t
 // so once it and every tensor made from it are gone, the storage is `pool`'s alone again.
 int moe_shim_reuse_storage(const at::Tensor* pool, const int64_t* sizes, size_t ndim,
                            at::Tensor** out, char* err, size_t err_len) {
-  try {
-    *out = nullptr;
+  *out = nullptr;
+  return guarded(err, err_len, [&] {
     const c10::Storage& storage = pool->storage();
-    if (pool->use_count() != 1 || storage.use_count() != 1) return 0;
+    if (pool->use_count() != 1 || storage.use_count() != 1) return;
     c10::IntArrayRef shape(sizes, ndim);
-    const int64_t numel = c10::multiply_integers(shape);
-    const size_t need = static_cast<size_t>(numel) * pool->element_size();
-    if (need > storage.nbytes()) return 0;
+    const size_t need = static_cast<size_t>(c10::multiply_integers(shape)) * pool->element_size();
+    if (need > storage.nbytes()) return;
     at::Tensor t = at::empty({0}, pool->options());
     t.set_(storage, 0, shape, c10::contiguous_strides(shape));
     *out = new at::Tensor(std::move(t));
-    return 0;
-  } catch (const c10::Error& e) {
-    write_err(err, err_len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    write_err(err, err_len, e.what());
-  }
-  return 1;
+  });
 }
 
 // Backpropagates from the non-scalar `t` with the incoming gradient `grad` (Python's
 // `t.backward(grad)`; tch only backpropagates from scalars).
 int moe_shim_backward_with(const at::Tensor* t, const at::Tensor* grad, char* err,
                            size_t err_len) {
-  try {
-    torch::autograd::backward({*t}, {*grad});
-    return 0;
-  } catch (const c10::Error& e) {
-    write_err(err, err_len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    write_err(err, err_len, e.what());
-  }
-  return 1;
+  return guarded(err, err_len, [&] { torch::autograd::backward({*t}, {*grad}); });
 }
 
 }  // extern "C"

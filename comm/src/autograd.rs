@@ -12,7 +12,7 @@
 //! returns as `Err`. Panics are caught before they reach the FFI boundary.
 
 use crate::{lock, CommError, Result, SharedComm};
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use tch::Tensor;
 use torch_sys::C_tensor;
@@ -67,9 +67,7 @@ pub fn backward_with(t: &Tensor, grad: &Tensor) -> Result<()> {
         )
     };
     if rc != 0 {
-        let msg = CStr::from_bytes_until_nul(&err)
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let msg = crate::shim_message(&err);
         return Err(CommError::InvalidArgument {
             op: "autograd::backward_with",
             msg,
@@ -113,9 +111,7 @@ pub fn all_to_all(
         )
     };
     if rc != 0 || out.is_null() {
-        let msg = CStr::from_bytes_until_nul(&err)
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let msg = crate::shim_message(&err);
         return Err(CommError::InvalidArgument {
             op: "autograd::all_to_all",
             msg,

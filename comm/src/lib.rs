@@ -28,6 +28,14 @@ pub use placement::{
 use std::sync::{Arc, Mutex};
 use tch::{Device, Tensor};
 
+/// The message a C++ shim entry point wrote into its error buffer (NUL-terminated, by
+/// build-support/include/moe_shim_guard.h's `guarded`), for every crate that calls a shim.
+pub fn shim_message(buf: &[u8]) -> String {
+    std::ffi::CStr::from_bytes_until_nul(buf)
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown error".into())
+}
+
 /// A group of ranks that run collectives together. Every rank of the group must call the
 /// same collectives in the same order (MPI semantics).
 ///

@@ -220,12 +220,6 @@ extern "C" {
     fn moe_shim_cuda_event_destroy(event: *mut c_void, index: c_int);
 }
 
-fn shim_err(buf: &[u8]) -> String {
-    CStr::from_bytes_until_nul(buf)
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown error".into())
-}
-
 fn set_device(index: c_int) -> Result<()> {
     let mut err = [0u8; 1024];
     // SAFETY: the shim writes at most `err.len()` bytes, NUL-terminated, and catches all
@@ -234,7 +228,7 @@ fn set_device(index: c_int) -> Result<()> {
     if rc != 0 {
         return Err(unavailable(format!(
             "cannot select CUDA device {index}: {}",
-            shim_err(&err)
+            crate::shim_message(&err)
         )));
     }
     Ok(())
@@ -248,7 +242,7 @@ fn current_stream(index: c_int) -> Result<cudaStream_t> {
     if s.is_null() && err[0] != 0 {
         return Err(CommError::Nccl(format!(
             "no current CUDA stream: {}",
-            shim_err(&err)
+            crate::shim_message(&err)
         )));
     }
     Ok(s.cast())
@@ -359,7 +353,7 @@ impl Watched for Arc<Handle> {
         match rc {
             1 => Ok(true),
             0 => Ok(false),
-            _ => Err(shim_err(&err)),
+            _ => Err(crate::shim_message(&err)),
         }
     }
 
@@ -549,7 +543,7 @@ impl NcclComm {
         if ev.is_null() {
             return Err(CommError::Nccl(format!(
                 "{op}: cannot record its completion event: {}",
-                shim_err(&err)
+                crate::shim_message(&err)
             )));
         }
         self.watchdog.watch(op, started, Work::Device(Event(ev)));

@@ -95,9 +95,7 @@ pub fn pin_memory(t: &Tensor) -> Result<Tensor> {
     let rc =
         unsafe { moe_shim_pin_memory(t.as_ptr(), &mut out, err.as_mut_ptr().cast(), err.len()) };
     if rc != 0 || out.is_null() {
-        let msg = std::ffi::CStr::from_bytes_until_nul(&err)
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let msg = crate::shim_message(&err);
         return Err(CommError::Device {
             op: "pin_memory",
             msg,

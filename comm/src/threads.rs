@@ -27,7 +27,7 @@
 use crate::args::{check_all_to_all, invalid};
 use crate::{check_device, CommError, Communicator, Result};
 use std::collections::HashMap;
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -222,9 +222,7 @@ fn reuse_storage(pool: &Tensor, shape: &[i64]) -> Result<Option<Tensor>> {
         )
     };
     if rc != 0 {
-        let msg = CStr::from_bytes_until_nul(&err)
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let msg = crate::shim_message(&err);
         return Err(invalid("all_to_all", format!("receive pool: {msg}")));
     }
     // SAFETY: a non-null result is a new heap `at::Tensor` that we now own.

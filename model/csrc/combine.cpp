@@ -17,16 +17,10 @@
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <cstring>
-#include <exception>
+#include "moe_shim_guard.h"
+
 
 namespace {
-
-void write_err(char* err, size_t err_len, const char* msg) {
-  if (err == nullptr || err_len == 0) return;
-  std::strncpy(err, msg, err_len - 1);
-  err[err_len - 1] = '\0';
-}
 
 // Columns per task of the forward, rows per task of the backward: enough work per task that
 // at::parallel_for does not split below a few microseconds.
@@ -123,7 +117,7 @@ extern "C" {
 int moe_shim_weighted_combine(const at::Tensor* out_md, const at::Tensor* p_m,
                               const at::Tensor* token_m, int64_t n, at::Tensor** y_out,
                               char* err, size_t err_len) {
-  try {
+  return moe_shim::guarded(err, err_len, [&] {
     TORCH_CHECK(out_md->dim() == 2 && p_m->dim() == 1 && token_m->dim() == 1 &&
                     p_m->size(0) == out_md->size(0) && token_m->size(0) == out_md->size(0),
                 "weighted combine: out_md ", out_md->sizes(), ", p_m ", p_m->sizes(),
@@ -133,17 +127,8 @@ int moe_shim_weighted_combine(const at::Tensor* out_md, const at::Tensor* p_m,
                     token_m->device().is_cpu() && token_m->scalar_type() == at::kLong,
                 "weighted combine: needs f32 rows and weights and i64 tokens on the CPU");
     TORCH_CHECK(n >= 0, "weighted combine: negative token count ", n);
-    at::Tensor y = WeightedCombine::apply(*out_md, *p_m, *token_m, n);
-    *y_out = new at::Tensor(std::move(y));
-    return 0;
-  } catch (const c10::Error& e) {
-    write_err(err, err_len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    write_err(err, err_len, e.what());
-  } catch (...) {
-    write_err(err, err_len, "unknown C++ exception");
-  }
-  return 1;
+    *y_out = new at::Tensor(WeightedCombine::apply(*out_md, *p_m, *token_m, n));
+  });
 }
 
 }  // extern "C"

@@ -8,39 +8,20 @@
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/_fused_adamw.h>
 
-#include <cstring>
-#include <exception>
 #include <optional>
 #include <vector>
 
+#include "moe_shim_guard.h"
+
 namespace {
 
-void write_err(char* err, size_t err_len, const char* msg) {
-  if (err == nullptr || err_len == 0) return;
-  std::strncpy(err, msg, err_len - 1);
-  err[err_len - 1] = '\0';
-}
+using moe_shim::guarded;
 
 std::vector<at::Tensor> list(at::Tensor* const* ts, size_t n) {
   std::vector<at::Tensor> out;
   out.reserve(n);
   for (size_t i = 0; i < n; ++i) out.push_back(*ts[i]);
   return out;
-}
-
-template <typename F>
-int guarded(char* err, size_t err_len, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const c10::Error& e) {
-    write_err(err, err_len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    write_err(err, err_len, e.what());
-  } catch (...) {
-    write_err(err, err_len, "unknown C++ exception");
-  }
-  return 1;
 }
 
 }  // namespace

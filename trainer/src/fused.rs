@@ -4,7 +4,7 @@
 //! over memory (`torch.optim.AdamW(fused=True)` and `clip_grad_norm_(foreach=True)`).
 
 use crate::{Result, TrainError};
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int};
 use tch::Tensor;
 use torch_sys::C_tensor;
 
@@ -55,10 +55,10 @@ fn check(what: &str, rc: c_int, err: &[u8]) -> Result<()> {
     if rc == 0 {
         return Ok(());
     }
-    let msg = CStr::from_bytes_until_nul(err)
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown error".into());
-    Err(TrainError::Other(format!("{what}: {msg}")))
+    Err(TrainError::Other(format!(
+        "{what}: {}",
+        moe_comm::shim_message(err)
+    )))
 }
 
 /// Hyper-parameters of one fused AdamW update.

@@ -5,7 +5,7 @@
 //! another order.
 
 use crate::{ModelError, Result};
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int};
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
@@ -58,9 +58,7 @@ pub(crate) fn weighted_combine(
         )
     };
     if rc != 0 || out.is_null() {
-        let msg = CStr::from_bytes_until_nul(&err)
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let msg = moe_comm::shim_message(&err);
         return Err(ModelError::Invalid(msg));
     }
     // SAFETY: on success the shim stored a new heap `at::Tensor` that we now own.
